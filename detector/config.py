@@ -1,0 +1,362 @@
+"""Configuration: one frozen dataclass per stage, the only place where defaults live.
+
+The defaults are the paper's / the released code's values (``../shared/spec/SPP_NET_SPEC.md``, cited
+by section). A YAML file in ``configs/`` holds one experiment's overrides only; :func:`load_config`
+rejects unknown keys and values of the wrong type and returns a frozen :class:`Config`.
+
+Only ``tools/`` and :func:`detector.detector.build_detector` read a Config; library code takes
+explicit arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ProposalConfig",
+    "BackboneConfig",
+    "PretrainConfig",
+    "FeatureConfig",
+    "HeadConfig",
+    "FinetuneConfig",
+    "SVMConfig",
+    "BBoxRegConfig",
+    "TestConfig",
+    "ConfigError",
+    "load_config",
+    "config_to_dict",
+    "save_config",
+    "config_from_dict",
+]
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # devkit order (VOCinit.m); foreground ids 0..19 follow it
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (unknown key, wrong type)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/digits"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt
+    train_split: str = "trainval"  # images used for training (fine-tuning, SVMs, box regression)
+    # Held-out split for every model selection (never the test split; spec §6 selected on VOC07
+    # test, we do not). "" = hold out `val_fraction` of the training split, chosen with `seed`.
+    val_split: str = ""
+    val_fraction: float = 0.1  # used only when val_split is ""
+    test_split: str = "test"  # split scored by tools/test_net.py
+    # Foreground class names in id order. () = every name found in the training annotations,
+    # sorted (stable for a given data set). VOC configs list the devkit's 20 classes.
+    classes: tuple[str, ...] = ()
+    max_train_images: int = 0  # 0 = all; >0 keeps the first N training ids (CPU-sized runs)
+    max_test_images: int = 0  # 0 = all; >0 scores the first N test ids (stated in the output)
+    use_flipped: bool = True  # horizontally flipped copies join fine-tuning (spec §2, §6)
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    # "selective_search": computed by proposals.selective_search for every image (cached);
+    # "file": loaded from train_file / test_file (.mat R-CNN, .pkl detectron2, .npz);
+    # "edge_boxes": OpenCV EdgeBoxes with the structured-edge model `edge_model`.
+    method: str = "selective_search"
+    mode: str = "fast"  # selective search strategy set: "fast" (spec §9) or "quality"
+    min_size: int = 20  # boxes with a side under this many pixels are dropped (spec §9)
+    max_boxes: int = 2000  # per image, after deduplication; 0 = all (paper: about 2000, §9)
+    train_file: str = ""  # proposal file for the training split when method == "file"
+    test_file: str = ""  # proposal file for the test split when method == "file"
+    edge_model: str = ""  # model.yml.gz for EdgeBoxes
+    workers: int = 2  # parallel processes for computing proposals
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    arch: str = "zf5"  # "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3)
+    width_mult: float = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
+    # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
+    # weights API (local cache, or download on a connected machine); any other string: a local
+    # state_dict file loaded with weights_only=True.
+    weights: str = "none"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Multi-size SPP classifier on crops of the training split (spec §1, paper §3)."""
+
+    enabled: bool = False  # train the backbone as a classifier first (machines without ImageNet weights)
+    mode: str = "multi"  # "single" (224), "multi" (180/224 alternating by epoch), "random" ([180, 224]), "nospp"
+    sizes: tuple[int, ...] = (180, 224)  # input sizes for multi-size training (paper §3.2)
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    fc_dim: int = 1024  # fc6/fc7 width of the classifier head
+    levels: tuple[int, ...] = (1, 2, 3, 6)  # pyramid of the classifier's SPP layer
+    crops_per_image: int = 8  # object crops taken per training image
+    bg_per_image: int = 2  # background crops (IoU < 0.3 with every object) per image
+    max_images: int = 0  # 0 = all training images
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    # Shorter-side scales of the image pyramid (spec §2; the code's 874 is the paper's 864).
+    train_scales: tuple[int, ...] = (480, 576, 688, 864, 1200)
+    test_scales: tuple[int, ...] = (688,)  # 1-scale testing at 688 (paper §4.2); list 5 for 5-scale
+    max_size: int = 0  # cap on the resized longer side, 0 = none (the paper has no cap, §2)
+    levels: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, in fc6's concatenation order (spec §4)
+    cache_dir: str = ""  # conv5 cache folder; "" = <output_dir>/conv5_cache
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    fc_dim: int = 4096  # fc6 and fc7 width (spec §1)
+    dropout: float = 0.5  # dropout after fc6 and fc7 during fine-tuning only (spec §6)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """fc6/fc7 + (K+1)-way classifier on SPP features of windows (spec §6)."""
+
+    iters: int = 200000  # spec §6 (code): 200k mini-batches
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (30000, 60000)  # ×0.1 after each (code's "vstep")
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128  # windows per mini-batch, drawn from many images
+    fg_fraction: float = 0.25  # 32 fg + 96 bg
+    fg_iou: float = 0.5  # foreground: IoU >= 0.5 with a ground-truth box
+    bg_iou_low: float = 0.1  # background: IoU in [bg_iou_low, bg_iou_high)
+    bg_iou_high: float = 0.5
+    random_scale: bool = True  # a uniformly random scale per training window (spec §5)
+    val_every: int = 2000  # validate on the held-out split every N iterations, keep the best
+    val_batches: int = 50  # fixed validation batches
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Per-class linear SVMs with hard-negative mining (spec §7)."""
+
+    C: float = 0.001  # liblinear -c
+    pos_weight: float = 2.0  # liblinear -w1
+    bias: float = 10.0  # liblinear -B
+    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every GT of the class
+    hard_thresh: float = -1.0001  # a negative is hard when it scores above this
+    evict_thresh: float = -1.2  # cached easy negatives scoring below this are dropped after a retrain
+    retrain_every: int = 2000  # retrain a class once this many new hard negatives accumulate
+    feature_norm: float = 20.0  # features are scaled to this mean L2 norm
+    stats_images: int = 200  # images for the feature-norm statistic
+    stats_rois: int = 200  # windows per image for the statistic
+    max_images: int = 0  # 0 = every training image (no flips)
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    """Per-class ridge regressors on pooled conv5 features (spec §8)."""
+
+    enabled: bool = True
+    lam: float = 4000.0  # ridge λ
+    min_iou: float = 0.5  # samples with IoU > min_iou to a GT of the class
+    whiten_eps: float = 0.001  # added to the target covariance's eigenvalues
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    nms: float = 0.3  # per-class greedy NMS threshold (spec §9)
+    max_per_class: int = 100  # kept per class and image
+    score_thresh: float = -1.5  # SVM scores below this are dropped before NMS (spec §9)
+    svd_rank: int = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"  # experiment name, used in output paths and logs
+    output_dir: str = "runs/default"  # every stage writes under this folder
+    seed: int = 0  # global seed; each stage derives its own generator from it
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# strict merge
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section, got {type(value).__name__}")
+        return _merge(tp(), value, where)
+    if origin in (tuple,):
+        args = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if value is None and tp is type(None):
+        return None
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _merge(base: Any, overrides: dict, where: str) -> Any:
+    hints = typing.get_type_hints(type(base))
+    names = {f.name for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in overrides.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            changes[key] = _merge(getattr(base, key), value, path)
+        else:
+            changes[key] = _coerce(value, tp, path)
+    return dataclasses.replace(base, **changes)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    for p in path[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[path[-1]] = value
+    return out
+
+
+def config_from_dict(d: dict, base: Config | None = None) -> Config:
+    """Strictly merge a nested dict into ``base`` (default: all defaults)."""
+    return _merge(base or Config(), d, "")
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML file of overrides and ``key.sub=value`` strings into a frozen Config.
+
+    Args:
+        path: YAML file (None = defaults only).
+        overrides: strings such as ``"finetune.iters=500"`` or ``"features.test_scales=[480,688]"``;
+            values are parsed as YAML.
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file; the message names the key or file.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        try:
+            cfg = config_from_dict(data, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        cfg = config_from_dict(_nest(keys, value), cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a Config; safe for YAML, JSON and weights_only pickles."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def config_hash(cfg_section: Any) -> str:
+    """Stable short hash of a config section (for cache keys)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(config_to_dict(cfg_section), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_config(cfg: Config, out_dir: str | Path, argv: list[str] | None = None) -> Path:
+    """Write the resolved config as ``resolved_config.yaml`` in ``out_dir`` (argv as a comment line).
+
+    The file loads back with :func:`load_config`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = config_to_dict(cfg)
+    header = f"# argv: {json.dumps(list(argv))}\n" if argv is not None else ""
+    path = out / "resolved_config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(d, sort_keys=False))
+    tmp.replace(path)
+    return path

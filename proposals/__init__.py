@@ -1,0 +1,1 @@
+"""Object proposals for SPP-net: selective search (OpenCV contrib), EdgeBoxes, proposal files."""
