@@ -144,6 +144,11 @@ class FinetuneConfig:
     random_scale: bool = True  # a uniformly random scale per training window (spec §5)
     val_every: int = 2000  # validate on the held-out split every N iterations, keep the best
     val_batches: int = 50  # fixed validation batches
+    # Sampler granularity (spec §6 builds batches for 500 iterations from enough images to hold 10x
+    # the windows they need): every `chunk_iters` iterations, `chunk_images` random images are
+    # pooled once and their windows drawn into the next `chunk_iters` batches.
+    chunk_iters: int = 100
+    chunk_images: int = 64
     seed: int = 0
 
 
@@ -172,6 +177,9 @@ class BBoxRegConfig:
     lam: float = 4000.0  # ridge λ
     min_iou: float = 0.5  # samples with IoU > min_iou to a GT of the class
     whiten_eps: float = 0.001  # added to the target covariance's eigenvalues
+    # Samples per class kept (random subset, seeded); 0 = all (spec §8 keeps all). A cap bounds
+    # memory on large data sets: each sample is a D-wide pooled vector.
+    max_per_class: int = 0
 
 
 @dataclass(frozen=True)
