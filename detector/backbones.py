@@ -1,0 +1,432 @@
+"""Convolutional trunks that turn an image into the conv5 map that SPP pools (spec §1).
+
+Shape shorthand (one alphabet for the whole project):
+    C: conv5 channels            Hs x Ws: conv5 size at scale s
+    N: images in a batch (classification pre-training only; detection uses N = 1)
+
+Three trunks, all with a total stride of 16 and the same public attributes:
+
+``stride`` (int)
+    Pixels of the input per conv5 cell (16).
+``out_channels`` (int)
+    C, the channels of the conv5 map.
+``input_format`` (str)
+    What :func:`detector.pyramid.preprocess` must feed it: ``"bgr255_mean128"`` (ZF-5, spec §2) or
+    ``"rgb_imagenet"`` (torchvision: RGB / 255, then ImageNet mean / std).
+``proj_offset0`` (float)
+    **0-based** pixel index of the receptive-field centre of conv5 cell 0; cell ``m`` (0-based) is
+    centred on input pixel ``stride * m + proj_offset0``. For ZF-5 this is 20, the spec's 1-based
+    ``offset0 = 21`` minus one (spec §3 and "Known pitfalls"). Derived from the layer geometry by
+    :func:`rf_geometry` (and checked against the gradient support in tests/test_backbones.py).
+``proj_shrink`` (float)
+    Pixels each window edge moves inwards before rounding to a cell (spec §3: 6.5, kept for every
+    trunk as the spec advises for re-implementations with other paddings).
+``geometry`` (tuple of :class:`Layer`)
+    Kernel / stride / padding / ceil-mode of every layer that changes the spatial size; used by
+    :func:`conv5_size` and :func:`rf_geometry`.
+
+Derivation of ``proj_offset0``: a layer with kernel k, stride s, padding p maps output index i to
+input pixels ``i*s - p .. i*s - p + k - 1``, centred on ``i*s - p + (k - 1)/2``. Composing the layers
+from conv5 back to the image gives ``centre(m) = stride * m + offset0``:
+
+* ZF-5 (7/2/1, pool 3/2/0, 5/2/0, pool 3/2/0, three 3/1/1): 16 m + 20.
+* VGG-16 conv5_3 (3x3 pad 1 convs, four 2x2/2 pools): 16 m + 7.5.
+* ResNet-50 through layer3 (7/2/3, pool 3/2/1, stride-2 3x3 pad 1 and 1x1 convs): 16 m + 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Layer",
+    "ZF5",
+    "VGG16Conv5",
+    "ResNet50C4",
+    "WeightsError",
+    "build_backbone",
+    "conv5_size",
+    "rf_geometry",
+    "load_backbone_weights",
+    "ARCHS",
+]
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("zf5", "vgg16", "resnet50")
+PROJ_SHRINK = 6.5  # spec §3: window edges move 6.5 px inwards before rounding to a cell
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights that cannot be found, read or matched to the model."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Spatial geometry of one layer: kernel, stride, padding and Caffe/PyTorch ceil mode."""
+
+    kernel: int
+    stride: int
+    pad: int
+    ceil: bool = False
+
+    def out_size(self, n: int) -> int:
+        """Output side for an input side ``n`` (floor for conv, ceil for ceil-mode pooling)."""
+        num = n + 2 * self.pad - self.kernel
+        if num < 0:
+            return 0
+        out = (-(-num // self.stride) if self.ceil else num // self.stride) + 1
+        if self.ceil and self.pad > 0 and (out - 1) * self.stride >= n + self.pad:
+            out -= 1  # the last window may not start inside the right padding (PyTorch and Caffe)
+        return out
+
+
+def rf_geometry(layers: Sequence[Layer]) -> tuple[int, float]:
+    """Total stride and 0-based receptive-field centre of output cell 0.
+
+    Args:
+        layers: the spatial layers in forward order.
+    Returns:
+        (stride, offset0): output cell ``m`` (0-based) is centred on input pixel ``stride*m + offset0``
+        (0-based pixel index).
+    """
+    stride, offset = 1, 0.0
+    # walk backwards: the centre of cell m in layer l's input is s*m - p + (k-1)/2
+    for layer in reversed(layers):
+        offset = layer.stride * offset - layer.pad + (layer.kernel - 1) / 2
+        stride *= layer.stride
+    return stride, offset
+
+
+def _geometry_size(layers: Sequence[Layer], side: int) -> int:
+    n = int(side)
+    for layer in layers:
+        n = layer.out_size(n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# ZF-5
+
+
+class WithinChannelLRN(nn.Module):
+    """Caffe ``WITHIN_CHANNEL`` LRN (spec §1): ``y = x * (1 + alpha/9 * sum_{3x3} x^2) ** -beta``.
+
+    The 3x3 sum is over the spatial neighbourhood of the same channel, zeros outside the map; the
+    mean over 9 cells with zero padding counted is exactly ``avg_pool2d(x^2, 3, 1, 1,
+    count_include_pad=True)``. Not torch's cross-channel ``nn.LocalResponseNorm``.
+
+    Args:
+        size: neighbourhood side (3).
+        alpha: 5e-5.
+        beta: 0.75.
+    """
+
+    def __init__(self, size: int = 3, alpha: float = 5e-5, beta: float = 0.75):
+        super().__init__()
+        self.size, self.alpha, self.beta = size, alpha, beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
+        return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, within_channel"
+
+
+class ZF5(nn.Module):
+    """ZF-5 trunk conv1..conv5 exactly as the released Caffe model (spec §1).
+
+    conv1 7/2/1 -> ReLU -> LRN -> maxpool 3/2 (ceil) -> conv2 5/2/0 -> ReLU -> LRN -> maxpool 3/2
+    (ceil) -> conv3, conv4, conv5 3/1/1 each with ReLU. conv5 is 13x13 for 224 px, 10 for 180,
+    29 for 480, 35 for 576, 42 for 688, 53 for 874, 74 for 1200.
+
+    Init: Gaussian std 0.01 for every weight; bias 0 for conv1 and conv3, 1 for conv2, conv4, conv5.
+
+    Args:
+        width_mult: channel multiplier; 1.0 gives 96/256/384/384/256, 0.25 gives 24/64/96/96/64
+            (CPU-sized variants).
+    Input: Tensor[N, 3, H, W] float, BGR in 0..255 minus 128 (``input_format = "bgr255_mean128"``).
+    Output: Tensor[N, C, Hs, Ws], post-ReLU.
+    """
+
+    stride = 16
+    input_format = "bgr255_mean128"
+    proj_shrink = PROJ_SHRINK
+    geometry = (
+        Layer(7, 2, 1),  # conv1
+        Layer(3, 2, 0, ceil=True),  # pool1
+        Layer(5, 2, 0),  # conv2
+        Layer(3, 2, 0, ceil=True),  # pool2
+        Layer(3, 1, 1),  # conv3
+        Layer(3, 1, 1),  # conv4
+        Layer(3, 1, 1),  # conv5
+    )
+    proj_offset0 = rf_geometry(geometry)[1]  # 20.0 (0-based); spec's 1-based offset0 = 21
+    base_channels = (96, 256, 384, 384, 256)
+
+    def __init__(self, width_mult: float = 1.0):
+        super().__init__()
+        if not (width_mult > 0 and math.isfinite(width_mult)):
+            raise ValueError(f"ZF5: width_mult must be a positive number, got {width_mult!r}")
+        self.width_mult = float(width_mult)
+        c1, c2, c3, c4, c5 = (max(1, int(round(c * width_mult))) for c in self.base_channels)
+        self.channels = (c1, c2, c3, c4, c5)
+        self.out_channels = c5
+        self.conv1 = nn.Conv2d(3, c1, 7, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 5, stride=2, padding=0)
+        self.conv3 = nn.Conv2d(c2, c3, 3, stride=1, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, stride=1, padding=1)
+        self.conv5 = nn.Conv2d(c4, c5, 3, stride=1, padding=1)
+        self.lrn = WithinChannelLRN(3, 5e-5, 0.75)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Spec §1 init: weights N(0, 0.01²); biases 0 (conv1, conv3) or 1 (conv2, conv4, conv5)."""
+        for conv, bias in ((self.conv1, 0.0), (self.conv2, 1.0), (self.conv3, 0.0), (self.conv4, 1.0),
+                           (self.conv5, 1.0)):
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.constant_(conv.bias, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"ZF5 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+        x = F.max_pool2d(self.lrn(F.relu(self.conv1(x))), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.lrn(F.relu(self.conv2(x))), 3, 2, ceil_mode=True)
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return F.relu(self.conv5(x))  # (N, C, Hs, Ws)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision adapters
+
+
+def _vgg_geometry() -> tuple[Layer, ...]:
+    conv, pool = Layer(3, 1, 1), Layer(2, 2, 0)
+    blocks = (2, 2, 3, 3, 3)
+    out: list[Layer] = []
+    for i, n in enumerate(blocks):
+        out += [conv] * n
+        if i < 4:
+            out.append(pool)  # pool5 is dropped: conv5_3 has stride 16
+    return tuple(out)
+
+
+class VGG16Conv5(nn.Module):
+    """torchvision VGG-16 up to conv5_3 + ReLU (``features[:30]``, pool5 dropped), stride 16.
+
+    Parameter names equal torchvision's (``features.N.weight``), so a torchvision ``vgg16``
+    state_dict loads directly (its ``classifier.*`` keys are ignored).
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 512, Hs, Ws]
+    with ``Hs = floor(H / 16)``. RF centre of cell m: pixel ``16 m + 7.5`` (0-based).
+    """
+
+    stride = 16
+    out_channels = 512
+    input_format = "rgb_imagenet"
+    proj_shrink = PROJ_SHRINK
+    geometry = _vgg_geometry()
+    proj_offset0 = rf_geometry(geometry)[1]  # 7.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import vgg16
+
+        self.features = vgg16(weights=None).features[:30]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"VGG16Conv5 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+        return self.features(x)  # (N, 512, Hs, Ws)
+
+
+def _resnet_c4_geometry() -> tuple[Layer, ...]:
+    # conv1 7/2/3, maxpool 3/2/1, layer2 and layer3 each downsample once with a 3x3/2 pad 1 conv
+    # (torchvision ResNet v1.5: stride on the 3x3; the 1x1/2 shortcut has the same size and centre).
+    return (Layer(7, 2, 3), Layer(3, 2, 1), Layer(3, 2, 1), Layer(3, 2, 1))
+
+
+class ResNet50C4(nn.Module):
+    """torchvision ResNet-50 stem + layer1..layer3 (the "C4" trunk), stride 16, 1024 channels.
+
+    Parameter names equal torchvision's (``conv1``, ``bn1``, ``layer1``..``layer3``), so a torchvision
+    ``resnet50`` state_dict loads directly (``layer4.*`` and ``fc.*`` are ignored). BatchNorm layers
+    use their running statistics in ``eval()`` mode; call ``.eval()`` before extracting features.
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 1024, Hs, Ws].
+    RF centre of cell m: pixel ``16 m`` (0-based).
+    """
+
+    stride = 16
+    out_channels = 1024
+    input_format = "rgb_imagenet"
+    proj_shrink = PROJ_SHRINK
+    geometry = _resnet_c4_geometry()
+    proj_offset0 = rf_geometry(geometry)[1]  # 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNet50C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # (N, 1024, Hs, Ws)
+
+
+# ----------------------------------------------------------------------------------------------
+# construction and weights
+
+_TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet50": "ResNet50_Weights"}
+# keys of a full torchvision model that the trunk does not use (silently ignored on load)
+_IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."), "zf5": ()}
+
+
+def _arch_class(arch: str) -> type[nn.Module]:
+    table = {"zf5": ZF5, "vgg16": VGG16Conv5, "resnet50": ResNet50C4}
+    if arch not in table:
+        raise ValueError(f"unknown backbone arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    return table[arch]
+
+
+def conv5_size(arch: str, side: int) -> int:
+    """conv5 side for an input side (height or width) of ``side`` pixels.
+
+    ZF-5: 224 -> 13, 180 -> 10, 480 -> 29, 576 -> 35, 688 -> 42, 874 -> 53, 1200 -> 74 (spec §1).
+
+    Args:
+        arch: "zf5", "vgg16" or "resnet50".
+        side: input side in pixels.
+    Returns:
+        int: the conv5 side (0 when the input is too small for the trunk).
+    """
+    return _geometry_size(_arch_class(arch).geometry, side)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("backbone", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return obj[key]
+        if all(isinstance(v, Tensor) for v in obj.values()):
+            return obj
+    raise WeightsError(
+        f"{path}: not a state_dict (expected a mapping of parameter names to tensors, or a dict "
+        f"with a 'backbone' state_dict)"
+    )
+
+
+def load_backbone_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: str,
+                          ignore_prefixes: Sequence[str] = ()) -> None:
+    """Copy ``state_dict`` into ``module`` strictly, with errors that name ``source``.
+
+    Missing keys and shape mismatches raise :class:`WeightsError`; extra keys under
+    ``ignore_prefixes`` are dropped silently, other extra keys with a warning.
+    """
+    own = module.state_dict()
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise WeightsError(
+            f"{source}: {len(missing)} parameter(s) of {type(module).__name__} are missing from the "
+            f"file, e.g. {missing[:3]} (file has e.g. {list(sd)[:3]}); is it a checkpoint of this arch?"
+        )
+    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
+    if bad:
+        k, got, want = bad[0]
+        raise WeightsError(
+            f"{source}: shape mismatch for {len(bad)} parameter(s), e.g. {k}: file {got} vs model "
+            f"{want} (a different width_mult or arch?)"
+        )
+    extra = [k for k in sd if k not in own and not k.startswith(tuple(ignore_prefixes))]
+    if extra:
+        log.warning("%s: ignoring %d key(s) the backbone does not have, e.g. %s", source, len(extra),
+                    extra[:3])
+    module.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def _imagenet_state_dict(arch: str) -> tuple[Mapping[str, Tensor], str]:
+    if arch not in _TORCHVISION_WEIGHTS:
+        raise WeightsError(
+            f"backbone weights='imagenet': torchvision has no ImageNet weights for {arch!r}. Train the "
+            f"trunk with tools/train_classifier.py and pass its checkpoint file as the weights, or "
+            f"use weights='none'."
+        )
+    import torchvision.models as tvm
+
+    weights = getattr(tvm, _TORCHVISION_WEIGHTS[arch]).IMAGENET1K_V1
+    filename = os.path.basename(weights.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
+        except Exception as e:  # noqa: BLE001 - report the file, not a deep traceback
+            raise WeightsError(f"{cached}: cannot read the cached ImageNet weights ({e}); delete it "
+                               f"and download again") from None
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True), str(cached)
+    except Exception as e:  # noqa: BLE001 - offline machines land here
+        raise WeightsError(
+            f"cannot get ImageNet weights for {arch} ({type(e).__name__}: {e}). This machine is "
+            f"probably offline. Download {weights.url} on a connected machine and either copy it to "
+            f"{cached} (torch.hub cache, used automatically) or pass its path as the backbone weights "
+            f"(backbone.weights=/path/{filename})."
+        ) from None
+
+
+def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none") -> nn.Module:
+    """Build a trunk and load its weights.
+
+    Args:
+        arch: "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3).
+        width_mult: channel multiplier, ZF-5 only (must be 1.0 for the torchvision trunks).
+        weights: "none" (random init: spec §1 for ZF-5, torchvision's for the others); "imagenet"
+            (torchvision weights API: the torch.hub cache, or a download on a connected machine);
+            or a path to a local file holding a state_dict or ``{"backbone": state_dict}``, read
+            with ``torch.load(weights_only=True)``.
+    Returns:
+        nn.Module with ``stride``, ``out_channels``, ``input_format``, ``proj_offset0``,
+        ``proj_shrink`` and ``geometry``.
+    Raises:
+        ValueError: unknown arch or a width_mult the arch does not support.
+        WeightsError: weights that cannot be found, read or matched (the message names the file).
+    """
+    cls = _arch_class(arch)
+    if arch == "zf5":
+        model = ZF5(width_mult)
+    else:
+        if width_mult != 1.0:
+            raise ValueError(f"backbone {arch}: width_mult must be 1.0 (got {width_mult}); only zf5 "
+                             f"has CPU-sized variants")
+        model = cls()
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        sd, source = _imagenet_state_dict(arch)
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"backbone weights file not found: {path} (use 'none', 'imagenet' or "
+                               f"the path of a state_dict file)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"{path}: cannot read backbone weights ({type(e).__name__}: {e})") from None
+        sd, source = _unwrap_state_dict(obj, path), str(path)
+    load_backbone_weights(model, sd, source, _IGNORED_PREFIXES[arch])
+    return model
