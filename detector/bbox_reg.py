@@ -1,0 +1,331 @@
+"""Bounding-box regression: delta encoding and per-class whitened ridge regressors (spec §8).
+
+Shape shorthand:
+    R: windows in one image       N: training samples of a class      K: foreground classes
+    D: feature width (pooled conv5, C*B = 12800 for ZF-5)              G: ground-truth boxes
+
+Deltas (spec §8, R-CNN): with the project's continuous xyxy boxes the width is ``w = x2 - x1``
+(no +1, as the spec's regression step also uses) and the centre ``x1 + 0.5 w``::
+
+    dx = (gx - px) / pw     dy = (gy - py) / ph     dw = log(gw / pw)     dh = log(gh / ph)
+
+Widths and heights are clamped below by ``eps`` (a guard against degenerate boxes; the R-CNN code
+adds MATLAB's eps). :func:`decode` is the exact inverse of :func:`encode`; it clamps dw and dh at
+``log(1000 / 16)`` by default (detectron2's guard against exp overflow), which the round trip never
+reaches for boxes within a factor 62.5 of each other.
+
+Fit, per class (spec §8 / R-CNN ``rcnn_train_bbox_regressor.m``): features X get a constant 1
+column; targets Y are centred by their mean mu and whitened with
+``T = V diag((d + eps)^-1/2) V^T`` from the eigendecomposition of their (1/N) covariance; ridge
+``min ||X beta - (Y - mu) T||^2 + lam ||beta||^2`` with the bias weight penalised too, solved by
+Cholesky; prediction ``(X beta) T^-1 + mu``. The features are pooled conv5 scaled by
+``20 / mean_norm`` of that layer (the caller scales them; see ``svm.fit_feature_scale``).
+
+At test time :class:`BoxRegressor` packs all K classes, whitening folded in, into one
+``[D + 1, 4K]`` matrix, so predicting every class is one ``torch.addmm``
+(:meth:`BoxRegressor.predict` -> deltas, :meth:`BoxRegressor.regress` -> boxes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor, nn
+
+from detector.boxes import clip_boxes
+
+__all__ = [
+    "encode",
+    "decode",
+    "ridge_solve",
+    "fit_bbox_regressor",
+    "predict_one_class",
+    "BoxRegressor",
+    "fit_box_regressors",
+]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_DLOG = math.log(1000.0 / 16.0)
+
+
+def _width_height_centre(boxes: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = (boxes[..., 2] - boxes[..., 0]).clamp(min=eps)
+    h = (boxes[..., 3] - boxes[..., 1]).clamp(min=eps)
+    return w, h, boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
+
+
+def encode(proposals: Tensor, gt: Tensor, eps: float = 1e-6) -> Tensor:
+    """Regression targets that move ``proposals`` onto ``gt``.
+
+    Args:
+        proposals (Tensor[R, 4]): xyxy, original-image pixels.
+        gt (Tensor[R, 4]): xyxy, the matched ground-truth box of each proposal.
+        eps: lower bound on widths and heights (pixels).
+    Returns:
+        Tensor[R, 4]: (dx, dy, dw, dh), same dtype as ``proposals``.
+    """
+    if proposals.shape != gt.shape or proposals.ndim != 2 or proposals.shape[-1] != 4:
+        raise ValueError(f"encode expects proposals and gt of equal shape [R, 4], got "
+                         f"{tuple(proposals.shape)} and {tuple(gt.shape)}")
+    gt = gt.to(proposals.dtype)
+    pw, ph, px, py = _width_height_centre(proposals, eps)
+    gw, gh, gx, gy = _width_height_centre(gt, eps)
+    return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)  # (R, 4)
+
+
+def decode(proposals: Tensor, deltas: Tensor, eps: float = 1e-6,
+           max_dlog: float | None = _DEFAULT_MAX_DLOG) -> Tensor:
+    """Apply deltas to proposals; the inverse of :func:`encode`.
+
+    Args:
+        proposals (Tensor[R, 4]): xyxy.
+        deltas (Tensor[R, 4] or Tensor[R, K, 4]): (dx, dy, dw, dh), one set per class when 3-d.
+        eps: the same width floor as in :func:`encode`.
+        max_dlog: dw and dh are clamped at this value before ``exp`` (None = no clamp).
+    Returns:
+        Tensor[R, 4] or Tensor[R, K, 4]: xyxy boxes (not clipped), dtype of ``deltas``.
+    """
+    if proposals.ndim != 2 or proposals.shape[-1] != 4:
+        raise ValueError(f"decode expects proposals [R, 4], got {tuple(proposals.shape)}")
+    if deltas.shape[0] != proposals.shape[0] or deltas.shape[-1] != 4 or deltas.ndim not in (2, 3):
+        raise ValueError(f"decode expects deltas [R, 4] or [R, K, 4] with R={proposals.shape[0]}, got "
+                         f"{tuple(deltas.shape)}")
+    proposals = proposals.to(deltas.dtype)
+    pw, ph, px, py = _width_height_centre(proposals, eps)  # (R,) each
+    if deltas.ndim == 3:
+        pw, ph, px, py = pw[:, None], ph[:, None], px[:, None], py[:, None]  # (R, 1)
+    dx, dy, dw, dh = deltas.unbind(-1)
+    if max_dlog is not None:
+        dw = dw.clamp(max=max_dlog)
+        dh = dh.clamp(max=max_dlog)
+    cx = dx * pw + px
+    cy = dy * ph + py
+    w = torch.exp(dw) * pw
+    h = torch.exp(dh) * ph
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (R, [K,] 4)
+
+
+def ridge_solve(X: Tensor, Y: Tensor, lam: float, form: str = "auto") -> Tensor:
+    """``argmin_beta ||X beta - Y||^2 + lam ||beta||^2`` by Cholesky, in float64.
+
+    The primal form factors the (M x M) matrix ``X^T X + lam I``; the dual (kernel) form factors
+    the (N x N) matrix ``X X^T + lam I`` and returns ``X^T alpha``; both give the same beta.
+
+    Args:
+        X (Tensor[N, M]): design matrix (bias column included by the caller).
+        Y (Tensor[N, T]): targets.
+        lam: ridge penalty (> 0).
+        form: "primal", "dual" or "auto" (dual when N < M).
+    Returns:
+        Tensor[M, T] float64.
+    """
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"ridge_solve expects X [N, M] and Y [N, T], got {tuple(X.shape)}, {tuple(Y.shape)}")
+    if lam <= 0:
+        raise ValueError(f"ridge_solve needs lam > 0, got {lam}")
+    n, m = X.shape
+    if form == "auto":
+        form = "dual" if n < m else "primal"
+    x = X.detach().cpu().double().numpy()
+    y = Y.detach().cpu().double().numpy()
+    if form == "primal":
+        a = x.T @ x  # (M, M)
+        a[np.diag_indices_from(a)] += lam
+        beta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, overwrite_a=True, check_finite=False),
+                                      x.T @ y, check_finite=False)  # (M, T)
+    elif form == "dual":
+        k = x @ x.T  # (N, N)
+        k[np.diag_indices_from(k)] += lam
+        alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(k, overwrite_a=True, check_finite=False),
+                                       y, check_finite=False)  # (N, T)
+        beta = x.T @ alpha  # (M, T)
+    else:
+        raise ValueError(f"ridge_solve: form must be 'primal', 'dual' or 'auto', got {form!r}")
+    return torch.from_numpy(beta)
+
+
+def fit_bbox_regressor(
+    features: Tensor,
+    proposals: Tensor,
+    targets_gt: Tensor,
+    lam: float = 4000.0,
+    whiten_eps: float = 0.001,
+    form: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fit one class's whitened ridge regressor (spec §8).
+
+    Args:
+        features (Tensor[N, D]): pooled conv5 features of the samples, already scaled by 20/mean_norm.
+        proposals (Tensor[N, 4]): xyxy sample windows (IoU > 0.5 with a GT of this class, GT included).
+        targets_gt (Tensor[N, 4]): xyxy, the highest-IoU GT box of each sample.
+        lam: ridge penalty (4000); the bias weight is penalised too.
+        whiten_eps: added to the target covariance's eigenvalues (0.001).
+        form: see :func:`ridge_solve` ("auto": the dual form when N < D + 1).
+    Returns:
+        (beta, mu, T_inv): beta (Tensor[D+1, 4] float64, last row = bias), mu (Tensor[4] float64),
+        T_inv (Tensor[4, 4] float64). Predict with :func:`predict_one_class`.
+    """
+    n = features.shape[0]
+    if features.ndim != 2 or proposals.shape != (n, 4) or targets_gt.shape != (n, 4):
+        raise ValueError(f"fit_bbox_regressor expects features [N, D], proposals [N, 4], targets_gt [N, 4]; got "
+                         f"{tuple(features.shape)}, {tuple(proposals.shape)}, {tuple(targets_gt.shape)}")
+    if n == 0:
+        raise ValueError("fit_bbox_regressor: no samples")
+    y = encode(proposals.double(), targets_gt.double())  # (N, 4)
+    mu = y.mean(dim=0)  # (4,)
+    yc = y - mu  # (N, 4)
+    cov = yc.T @ yc / n  # (4, 4)
+    d, v = torch.linalg.eigh(cov)  # (4,), (4, 4)
+    d = d.clamp(min=0.0)
+    t = v @ torch.diag((d + whiten_eps).rsqrt()) @ v.T  # (4, 4)
+    t_inv = v @ torch.diag((d + whiten_eps).sqrt()) @ v.T  # (4, 4)
+    x = torch.cat([features.double(), features.new_ones(n, 1, dtype=torch.float64)], dim=1)  # (N, D+1)
+    beta = ridge_solve(x, yc @ t, lam, form=form)  # (D+1, 4)
+    return beta, mu, t_inv
+
+
+def predict_one_class(features: Tensor, beta: Tensor, mu: Tensor, T_inv: Tensor) -> Tensor:
+    """Reference (unpacked) prediction of one class: ``((X beta[:-1] + beta[-1]) T_inv) + mu``.
+
+    Args:
+        features (Tensor[R, D]), beta (Tensor[D+1, 4]), mu (Tensor[4]), T_inv (Tensor[4, 4]).
+    Returns:
+        Tensor[R, 4]: deltas, dtype of ``beta``.
+    """
+    y = features.to(beta.dtype) @ beta[:-1] + beta[-1]  # (R, 4)
+    return y @ T_inv + mu  # (R, 4)
+
+
+class BoxRegressor(nn.Module):
+    """All K class regressors packed into one matrix; ``predict`` is one addmm.
+
+    ``weight[:-1, 4k:4k+4] = beta_k[:-1] T_inv_k`` and ``weight[-1, 4k:4k+4] = beta_k[-1] T_inv_k + mu_k``,
+    so ``X @ weight[:-1] + weight[-1]`` equals each class's :func:`predict_one_class`.
+
+    Args:
+        weight (Tensor[D+1, 4K]): packed weights, last row = bias (a buffer: saved in state_dict,
+            moved by ``.to()``).
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[1] % 4 != 0 or weight.shape[0] < 2:
+            raise ValueError(f"BoxRegressor weight must be [D+1, 4K], got {tuple(weight.shape)}")
+        self.register_buffer("weight", weight.detach().to(torch.float32).clone())
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[1] // 4
+
+    @property
+    def in_dim(self) -> int:
+        """D: expected feature width."""
+        return self.weight.shape[0] - 1
+
+    @classmethod
+    def from_per_class(cls, params: list[tuple[Tensor, Tensor, Tensor] | None], in_dim: int) -> "BoxRegressor":
+        """Pack per-class ``(beta, mu, T_inv)`` from :func:`fit_bbox_regressor`.
+
+        Args:
+            params: one entry per class; None = no regressor (zero deltas: the box stays the proposal).
+            in_dim: D.
+        """
+        k = len(params)
+        w = torch.zeros(in_dim + 1, 4 * k, dtype=torch.float64)  # (D+1, 4K)
+        for c, p in enumerate(params):
+            if p is None:
+                continue
+            beta, mu, t_inv = (t.double() for t in p)
+            if beta.shape != (in_dim + 1, 4):
+                raise ValueError(f"class {c}: beta must be [{in_dim + 1}, 4], got {tuple(beta.shape)}")
+            w[:, 4 * c:4 * c + 4] = beta @ t_inv
+            w[-1, 4 * c:4 * c + 4] += mu
+        return cls(w)
+
+    @classmethod
+    def identity(cls, num_classes: int, in_dim: int) -> "BoxRegressor":
+        """A regressor that predicts zero deltas for every class (boxes unchanged)."""
+        return cls(torch.zeros(in_dim + 1, 4 * num_classes))
+
+    def predict(self, features: Tensor) -> Tensor:
+        """Deltas of every class.
+
+        Args:
+            features (Tensor[R, D]): pooled conv5 features scaled as during fitting.
+        Returns:
+            Tensor[R, K, 4] float32.
+        """
+        if features.ndim != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(f"BoxRegressor.predict expects features [R, {self.in_dim}], got {tuple(features.shape)}")
+        w = self.weight
+        out = torch.addmm(w[-1], features.to(w.dtype), w[:-1])  # (R, 4K)
+        return out.view(features.shape[0], self.num_classes, 4)  # (R, K, 4)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.predict(features)
+
+    def regress(self, proposals: Tensor, features: Tensor, image_size: tuple[int, int] | None = None) -> Tensor:
+        """Regressed boxes of every class (named ``regress``, not ``apply``: ``nn.Module.apply(fn)`` is
+        called recursively on submodules and must keep its meaning).
+
+        Args:
+            proposals (Tensor[R, 4]): xyxy, original-image pixels.
+            features (Tensor[R, D]): their pooled conv5 features (scaled).
+            image_size: (H, W); when given, boxes are clipped to ``[0, W] x [0, H]``.
+        Returns:
+            Tensor[R, K, 4] float32: xyxy.
+        """
+        if proposals.ndim != 2 or proposals.shape != (features.shape[0], 4):
+            raise ValueError(f"BoxRegressor.apply expects proposals [R, 4] matching features [R, D], got "
+                             f"{tuple(proposals.shape)} and {tuple(features.shape)}")
+        boxes = decode(proposals.to(torch.float32), self.predict(features))  # (R, K, 4)
+        if image_size is not None:
+            boxes = clip_boxes(boxes, image_size[0], image_size[1])
+        return boxes
+
+
+def fit_box_regressors(
+    features: Tensor,
+    proposals: Tensor,
+    targets_gt: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    lam: float = 4000.0,
+    whiten_eps: float = 0.001,
+    min_samples: int = 1,
+    class_names: list[str] | None = None,
+) -> BoxRegressor:
+    """Fit every class's regressor and pack them.
+
+    Args:
+        features (Tensor[N, D]): scaled pooled conv5 features of all samples.
+        proposals (Tensor[N, 4]): xyxy sample windows.
+        targets_gt (Tensor[N, 4]): xyxy, each sample's highest-IoU GT box.
+        labels (Tensor[N] int64): the class each sample trains (spec §8: IoU > 0.5 and argmax class);
+            -1 = unused.
+        num_classes: K.
+        lam, whiten_eps: see :func:`fit_bbox_regressor`.
+        min_samples: classes with fewer samples get no regressor (zero deltas), with a warning.
+    Returns:
+        BoxRegressor with weight [D+1, 4K].
+    """
+    n, d = features.shape
+    if labels.shape != (n,) or proposals.shape != (n, 4) or targets_gt.shape != (n, 4):
+        raise ValueError(f"fit_box_regressors: features [N, D], proposals [N, 4], targets_gt [N, 4], labels [N] "
+                         f"expected, got {tuple(features.shape)}, {tuple(proposals.shape)}, "
+                         f"{tuple(targets_gt.shape)}, {tuple(labels.shape)}")
+    names = class_names or [str(c) for c in range(num_classes)]
+    params: list[tuple[Tensor, Tensor, Tensor] | None] = []
+    for c in range(num_classes):  # training only; prediction is packed
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() < max(1, min_samples):
+            log.warning("bbox regression %s: %d samples (< %d), no regressor", names[c], idx.numel(), min_samples)
+            params.append(None)
+            continue
+        params.append(fit_bbox_regressor(features[idx], proposals[idx], targets_gt[idx], lam, whiten_eps))
+        log.info("bbox regression %s: fitted on %d samples", names[c], idx.numel())
+    return BoxRegressor.from_per_class(params, d)

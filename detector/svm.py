@@ -1,0 +1,417 @@
+"""Per-class linear SVMs on fc7 features with hard-negative mining (spec §7).
+
+Shape shorthand:
+    R: windows in one image      F: feature width (fc7, 4096)      K: foreground classes
+    P: positives of a class      Q: negatives of a class           N: feature rows (any)
+
+Solver: scikit-learn's bundled liblinear through ``sklearn.svm.LinearSVC(loss="hinge", dual=True)``,
+which is liblinear ``-s 3`` (L2-regularised hinge loss, dual coordinate descent). The spec's
+liblinear 1.93 options map as follows (checked against sklearn 1.9 ``svm/_base.py::_fit_liblinear``):
+
+- ``-c C``            -> ``C=C``
+- ``-w1 2``           -> ``class_weight={1: 2.0, -1: 1.0}`` (liblinear multiplies C per class)
+- ``-B 10``           -> ``fit_intercept=True, intercept_scaling=10``: sklearn passes the scaling as
+                         liblinear's bias feature; the synthetic feature's weight is regularised like
+                         every other weight and ``intercept_ = 10 * w_B``.
+
+So the minimised objective is the spec's
+``C * (2 * sum_pos hinge + sum_neg hinge) + 1/2 ||w||^2 + 1/2 (b / 10)^2`` (:func:`svm_objective`).
+Tolerance: sklearn's default ``tol=1e-4`` is tighter than the liblinear command line's default
+(0.1 for the dual solvers), i.e. the same objective solved more accurately. ``random_state`` fixes
+liblinear's coordinate order, so a fit is deterministic. A ``ConvergenceWarning`` (``max_iter``
+passes reached) is caught and logged as a warning with the class; the solution is still used.
+
+Features must already be scaled to mean L2 norm 20 (:func:`fit_feature_scale`; spec §7: the C of
+0.001 assumes it), at training and at test time alike.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fit_feature_scale",
+    "train_linear_svm",
+    "svm_objective",
+    "svm_scores",
+    "HardNegativeMiner",
+]
+
+log = logging.getLogger(__name__)
+
+
+def fit_feature_scale(features: Tensor, target_norm: float = 20.0) -> float:
+    """Scale factor that brings the mean L2 norm of ``features`` to ``target_norm`` (spec §7).
+
+    Args:
+        features (Tensor[N, F]): sample of features (e.g. 200 images x 200 windows, GT included).
+        target_norm: desired mean L2 norm (20).
+    Returns:
+        float: ``target_norm / mean_i ||features_i||``; multiply every feature (train and test) by it.
+    """
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"fit_feature_scale expects a non-empty Tensor[N, F], got {tuple(features.shape)}")
+    mean_norm = float(features.double().norm(dim=1).mean())
+    if not np.isfinite(mean_norm) or mean_norm <= 0.0:
+        raise ValueError(f"fit_feature_scale: mean feature norm is {mean_norm}; features are all zero or not finite")
+    return float(target_norm) / mean_norm
+
+
+def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float = 0.001,
+                  pos_weight: float = 2.0, bias: float = 10.0) -> dict[str, float]:
+    """The liblinear primal objective of a linear SVM, split into its terms (float64).
+
+    ``C * pos_weight * sum_pos max(0, 1 - s) + C * sum_neg max(0, 1 + s) + 1/2 ||w||^2 + 1/2 (b/bias)^2``
+    with ``s = x . w + b``.
+
+    Args:
+        w (Tensor[F]), b: the classifier.
+        pos (Tensor[P, F]), neg (Tensor[Q, F]): features.
+    Returns:
+        dict with ``pos_loss``, ``neg_loss``, ``reg``, ``total``.
+    """
+    w64 = w.double().flatten()
+    zp = pos.double() @ w64 + b
+    zn = neg.double() @ w64 + b
+    pos_loss = C * pos_weight * float((1.0 - zp).clamp(min=0).sum())
+    neg_loss = C * float((1.0 + zn).clamp(min=0).sum())
+    reg = 0.5 * float(w64 @ w64) + 0.5 * (b / bias) ** 2
+    return {"pos_loss": pos_loss, "neg_loss": neg_loss, "reg": reg, "total": pos_loss + neg_loss + reg}
+
+
+def train_linear_svm(
+    pos: Tensor,
+    neg: Tensor,
+    C: float = 0.001,
+    pos_weight: float = 2.0,
+    bias: float = 10.0,
+    tol: float = 1e-4,
+    max_iter: int = 10000,
+    random_state: int = 0,
+    name: str = "",
+) -> tuple[Tensor, float]:
+    """One binary linear SVM with liblinear (``-s 3 -c C -w1 pos_weight -B bias``).
+
+    Args:
+        pos (Tensor[P, F]): positive features (P >= 1).
+        neg (Tensor[Q, F]): negative features (Q >= 1).
+        C, pos_weight, bias: liblinear's ``-c``, ``-w1`` and ``-B`` (spec §7: 0.001, 2, 10).
+        tol: stopping tolerance of the dual coordinate descent (sklearn's default).
+        max_iter: passes over the data before liblinear stops (then a warning is logged).
+        random_state: seeds liblinear's coordinate shuffling.
+        name: label for log messages (e.g. the class name).
+    Returns:
+        (w, b): w (Tensor[F] float32) and the intercept b (float); score = ``x @ w + b``.
+    Note:
+        liblinear works on a float64 copy of the stacked features (8 bytes x (P+Q) x F).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
+        raise ValueError(f"train_linear_svm expects pos [P, F] and neg [Q, F], got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    if pos.shape[0] == 0 or neg.shape[0] == 0:
+        raise ValueError(f"train_linear_svm{' ' + name if name else ''}: needs at least one positive and one "
+                         f"negative, got {pos.shape[0]} and {neg.shape[0]}")
+    x = np.concatenate([pos.detach().cpu().double().numpy(), neg.detach().cpu().double().numpy()], axis=0)  # (P+Q, F)
+    y = np.concatenate([np.ones(pos.shape[0]), -np.ones(neg.shape[0])])  # (P+Q,)
+    svc = LinearSVC(
+        loss="hinge",
+        dual=True,
+        C=C,
+        class_weight={1: pos_weight, -1: 1.0},
+        fit_intercept=True,
+        intercept_scaling=bias,
+        tol=tol,
+        max_iter=max_iter,
+        random_state=random_state,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svc.fit(x, y)
+    for wrn in caught:
+        if issubclass(wrn.category, ConvergenceWarning):
+            log.warning("svm %s: liblinear did not converge in %d passes (tol %g); using the last iterate",
+                        name or "?", max_iter, tol)
+        else:
+            warnings.warn_explicit(wrn.message, wrn.category, wrn.filename, wrn.lineno)
+    # classes_ is sorted, so classes_[1] == +1 and coef_ scores the positive class
+    assert svc.classes_[1] == 1
+    w = torch.from_numpy(svc.coef_[0].astype(np.float32))  # (F,)
+    return w, float(svc.intercept_[0])
+
+
+def svm_scores(features: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """All classes' SVM scores as one matmul.
+
+    Args:
+        features (Tensor[R, F]): scaled fc7 features.
+        W (Tensor[F, K]): weights, one column per class.
+        b (Tensor[K]): intercepts.
+    Returns:
+        Tensor[R, K]: ``features @ W + b`` (no background column).
+    """
+    if features.ndim != 2 or W.ndim != 2 or features.shape[1] != W.shape[0] or b.shape != (W.shape[1],):
+        raise ValueError(f"svm_scores: features [R, F], W [F, K], b [K] expected, got "
+                         f"{tuple(features.shape)}, {tuple(W.shape)}, {tuple(b.shape)}")
+    return torch.addmm(b.to(features.dtype), features, W.to(features.dtype))  # (R, K)
+
+
+class _ClassCache:
+    """Cached training data of one class: positives, negatives and their dedup keys."""
+
+    def __init__(self, feat_dim: int) -> None:
+        self.pos: list[Tensor] = []
+        self.neg = torch.zeros(0, feat_dim)  # (Q, F) float32
+        self.neg_keys = torch.zeros(0, dtype=torch.int64)  # (Q,)
+        self.pending: list[Tensor] = []  # new negatives since the last retrain
+        self.pending_keys: list[Tensor] = []
+        self.num_added = 0
+        self.dirty = False  # positives changed since the last retrain
+        self.trained = False
+        self.history: list[dict[str, float]] = []
+
+    def flush(self) -> None:
+        if self.pending:
+            self.neg = torch.cat([self.neg, *self.pending], dim=0)  # (Q, F)
+            self.neg_keys = torch.cat([self.neg_keys, *self.pending_keys], dim=0)  # (Q,)
+            self.pending, self.pending_keys = [], []
+
+    def all_keys(self) -> Tensor:
+        return torch.cat([self.neg_keys, *self.pending_keys], dim=0)  # (Q,)
+
+    def num_neg(self) -> int:
+        return self.neg.shape[0] + sum(p.shape[0] for p in self.pending)
+
+
+class HardNegativeMiner:
+    """One pass of R-CNN/SPP-net hard-negative mining over the training images (spec §7).
+
+    Usage::
+
+        miner = HardNegativeMiner(K, F)
+        for c in range(K): miner.add_positives(c, gt_feats_of_class_c)   # GT boxes only
+        for img in images:                                                # no flips
+            miner.process_image(feats, neg_mask, keys)                    # feats scaled to norm 20
+        W, b = miner.finish()                                             # [F, K], [K]
+
+    Per image: the first image contributes all of its negatives for every class; a later image
+    contributes, per class, the negatives that score ``> hard_thresh`` under the current classifier
+    and are not cached yet. A class is retrained (on all its positives and cached negatives) after
+    the first image and whenever more than ``retrain_every`` new negatives have accumulated; after
+    each retrain its cached negatives scoring ``< evict_thresh`` are evicted, which bounds memory.
+    :meth:`finish` retrains every class with pending data. A class that has negatives but not yet a
+    classifier has W = 0, b = 0, so all its negatives count as hard (as in the R-CNN code).
+
+    Args:
+        num_classes: K.
+        feat_dim: F.
+        C, pos_weight, bias: liblinear options (spec: 0.001, 2, 10).
+        hard_thresh: a negative is hard when it scores above this (-1.0001).
+        evict_thresh: cached negatives scoring below this are dropped after a retrain (-1.2).
+        retrain_every: retrain a class when more than this many new negatives are pending (2000).
+        tol, max_iter: liblinear stopping rule (see :func:`train_linear_svm`).
+        class_names: names for log lines.
+    Attributes:
+        W (Tensor[F, K]), b (Tensor[K]): the current classifiers.
+        num_images (int): images processed so far.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        C: float = 0.001,
+        pos_weight: float = 2.0,
+        bias: float = 10.0,
+        hard_thresh: float = -1.0001,
+        evict_thresh: float = -1.2,
+        retrain_every: int = 2000,
+        tol: float = 1e-4,
+        max_iter: int = 10000,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        if num_classes <= 0 or feat_dim <= 0:
+            raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
+        if evict_thresh >= hard_thresh:
+            log.warning("evict_thresh %.4f >= hard_thresh %.4f: freshly mined negatives may be evicted at once",
+                        evict_thresh, hard_thresh)
+        self.num_classes = num_classes
+        self.feat_dim = feat_dim
+        self.C, self.pos_weight, self.bias = C, pos_weight, bias
+        self.hard_thresh, self.evict_thresh = hard_thresh, evict_thresh
+        self.retrain_every = retrain_every
+        self.tol, self.max_iter = tol, max_iter
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for {num_classes} classes")
+        self.W = torch.zeros(feat_dim, num_classes)  # (F, K)
+        self.b = torch.zeros(num_classes)  # (K,)
+        self.num_images = 0
+        self._caches = [_ClassCache(feat_dim) for _ in range(num_classes)]
+
+    # ------------------------------------------------------------------------------------------
+    def add_positives(self, cls: int, feats: Tensor) -> None:
+        """Add positive features of class ``cls`` (spec §7: ground-truth boxes only).
+
+        Args:
+            cls: class id in [0, K).
+            feats (Tensor[P, F]): scaled features; may be called several times per class.
+        """
+        if not 0 <= cls < self.num_classes:
+            raise ValueError(f"class id {cls} outside [0, {self.num_classes})")
+        if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
+            raise ValueError(f"add_positives expects Tensor[P, {self.feat_dim}], got {tuple(feats.shape)}")
+        if feats.shape[0] == 0:
+            return
+        cache = self._caches[cls]
+        cache.pos.append(feats.detach().to("cpu", torch.float32).clone())
+        cache.dirty = True
+
+    def num_positives(self, cls: int) -> int:
+        return sum(p.shape[0] for p in self._caches[cls].pos)
+
+    def num_negatives(self, cls: int) -> int:
+        """Negatives cached for ``cls`` (including those not yet trained on)."""
+        return self._caches[cls].num_neg()
+
+    def negative_keys(self, cls: int) -> Tensor:
+        """Tensor[Q] int64: dedup keys ``image_index * 2**32 + key`` of the cached negatives of ``cls``."""
+        return self._caches[cls].all_keys().clone()
+
+    # ------------------------------------------------------------------------------------------
+    def process_image(
+        self,
+        features: Tensor,
+        neg_mask: Tensor,
+        keys: Tensor | None = None,
+        image_index: int | None = None,
+    ) -> dict[str, int]:
+        """Mine the negatives of one image for every class, then retrain the classes that need it.
+
+        Args:
+            features (Tensor[R, F]): scaled fc7 features of the image's windows (float16/32).
+            neg_mask (Tensor[R, K] bool): True where window r may be a negative of class k (IoU < 0.3
+                with every GT of class k).
+            keys (Tensor[R] int64, optional): dedup keys in [0, 2**32): windows of this image with
+                equal keys are the same sample (spec §7: same conv5 window and scale); the first one
+                is used. Default: the window index.
+            image_index: index of the image in the pass (default: a counter). A (image_index, key)
+                pair already cached for a class is not added again.
+        Returns:
+            dict with ``added`` (new negatives over all classes) and ``retrained`` (classes retrained).
+        """
+        R = features.shape[0]
+        if features.ndim != 2 or features.shape[1] != self.feat_dim:
+            raise ValueError(f"process_image expects features [R, {self.feat_dim}], got {tuple(features.shape)}")
+        if neg_mask.shape != (R, self.num_classes) or neg_mask.dtype != torch.bool:
+            raise ValueError(f"process_image expects neg_mask bool [{R}, {self.num_classes}], got "
+                             f"{neg_mask.dtype} {tuple(neg_mask.shape)}")
+        if keys is None:
+            keys = torch.arange(R, dtype=torch.int64)
+        if keys.shape != (R,):
+            raise ValueError(f"process_image expects keys [R={R}], got {tuple(keys.shape)}")
+        keys = keys.to("cpu", torch.int64)
+        if R and (int(keys.min()) < 0 or int(keys.max()) >= 2**32):
+            raise ValueError("process_image: keys must lie in [0, 2**32)")
+        first_time = self.num_images == 0
+        idx_img = self.num_images if image_index is None else int(image_index)
+        self.num_images += 1
+        features = features.detach().to("cpu", torch.float32)
+        neg_mask = neg_mask.to("cpu")
+
+        # first occurrence of each key within the image
+        uniq_first = torch.zeros(R, dtype=torch.bool)
+        if R:
+            _, inverse = torch.unique(keys, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), R, dtype=torch.int64)
+            first.scatter_reduce_(0, inverse, torch.arange(R), reduce="amin")
+            uniq_first[first] = True
+        full_keys = keys + idx_img * 2**32  # (R,)
+
+        if first_time:
+            candidates = neg_mask & uniq_first[:, None]  # (R, K)
+        else:
+            scores = svm_scores(features, self.W, self.b)  # (R, K)
+            candidates = neg_mask & uniq_first[:, None] & (scores > self.hard_thresh)  # (R, K)
+
+        added = 0
+        retrained = 0
+        for c in range(self.num_classes):  # bookkeeping per class (not a hot path)
+            cache = self._caches[c]
+            sel = torch.nonzero(candidates[:, c]).flatten()  # (n,)
+            if sel.numel():
+                new_keys = full_keys[sel]
+                known = cache.all_keys()
+                if known.numel():
+                    keep = ~torch.isin(new_keys, known)
+                    sel, new_keys = sel[keep], new_keys[keep]
+            if sel.numel():
+                cache.pending.append(features[sel].clone())  # (n, F)
+                cache.pending_keys.append(new_keys)
+                cache.num_added += int(sel.numel())
+                added += int(sel.numel())
+            if (first_time or cache.num_added > self.retrain_every) and cache.num_neg() > 0:
+                retrained += int(self._retrain(c))
+        log.debug("hard negatives: image %d added %d, retrained %d classes", idx_img, added, retrained)
+        return {"added": added, "retrained": retrained}
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """Retrain every class with negatives or positives added since its last training.
+
+        Returns:
+            (W, b): W (Tensor[F, K] float32), b (Tensor[K] float32). A class that never had both
+            positives and negatives keeps W = 0 and gets b = -1000 (it never fires), with a warning.
+        """
+        for c, cache in enumerate(self._caches):
+            if cache.num_added > 0 or cache.dirty or not cache.trained:
+                self._retrain(c)
+            if not cache.trained:
+                log.warning("svm %s: no classifier (%d positives, %d negatives); it will never fire",
+                            self.class_names[c], self.num_positives(c), cache.num_neg())
+                self.W[:, c] = 0.0
+                self.b[c] = -1000.0
+        return self.W.clone(), self.b.clone()
+
+    def history(self, cls: int) -> list[dict[str, float]]:
+        """Objective terms and cache sizes after each retrain of ``cls`` (for logs and plots)."""
+        return list(self._caches[cls].history)
+
+    # ------------------------------------------------------------------------------------------
+    def _retrain(self, c: int) -> bool:
+        cache = self._caches[c]
+        cache.flush()
+        name = self.class_names[c]
+        if not cache.pos or cache.neg.shape[0] == 0:
+            if not cache.pos:
+                log.debug("svm %s: no positives yet, not trained", name)
+            return False
+        pos = torch.cat(cache.pos, dim=0)  # (P, F)
+        cache.pos = [pos]
+        t0 = time.perf_counter()
+        w, b = train_linear_svm(pos, cache.neg, C=self.C, pos_weight=self.pos_weight, bias=self.bias,
+                                tol=self.tol, max_iter=self.max_iter, name=name)
+        self.W[:, c] = w
+        self.b[c] = b
+        obj = svm_objective(w, b, pos, cache.neg, self.C, self.pos_weight, self.bias)
+        z_neg = cache.neg @ w + b  # (Q,)
+        easy = z_neg < self.evict_thresh
+        n_before = cache.neg.shape[0]
+        cache.neg = cache.neg[~easy].contiguous()  # (Q', F)
+        cache.neg_keys = cache.neg_keys[~easy]  # (Q',)
+        cache.num_added = 0
+        cache.dirty = False
+        cache.trained = True
+        rec = {**obj, "num_pos": float(pos.shape[0]), "num_neg": float(n_before),
+               "evicted": float(int(easy.sum())), "image": float(self.num_images), "seconds": time.perf_counter() - t0}
+        cache.history.append(rec)
+        log.info("svm %s (image %d): %d pos, %d neg -> objective %.4f (pos %.4f, neg %.4f, reg %.4f), "
+                 "evicted %d easy, %.2fs", name, self.num_images, pos.shape[0], n_before, obj["total"],
+                 obj["pos_loss"], obj["neg_loss"], obj["reg"], int(easy.sum()), rec["seconds"])
+        return True
