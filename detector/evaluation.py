@@ -1,0 +1,672 @@
+"""Exact Pascal VOC detection evaluation (the MATLAB devkit's ``VOCevaldet``), comp4 files, COCO.
+
+Shape shorthand (used across the project):
+    G: ground-truth boxes of one image (of one class)      N: detections
+    K: foreground classes
+
+Semantics follow ``../shared/spec/VOC_EVAL_SEMANTICS.md`` (the official MATLAB devkit, not
+py-faster-rcnn's ``voc_eval.py``), per class:
+
+* IoU with the devkit's inclusive ``+1`` widths, also for float coordinates; a detection is matched
+  when ``IoU >= 0.5`` (``>=``, as MATLAB). This module holds the only ``+1`` arithmetic of the
+  project: boxes arrive as project xyxy and are turned into VOC coordinates with
+  ``boxes.xyxy_to_voc`` at the edge (:func:`class_ground_truth`, :func:`detections_by_class`).
+* each detection goes to the single GT of its image with the largest IoU (first in annotation
+  order on ties); there is no fallback to the second best. That GT difficult -> the detection is
+  ignored (neither TP nor FP); already taken -> FP (duplicate); else TP. Difficult GTs are not
+  counted in ``npos``.
+* detections are sorted by decreasing score with a STABLE sort (MATLAB ``sort``): ties keep the
+  results-file order (for per-image dicts: split order, then the order inside each image).
+* 11-point AP (VOC 2007, default) at MATLAB's ``0:0.1:1`` levels (see :data:`RECALL_LEVELS_11`:
+  0.30000000000000004 but exactly 0.6 and 0.7 as MATLAB builds them); area AP (``xVOCap``,
+  VOC 2010+) with ``metric="area"``.
+
+NaN handling (as MATLAB, deliberately): precision before the first TP/FP is 0/0 = NaN and
+``max`` ignores NaN, so 11-point AP is NaN only when every detection of a class was ignored (all on
+difficult GTs); area AP is 0 then. A class with no non-difficult GT (``npos = 0``) gets 11-point
+AP 0, and area AP NaN if it has detections (0 if none). An empty detection list gives AP 0.
+``mAP`` is the plain mean over the evaluated classes (MATLAB ``mean``): one NaN class AP makes
+mAP NaN. (``EvalResult.to_dict`` writes NaN as JSON ``null``.)
+
+Differences from the devkit that remain, both documented: GT boxes come from :class:`ImageRecord`
+(float32 xyxy, so a non-integer XML coordinate such as 273.3 carries float32 rounding, ~1e-5 px),
+and class names are matched after ``strip()`` (``detector.voc``). Score against records loaded
+with ``load_voc_split(..., raw_boxes=True)`` to keep degenerate/out-of-image GT boxes exactly as
+the devkit does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from detector.boxes import xyxy_to_voc
+from detector.voc import ImageRecord
+
+__all__ = [
+    "RECALL_LEVELS_11",
+    "ClassDetections",
+    "ClassEval",
+    "EvalResult",
+    "class_ground_truth",
+    "detections_by_class",
+    "eval_class",
+    "evaluate",
+    "ap_11point",
+    "ap_area",
+    "write_comp4",
+    "read_comp4",
+    "comp4_path",
+    "coco_ground_truth",
+    "coco_detections",
+    "coco_evaluate",
+    "plot_pr_curves",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _matlab_colon(a: float, d: float, b: float) -> tuple[float, ...]:
+    """MATLAB's ``a:d:b`` as MATLAB builds it: first half ``a + k*d``, second half ``b - (n-k)*d``."""
+    n = int(round((b - a) / d))
+    return tuple(a + k * d if k <= n // 2 else b - (n - k) * d for k in range(n + 1))
+
+
+# 0, .1, .2, 0.30000000000000004, .4, .5, 0.6, 0.7, .8, .9, 1 (numpy's arange has 0.6000000000000001
+# and 0.7000000000000001 instead; the devkit keeps a recall of exactly 0.6 / 0.7, numpy drops it).
+RECALL_LEVELS_11: tuple[float, ...] = _matlab_colon(0.0, 0.1, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class ClassDetections:
+    """Detections of one class over a split, in results-file order.
+
+    Attributes:
+        image_ids: N image ids.
+        scores (ndarray[N] float64): confidences.
+        voc_boxes (ndarray[N, 4] float64): 1-based inclusive VOC ``(x1, y1, x2, y2)``, exactly as in
+            a comp4 file (not project xyxy: a different space, hence the name).
+    """
+
+    image_ids: tuple[str, ...]
+    scores: np.ndarray
+    voc_boxes: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.image_ids)
+        if self.scores.shape != (n,) or self.voc_boxes.shape != (n, 4):
+            raise ValueError(
+                f"ClassDetections: {n} image ids but scores {self.scores.shape} and voc_boxes "
+                f"{self.voc_boxes.shape} (expected ({n},) and ({n}, 4))"
+            )
+
+    @staticmethod
+    def empty() -> "ClassDetections":
+        return ClassDetections((), np.zeros(0), np.zeros((0, 4)))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def class_ground_truth(records: Sequence[ImageRecord], label: int
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Ground truth of one class per image, in split order, in VOC coordinates.
+
+    EDGE: project xyxy -> VOC 1-based inclusive via ``boxes.xyxy_to_voc``.
+
+    Args:
+        records: every image of the split (images without the class are kept: detections there
+            are false positives).
+        label: class id.
+    Returns:
+        ``{image_id: (voc_boxes ndarray[G, 4] float64, difficult ndarray[G] bool)}``.
+    Raises:
+        ValueError: an image id repeated in ``records`` (the devkit: "multiple image").
+    """
+    gt: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for r in records:
+        if r.image_id in gt:
+            raise ValueError(f"image id '{r.image_id}' appears twice in the ground truth")
+        m = r.labels == label
+        gt[r.image_id] = (
+            xyxy_to_voc(r.boxes[m].reshape(-1, 4)).numpy(),  # (G, 4)
+            r.difficult[m].numpy().astype(bool),
+        )
+    return gt
+
+
+def detections_by_class(
+    detections: Mapping[str, Mapping[str, torch.Tensor]], num_classes: int
+) -> list[ClassDetections]:
+    """Per-image detector output -> per-class lists in results-file order.
+
+    EDGE: project xyxy -> VOC 1-based inclusive via ``boxes.xyxy_to_voc``.
+
+    Args:
+        detections: ``{image_id: {"boxes": Tensor[N, 4] xyxy, "scores": Tensor[N],
+            "labels": Tensor[N] int64}}`` (the public detector output). Order: mapping order,
+            then the order inside each image (this is the tie order).
+        num_classes: K; labels must lie in ``0..K-1``.
+    Returns:
+        K :class:`ClassDetections`, one per class id.
+    Raises:
+        ValueError: wrong shapes or labels outside ``0..K-1`` (the image id is named).
+    """
+    ids: list[list[str]] = [[] for _ in range(num_classes)]
+    scores: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    boxes: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for image_id, det in detections.items():
+        try:
+            b, s, lab = det["boxes"], det["scores"], det["labels"]
+        except (KeyError, TypeError):
+            raise ValueError(f"detections['{image_id}'] must be a dict with boxes, scores, labels") from None
+        b, s, lab = torch.as_tensor(b), torch.as_tensor(s), torch.as_tensor(lab)
+        n = s.shape[0] if s.ndim == 1 else -1
+        if b.shape != (n, 4) or lab.shape != (n,):
+            raise ValueError(
+                f"detections['{image_id}']: boxes {tuple(b.shape)}, scores {tuple(s.shape)}, labels "
+                f"{tuple(lab.shape)}; expected [N, 4], [N], [N]"
+            )
+        if n and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise ValueError(f"detections['{image_id}']: labels must be in 0..{num_classes - 1}, "
+                             f"got {sorted(set(lab.tolist()))}")
+        voc = xyxy_to_voc(b.detach().cpu()).numpy()  # (N, 4) float64
+        sc = s.detach().cpu().to(torch.float64).numpy()
+        lab_np = lab.detach().cpu().numpy()
+        for k in np.unique(lab_np):
+            m = lab_np == k
+            ids[k].extend([image_id] * int(m.sum()))
+            scores[k].append(sc[m])
+            boxes[k].append(voc[m])
+    return [
+        ClassDetections(
+            tuple(ids[k]),
+            np.concatenate(scores[k]) if scores[k] else np.zeros(0),  # (N,)
+            np.concatenate(boxes[k]) if boxes[k] else np.zeros((0, 4)),  # (N, 4)
+        )
+        for k in range(num_classes)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# AP
+
+
+def ap_11point(rec: np.ndarray, prec: np.ndarray) -> float:
+    """VOC 2007 11-point interpolated AP, exactly as ``VOCevaldet.m``.
+
+    ``ap += max(prec(rec >= t)) / 11`` for ``t`` in :data:`RECALL_LEVELS_11`, where ``max``
+    ignores NaN (MATLAB), an empty selection gives 0 and an all-NaN one gives NaN.
+
+    Args:
+        rec, prec (ndarray[N] float64): the PR curve over detection ranks.
+    """
+    ap = 0.0
+    for t in RECALL_LEVELS_11:
+        sel = prec[rec >= t]
+        if sel.size == 0:
+            p = 0.0
+        else:
+            finite = sel[~np.isnan(sel)]
+            p = float(finite.max()) if finite.size else math.nan
+        ap = ap + p / 11
+    return ap
+
+
+def ap_area(rec: np.ndarray, prec: np.ndarray) -> float:
+    """Area under the interpolated PR curve, exactly as the devkit's ``xVOCap`` (VOC 2010+).
+
+    Sentinels ``mrec = [0, rec, 1]``, ``mpre = [0, prec, 0]``; ``mpre`` is made monotone from the
+    right with MATLAB's NaN-ignoring ``max``; AP sums ``(mrec_i - mrec_{i-1}) * mpre_i`` where the
+    recall changes (NaN recall, i.e. npos = 0, counts as a change and gives NaN).
+    """
+    mrec = np.concatenate([[0.0], rec, [1.0]])  # (N+2,)
+    mpre = np.concatenate([[0.0], prec, [0.0]])  # (N+2,)
+    for i in range(mpre.size - 2, -1, -1):
+        mpre[i] = np.fmax(mpre[i], mpre[i + 1])
+    i = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
+
+
+@dataclass(frozen=True)
+class ClassEval:
+    """Evaluation of one class.
+
+    Attributes:
+        name: class name.
+        n_gt: npos, non-difficult GT objects.
+        n_difficult: difficult GT objects (matched, never counted).
+        n_det: detections scored.
+        tp, fp, ignored: counts over all detections (ignored = best GT difficult).
+        recall: final recall ``tp / n_gt`` (NaN when n_gt = 0; 0 with no detections).
+        ap: average precision (metric of the run).
+        rec, prec (ndarray[N] float64): the PR curve over score-sorted detections.
+    """
+
+    name: str
+    n_gt: int
+    n_difficult: int
+    n_det: int
+    tp: int
+    fp: int
+    ignored: int
+    recall: float
+    ap: float
+    rec: np.ndarray = field(repr=False)
+    prec: np.ndarray = field(repr=False)
+
+
+def eval_class(
+    gt: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    dets: ClassDetections,
+    *,
+    metric: str = "07",
+    iou_thresh: float = 0.5,
+    name: str = "",
+) -> ClassEval:
+    """``VOCevaldet`` for one class.
+
+    Args:
+        gt: ``{image_id: (voc_boxes ndarray[G, 4], difficult ndarray[G] bool)}`` for EVERY image of
+            the split (:func:`class_ground_truth`).
+        dets: the class's detections in results-file order (VOC coordinates).
+        metric: ``"07"`` (11-point, VOC 2007 default) or ``"area"`` (VOC 2010+).
+        iou_thresh: minimum overlap, matched with ``>=`` (devkit ``minoverlap`` 0.5).
+        name: class name for messages and the result.
+    Raises:
+        ValueError: a detection on an image not in ``gt`` (named; the devkit: "unrecognized
+            image"), NaN scores, or an unknown metric.
+    """
+    if metric not in ("07", "area"):
+        raise ValueError(f"metric must be '07' or 'area', got {metric!r}")
+    unknown = sorted(set(dets.image_ids) - set(gt))
+    if unknown:
+        raise ValueError(
+            f"class '{name}': {len(unknown)} detection image id(s) not in the split: "
+            + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        )
+    if np.isnan(dets.scores).any():
+        raise ValueError(f"class '{name}': NaN detection scores")
+    npos = int(sum(int((~d).sum()) for _, d in gt.values()))
+    n_diff = int(sum(int(d.sum()) for _, d in gt.values()))
+    taken = {i: np.zeros(len(d), dtype=bool) for i, (_, d) in gt.items()}
+
+    order = np.argsort(-dets.scores, kind="stable")  # MATLAB sort: stable, ties keep file order
+    nd = len(order)
+    tp = np.zeros(nd)
+    fp = np.zeros(nd)
+    for rank, d in enumerate(order):
+        bb = dets.voc_boxes[d]
+        bbgt, diff = gt[dets.image_ids[d]]
+        ovmax, jmax = -math.inf, -1
+        if len(bbgt):
+            # inclusive +1 widths: the devkit's convention (this module is its only home)
+            iw = np.minimum(bb[2], bbgt[:, 2]) - np.maximum(bb[0], bbgt[:, 0]) + 1
+            ih = np.minimum(bb[3], bbgt[:, 3]) - np.maximum(bb[1], bbgt[:, 1]) + 1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ua = ((bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
+                      + (bbgt[:, 2] - bbgt[:, 0] + 1) * (bbgt[:, 3] - bbgt[:, 1] + 1) - iw * ih)
+                ov = iw * ih / ua
+            # MATLAB: only intersecting GTs are candidates; `ov > ovmax` from -inf (NaN never wins)
+            ov = np.where((iw > 0) & (ih > 0) & ~np.isnan(ov), ov, -math.inf)
+            j = int(np.argmax(ov))  # first maximum = annotation order on exact ties
+            if ov[j] > ovmax:
+                ovmax, jmax = float(ov[j]), j
+        if ovmax >= iou_thresh:
+            if not diff[jmax]:
+                if not taken[dets.image_ids[d]][jmax]:
+                    tp[rank] = 1
+                    taken[dets.image_ids[d]][jmax] = True
+                else:
+                    fp[rank] = 1  # duplicate detection
+            # else: best GT is difficult -> ignored (neither TP nor FP)
+        else:
+            fp[rank] = 1
+    fp_c = np.cumsum(fp)
+    tp_c = np.cumsum(tp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = tp_c / float(npos)  # npos = 0: 0/0 = NaN (MATLAB), so no 11-point level is reached
+        prec = tp_c / (fp_c + tp_c)  # 0/0 = NaN before the first TP/FP (MATLAB)
+    ap = ap_11point(rec, prec) if metric == "07" else ap_area(rec, prec)
+    n_tp, n_fp = int(tp.sum()), int(fp.sum())
+    return ClassEval(
+        name=name,
+        n_gt=npos,
+        n_difficult=n_diff,
+        n_det=nd,
+        tp=n_tp,
+        fp=n_fp,
+        ignored=nd - n_tp - n_fp,
+        recall=(n_tp / npos) if npos else math.nan,
+        ap=ap,
+        rec=rec,
+        prec=prec,
+    )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-class rows and mAP of one evaluation.
+
+    Attributes:
+        metric: ``"07"`` or ``"area"``.
+        classes: one :class:`ClassEval` per class, in class-id order.
+        mAP: plain mean of the class APs (NaN propagates, as MATLAB ``mean``).
+    """
+
+    metric: str
+    classes: tuple[ClassEval, ...]
+    mAP: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (NaN -> None)."""
+
+        def f(x: float) -> float | None:
+            return None if math.isnan(x) else float(x)
+
+        return {
+            "metric": self.metric,
+            "mAP": f(self.mAP),
+            "classes": [
+                {"class": c.name, "n_gt": c.n_gt, "n_difficult": c.n_difficult, "n_det": c.n_det,
+                 "tp": c.tp, "fp": c.fp, "ignored": c.ignored, "recall": f(c.recall), "ap": f(c.ap)}
+                for c in self.classes
+            ],
+        }
+
+    def table(self) -> str:
+        """Plain-text per-class table: class, #gt, #det, recall, AP."""
+        w = max([5] + [len(c.name) for c in self.classes])
+        lines = [f"{'class':<{w}}  {'#gt':>6}  {'#det':>7}  {'recall':>8}  {'AP':>8}",
+                 "-" * (w + 37)]
+        for c in self.classes:
+            lines.append(f"{c.name:<{w}}  {c.n_gt:>6d}  {c.n_det:>7d}  {c.recall:>8.4f}  {c.ap:>8.4f}")
+        return "\n".join(lines)
+
+
+def evaluate(
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+    *,
+    metric: str = "07",
+    iou_thresh: float = 0.5,
+) -> EvalResult:
+    """VOC evaluation of a split, every class of ``class_names``.
+
+    Args:
+        records: the split's ground truth (every image; for devkit-exact scoring load with
+            ``raw_boxes=True``).
+        class_names: K names, ids as in ``records[i].labels``.
+        detections: either per-image detector output ``{image_id: {"boxes": Tensor[N, 4] xyxy,
+            "scores": Tensor[N], "labels": Tensor[N] int64}}`` or per-class lists
+            ``{class_name: ClassDetections}`` (as :func:`read_comp4` returns; a missing class has
+            no detections). Told apart by the value type.
+        metric: ``"07"`` (11-point, default) or ``"area"``.
+        iou_thresh: overlap threshold, ``>=``.
+    Returns:
+        :class:`EvalResult`.
+    """
+    class_names = tuple(class_names)
+    values = list(detections.values())
+    if values and all(isinstance(v, ClassDetections) for v in values):
+        extra = sorted(set(detections) - set(class_names))
+        if extra:
+            raise ValueError(f"detections for unknown classes {extra}; classes are {class_names}")
+        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
+    else:
+        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
+    rows = []
+    for k, name in enumerate(class_names):
+        gt = class_ground_truth(records, k)
+        rows.append(eval_class(gt, per_class[k], metric=metric, iou_thresh=iou_thresh, name=name))
+    aps = [r.ap for r in rows]
+    m = float(np.mean(aps)) if aps else math.nan
+    return EvalResult(metric=metric, classes=tuple(rows), mAP=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# comp4 result files
+
+
+def comp4_path(results_dir: str | Path, split: str, class_name: str) -> Path:
+    """``<results_dir>/comp4_det_<split>_<class>.txt`` (devkit naming)."""
+    return Path(results_dir) / f"comp4_det_{split}_{class_name}.txt"
+
+
+def _fmt(x: float) -> str:
+    # repr: the shortest text that reads back as the same double, so a written file scores
+    # exactly like the in-memory detections (ties stay ties, distinct scores stay distinct).
+    return repr(float(x))
+
+
+def write_comp4(
+    results_dir: str | Path,
+    split: str,
+    class_names: Sequence[str],
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+) -> list[Path]:
+    """Write one devkit results file per class (every class, empty files included).
+
+    Lines are ``<image_id> <score> <x1> <y1> <x2> <y2>`` in 1-based inclusive VOC coordinates
+    (converted from xyxy with ``boxes.xyxy_to_voc``), in results-file order (the tie order).
+    Each file is written atomically (temp file + ``os.replace``).
+
+    Args:
+        detections: per-image detector output or ``{class_name: ClassDetections}``, as
+            :func:`evaluate`.
+    Returns:
+        the K paths written.
+    """
+    class_names = tuple(class_names)
+    values = list(detections.values())
+    if values and all(isinstance(v, ClassDetections) for v in values):
+        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
+    else:
+        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, dets in zip(class_names, per_class):
+        path = comp4_path(out, split, name)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes):
+                f.write(f"{i} {_fmt(s)} {_fmt(b[0])} {_fmt(b[1])} {_fmt(b[2])} {_fmt(b[3])}\n")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def read_comp4(
+    results_dir: str | Path,
+    split: str,
+    class_names: Sequence[str],
+    *,
+    image_ids: Sequence[str] | None = None,
+) -> dict[str, ClassDetections]:
+    """Read devkit results files ``comp4_det_<split>_<class>.txt``.
+
+    Any whitespace separates fields (tabs, repeated spaces); blank lines are skipped; float
+    coordinates are fine. A class whose file is missing gets no detections (warning).
+
+    Args:
+        image_ids: the split's ids; when given, a detection on any other image is an error.
+    Returns:
+        ``{class_name: ClassDetections}`` in file order.
+    Raises:
+        ValueError: a malformed line (file and line number named), a non-finite number, or an
+            image id not in ``image_ids`` (named).
+    """
+    known = set(image_ids) if image_ids is not None else None
+    out: dict[str, ClassDetections] = {}
+    for name in class_names:
+        path = comp4_path(results_dir, split, name)
+        if not path.is_file():
+            log.warning("%s not found: class '%s' scored with no detections", path, name)
+            out[name] = ClassDetections.empty()
+            continue
+        ids: list[str] = []
+        vals: list[list[float]] = []
+        for ln, line in enumerate(path.read_text().splitlines(), start=1):
+            tok = line.split()
+            if not tok:
+                continue
+            if len(tok) != 6:
+                raise ValueError(f"{path}:{ln}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
+                                 f"got {len(tok)} fields: {line.strip()!r}")
+            try:
+                v = [float(t) for t in tok[1:]]
+            except ValueError:
+                raise ValueError(f"{path}:{ln}: not a number in {line.strip()!r}") from None
+            if not all(math.isfinite(x) for x in v):
+                raise ValueError(f"{path}:{ln}: non-finite value in {line.strip()!r}")
+            if known is not None and tok[0] not in known:
+                raise ValueError(f"{path}:{ln}: image '{tok[0]}' is not in split '{split}'")
+            ids.append(tok[0])
+            vals.append(v)
+        arr = np.asarray(vals, dtype=np.float64).reshape(-1, 5)  # (N, 5)
+        out[name] = ClassDetections(tuple(ids), arr[:, 0].copy(), arr[:, 1:].copy())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO
+
+
+def coco_ground_truth(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
+    """COCO-format GT dict of a split.
+
+    Image ids are 1..len(records) in split order (``file_name`` keeps the VOC id); category ids are
+    class id + 1. ``bbox`` is ``[x, y, w, h]`` in the project's continuous pixels (w = x2 - x1,
+    what COCOeval's IoU assumes). Difficult objects get ``iscrowd = 1``, so COCOeval ignores them
+    (detections matched to them are neither TP nor FP and they are not positives). Unlike VOC,
+    COCOeval matches a crowd box by intersection over the *detection's* area, and only after the
+    non-crowd GTs, so a detection on a difficult object is not always ignored in the same cases.
+    """
+    images, anns = [], []
+    for i, r in enumerate(records, start=1):
+        images.append({"id": i, "file_name": r.image_id, "height": r.height, "width": r.width})
+        b = r.boxes.to(torch.float64)
+        for j in range(b.shape[0]):
+            x1, y1, x2, y2 = b[j].tolist()
+            w, h = x2 - x1, y2 - y1
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(r.labels[j]) + 1,
+                         "bbox": [x1, y1, w, h], "area": max(w, 0.0) * max(h, 0.0),
+                         "iscrowd": int(bool(r.difficult[j]))})
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def coco_detections(
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+) -> list[dict]:
+    """COCO results list ``[{image_id, category_id, bbox [x, y, w, h], score}]``.
+
+    ``ClassDetections`` (VOC coordinates) are converted back to xyxy (``x1 - 1, y1 - 1``), the
+    exact inverse of ``boxes.xyxy_to_voc``. Image ids follow :func:`coco_ground_truth`.
+    """
+    class_names = tuple(class_names)
+    img_id = {r.image_id: i for i, r in enumerate(records, start=1)}
+    values = list(detections.values())
+    if values and all(isinstance(v, ClassDetections) for v in values):
+        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
+    else:
+        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
+    out = []
+    for k, dets in enumerate(per_class):
+        for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes):
+            if i not in img_id:
+                raise ValueError(f"class '{class_names[k]}': detection image '{i}' not in the split")
+            x1, y1 = float(b[0]) - 1.0, float(b[1]) - 1.0  # EDGE: inverse of xyxy_to_voc
+            out.append({"image_id": img_id[i], "category_id": k + 1,
+                        "bbox": [x1, y1, float(b[2]) - x1, float(b[3]) - y1], "score": float(s)})
+    return out
+
+
+def coco_evaluate(
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+    *,
+    out_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """pycocotools COCOeval (bbox) on the split: ``{"AP", "AP50", "AP75"}``.
+
+    AP = mean over IoU 0.50:0.95, AP50 / AP75 at one threshold (COCO's 101-point interpolation and
+    at most 100 detections per image, so these differ from the VOC figures by definition). With
+    no detections at all every figure is 0. ``out_dir`` also writes ``coco_gt.json`` and
+    ``coco_dets.json``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = coco_ground_truth(records, class_names)
+    dets = coco_detections(records, class_names, detections)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for nm, obj in (("coco_gt.json", gt), ("coco_dets.json", dets)):
+            p = Path(out_dir) / nm
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(json.dumps(obj))
+            os.replace(tmp, p)
+    if not dets or not gt["annotations"]:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dets)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
+    """Precision-recall curve of every class into one PNG (matplotlib Agg), AP in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    for c in result.classes:
+        if c.rec.size and not np.isnan(c.rec).all():
+            ax.plot(c.rec, np.nan_to_num(c.prec), label=f"{c.name} (AP {c.ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"PR curves ({'11-point' if result.metric == '07' else 'area'} mAP "
+                 f"{result.mAP:.4f})")
+    if result.classes:
+        ax.legend(loc="lower left", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
