@@ -109,6 +109,17 @@ class PretrainConfig:
     bg_per_image: int = 2  # background crops (IoU < 0.3 with every object) per image
     max_images: int = 0  # 0 = all training images
     seed: int = 0
+    # Weight init of a trunk trained from scratch (backbone.weights == "none"): "spec" keeps the
+    # trunk's own init (ZF-5: N(0, 0.01^2), biases 0/1, spec §1, meant for a 90-epoch ImageNet
+    # schedule); "kaiming" = He et al. 2015 fan-in init, biases 0, conv1 divided by the crops' pixel
+    # std (short CPU schedules without batch norm learn much faster from it).
+    init: str = "spec"
+    hflip: bool = True  # mirror a random half of each batch (paper's ImageNet training flips)
+    jitter: float = 0.1  # object crops: centre shift up to this fraction of the box side
+    context: float = 1.3  # object crops: width and height each scaled by a factor in [1, context]
+    warmup_iters: int = 0  # linear lr warm-up iterations before the cosine decay (0 = none)
+    val_max_images: int = 0  # held-out images evaluated (0 = all); caps evaluation time
+    eval_min_side: int = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
 
 
 @dataclass(frozen=True)
