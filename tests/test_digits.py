@@ -1,0 +1,267 @@
+"""The embedded ``digits`` generator: VOC layout, determinism, disjoint digits, stamp logic, difficult flags.
+
+Every data set here has about 20 images (a fraction of a second each).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detector import digits as dg
+from detector.digits import (
+    DIGIT_CLASSES,
+    STAMP_NAME,
+    DatasetExistsError,
+    DigitsParams,
+    compose_image,
+    make_digits_dataset,
+    split_digit_pools,
+)
+
+SMALL = dict(seed=0, n_trainval=12, n_test=8)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _read_split(root: Path, split: str) -> list[str]:
+    return (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits") / "a"
+    s = make_digits_dataset(root, **SMALL)
+    assert not s["skipped"]
+    return root
+
+
+def test_same_seed_identical_bytes_any_worker_count(built, tmp_path):
+    other = tmp_path / "b"
+    make_digits_dataset(other, **SMALL, workers=2)  # other process count, same bytes
+    a, b = _files(built), _files(other)
+    assert sorted(a) == sorted(b)
+    assert len([k for k in a if k.endswith(".jpg")]) == 20
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_different_seed_differs(built, tmp_path):
+    other = tmp_path / "c"
+    make_digits_dataset(other, **{**SMALL, "seed": 1})
+    a, c = _files(built), _files(other)
+    assert sorted(k for k in a if k != STAMP_NAME) == sorted(k for k in c if k != STAMP_NAME)
+    jpgs = [k for k in a if k.endswith(".jpg")]
+    assert sum(a[k] != c[k] for k in jpgs) == len(jpgs)
+
+
+def test_voc_layout(built):
+    main = built / "ImageSets" / "Main"
+    train, val, test = (_read_split(built, s) for s in ("train", "val", "test"))
+    trainval = _read_split(built, "trainval")
+    assert (len(train), len(val), len(test)) == (6, 6, 8)
+    assert trainval == sorted(train + val) and not set(trainval) & set(test)
+    for image_id in trainval + test:
+        assert len(image_id) == 6 and image_id.isdigit()
+        root = ET.parse(built / "Annotations" / f"{image_id}.xml").getroot()
+        assert root.tag == "annotation" and root.findtext("filename") == f"{image_id}.jpg"
+        w, h, d = (int(root.find("size").findtext(k)) for k in ("width", "height", "depth"))
+        img = cv2.imread(str(built / "JPEGImages" / f"{image_id}.jpg"))
+        assert img.shape == (h, w, 3) and d == 3
+        assert 320 <= h <= 500 and 320 <= w <= 500
+        objs = root.findall("object")
+        assert 2 <= len(objs) <= 8
+        for o in objs:
+            assert o.findtext("name") in DIGIT_CLASSES
+            assert o.findtext("pose") == "Unspecified" and o.findtext("truncated") == "0"
+            assert o.findtext("difficult") in ("0", "1")
+            bb = o.find("bndbox")
+            xmin, ymin, xmax, ymax = (int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            assert 1 <= xmin <= xmax <= w and 1 <= ymin <= ymax <= h  # 1-based inclusive, inside
+    # per-class files: "<id> <flag>" with 1 (a non-difficult instance), 0 (only difficult), -1 (none)
+    for split, ids in (("trainval", trainval), ("test", test)):
+        for name in DIGIT_CLASSES:
+            lines = (main / f"{name}_{split}.txt").read_text().splitlines()
+            assert [ln.split()[0] for ln in lines] == ids
+            for ln in lines:
+                image_id, flag = ln.split()
+                objs = [o for o in ET.parse(built / "Annotations" / f"{image_id}.xml").getroot().findall("object")
+                        if o.findtext("name") == name]
+                want = 1 if any(o.findtext("difficult") == "0" for o in objs) else (0 if objs else -1)
+                assert int(flag) == want and ln == f"{image_id} {want:2d}"
+
+
+def test_xml_box_is_one_based_inclusive():
+    obj = {"label": 3, "box": np.array([0.0, 0.0, 10.0, 20.0]), "difficult": False}
+    root = ET.fromstring(dg._xml("000007", 40, 30, "camera", [obj]))
+    bb = root.find("object").find("bndbox")
+    # pixels 0..9 (0-based) = 1..10 (VOC); continuous x2 = 10 is the inclusive xmax 10
+    assert [int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")] == [1, 1, 10, 20]
+    assert root.find("object").findtext("name") == "three"
+
+
+def test_digit_pools_disjoint_and_stratified():
+    images, labels = dg._load_digits()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+    pools = split_digit_pools(labels, [500, 500, 300], seed=0)
+    allidx = np.concatenate(pools)
+    assert len(allidx) == 1797 and len(np.unique(allidx)) == 1797  # disjoint, covering
+    for p, share in zip(pools, (5 / 13, 5 / 13, 3 / 13)):
+        assert set(np.unique(labels[p])) == set(range(10))
+        assert abs(len(p) / 1797 - share) < 0.01
+    assert all(np.array_equal(a, b) for a, b in zip(pools, split_digit_pools(labels, [500, 500, 300], 0)))
+    # every digit an image uses comes from its pool
+    rng = np.random.default_rng(0)
+    bg = np.full((400, 400, 3), 128, np.uint8)
+    _, objs = compose_image(rng, bg, images, labels, pools[2], DigitsParams())
+    assert objs and all(o["digit"] in set(pools[2].tolist()) for o in objs)
+    assert all(o["label"] == labels[o["digit"]] for o in objs)
+
+
+def test_summary_reports_no_shared_digits(built):
+    stamp = json.loads((built / STAMP_NAME).read_text())
+    s = stamp["summary"]
+    assert s["distinct_digits"]["shared"] == 0
+    assert s["images"] == {"trainval": 12, "train": 6, "val": 6, "test": 8}
+    assert list(s["per_class"]) == list(DIGIT_CLASSES)
+    n_xml = sum(len(ET.parse(p).getroot().findall("object")) for p in (built / "Annotations").glob("*.xml"))
+    assert s["objects"]["trainval"] + s["objects"]["test"] == n_xml == sum(s["per_class"].values())
+
+
+def test_box_is_tight_box_of_ink_on_flat_background():
+    """One opaque digit on black: the box equals the tight box of pixels at >= half the ink colour."""
+    images, labels = dg._load_digits()
+    p = DigitsParams(objects_per_image=(1, 1), opacity=(1.0, 1.0), object_side=(40.0, 80.0))
+    for seed in range(5):
+        bg = np.zeros((300, 300, 3), np.uint8)
+        img, objs = compose_image(np.random.default_rng(seed), bg, images, labels, np.arange(1797), p)
+        assert len(objs) == 1 and objs[0]["hidden"] == 0.0 and not objs[0]["difficult"]
+        ch = int(np.argmax(img.reshape(-1, 3).max(axis=0)))  # channel carrying the colour
+        v = img[:, :, ch].astype(np.float64)
+        ink = v >= 0.5 * v.max()
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        ref = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
+        assert np.abs(objs[0]["box"] - ref).max() <= 1.0, (seed, objs[0]["box"], ref)
+
+
+def test_difficult_marking():
+    images, labels = dg._load_digits()
+    rng = np.random.default_rng(0)
+    bg = np.full((320, 320, 3), 100, np.uint8)
+    tiny = DigitsParams(object_side=(5.0, 8.0))
+    for _ in range(5):
+        _, objs = compose_image(rng, bg, images, labels, np.arange(1797), tiny)
+        for o in objs:
+            side = max(o["box"][2] - o["box"][0], o["box"][3] - o["box"][1])
+            assert side < 12 and o["difficult"]
+    # larger objects: difficult exactly when more than half of the ink is hidden
+    crowded = DigitsParams(object_side=(60.0, 120.0), objects_per_image=(8, 8), max_hidden=0.9,
+                           max_box_overlap=1.0)
+    seen_hidden = False
+    for _ in range(10):
+        _, objs = compose_image(rng, bg, images, labels, np.arange(1797), crowded)
+        for o in objs:
+            assert 0.0 <= o["hidden"] <= 0.9 + 1e-9
+            assert o["difficult"] == (o["hidden"] > 0.5)
+            seen_hidden |= o["hidden"] > 0.5
+        assert objs[-1]["hidden"] == 0.0  # painted last: nothing covers it
+    assert seen_hidden
+
+
+def test_tiny_objects_are_difficult_in_xml(tmp_path):
+    p = DigitsParams(object_side=(5.0, 8.0))
+    make_digits_dataset(tmp_path / "t", seed=0, n_trainval=2, n_test=1, params=p)
+    objs = [o for x in (tmp_path / "t" / "Annotations").glob("*.xml") for o in ET.parse(x).getroot().iter("object")]
+    assert objs and all(o.findtext("difficult") == "1" for o in objs)
+    flags = {ln.split()[1] for ln in (tmp_path / "t/ImageSets/Main/zero_trainval.txt").read_text().splitlines()}
+    assert flags <= {"0", "-1"}  # only difficult instances -> 0 in the per-class file
+
+
+def test_second_run_skips(built):
+    before = {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
+    s = make_digits_dataset(built, **SMALL)
+    assert s["skipped"] and s["images"]["test"] == 8
+    assert {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()} == before
+
+
+def test_stamp_logic(tmp_path):
+    out = tmp_path / "d"
+    make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
+    with pytest.raises(DatasetExistsError, match="seed: 0 -> 1"):
+        make_digits_dataset(out, seed=1, n_trainval=2, n_test=1)
+    s = make_digits_dataset(out, seed=1, n_trainval=2, n_test=1, force=True)
+    assert not s["skipped"]
+    assert json.loads((out / STAMP_NAME).read_text())["params"]["seed"] == 1
+    assert not list(tmp_path.glob(".d.*"))  # no temp or old folders left
+    # a stamp from another generator version is not "already built"
+    stamp = json.loads((out / STAMP_NAME).read_text())
+    (out / STAMP_NAME).write_text(json.dumps({**stamp, "version": -1}))
+    with pytest.raises(DatasetExistsError, match="version"):
+        make_digits_dataset(out, seed=1, n_trainval=2, n_test=1)
+
+
+def test_refuses_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for force in (False, True):
+        with pytest.raises(DatasetExistsError):
+            make_digits_dataset(out, seed=0, n_trainval=2, n_test=1, force=force)
+    assert (out / "notes.txt").read_text() == "keep me"
+    # a VOC-looking folder without a stamp (not finished): needs --force, then it is replaced
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    with pytest.raises(DatasetExistsError, match="not a finished"):
+        make_digits_dataset(voc, seed=0, n_trainval=2, n_test=1)
+    make_digits_dataset(voc, seed=0, n_trainval=2, n_test=1, force=True)
+    assert (voc / STAMP_NAME).is_file()
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "x"
+    real = dg._render_task
+    calls = []
+
+    def flaky(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(dg, "_render_task", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        make_digits_dataset(out, seed=0, n_trainval=4, n_test=2)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # a partial folder left by a killed run (dead pid) is removed by the next run
+    monkeypatch.setattr(dg, "_render_task", real)
+    stale = tmp_path / ".x.partial-999999999"
+    (stale / "JPEGImages").mkdir(parents=True)
+    make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
+    assert not stale.exists() and (out / STAMP_NAME).is_file()
+
+
+def test_bad_counts(tmp_path):
+    with pytest.raises(ValueError, match="n_trainval"):
+        make_digits_dataset(tmp_path / "z", n_trainval=1, n_test=1)
+
+
+def test_cli(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dataset", Path(__file__).parents[1] / "tools/make_dataset.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cli"
+    assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--workers", "1"]) == 0
+    assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--seed", "3"]) == 2  # clear error
+    assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--seed", "3", "--force"]) == 0
+    assert dataclasses.asdict(DigitsParams())["seed"] == 0
+    assert os.path.isfile(out / STAMP_NAME)
