@@ -1,0 +1,112 @@
+"""Postprocess: per-class NMS equals torchvision.ops.nms and a slow greedy loop; top-k; thresholds."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import nms as tv_nms
+
+from detector.boxes import pairwise_iou, voc_to_xyxy
+from detector.postprocess import detections_from_scores, nms, topk_per_class
+
+
+def _slow_greedy_nms(boxes, scores, thresh):
+    """Reference: the spec's greedy NMS written with +1 IoU on 1-based inclusive boxes."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            a, b = boxes[i].tolist(), boxes[j].tolist()
+            iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+            ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+            inter = max(iw, 0) * max(ih, 0)
+            ua = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+            if inter / ua > thresh:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def _random_boxes(g, n, size=200):
+    xy = torch.randint(0, size, (n, 2), generator=g).float()
+    wh = torch.randint(5, 80, (n, 2), generator=g).float()
+    return torch.cat([xy, xy + wh], 1)
+
+
+def test_nms_matches_spec_plus_one_reference_on_voc_boxes():
+    """Project IoU on voc_to_xyxy boxes == +1 IoU on inclusive VOC boxes, so NMS decisions agree."""
+    g = torch.Generator().manual_seed(0)
+    voc = _random_boxes(g, 300) + 1  # 1-based inclusive integer boxes
+    scores = torch.rand(300, generator=g)
+    keep = nms(voc_to_xyxy(voc), scores, 0.3)
+    assert keep.tolist() == _slow_greedy_nms(voc, scores, 0.3)
+
+
+def test_detections_equal_per_class_torchvision_nms():
+    g = torch.Generator().manual_seed(1)
+    R, K = 400, 4
+    boxes = _random_boxes(g, R)
+    scores = torch.randn(R, K, generator=g)
+    out = detections_from_scores(boxes, scores, score_thresh=-0.5, nms_thresh=0.3, max_per_class=0)
+    for k in range(K):
+        m = scores[:, k] > -0.5
+        idx = torch.nonzero(m).flatten()
+        ref = idx[tv_nms(boxes[idx], scores[idx, k], 0.3)]
+        got = out["boxes"][out["labels"] == k]
+        torch.testing.assert_close(got, boxes[ref])
+        torch.testing.assert_close(out["scores"][out["labels"] == k], scores[ref, k])
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])
+    assert out["boxes"].dtype == torch.float32 and out["labels"].dtype == torch.int64
+
+
+def test_per_class_boxes_and_indices():
+    g = torch.Generator().manual_seed(2)
+    R, K = 60, 3
+    base = _random_boxes(g, R)
+    boxes = base[:, None, :] + torch.arange(K).float()[None, :, None] * 1000  # classes far apart
+    scores = torch.rand(R, K, generator=g)
+    out = detections_from_scores(boxes, scores, score_thresh=0.0, nms_thresh=0.3, return_indices=True)
+    torch.testing.assert_close(out["boxes"], boxes[out["window_index"], out["labels"]])
+    torch.testing.assert_close(out["scores"], scores[out["window_index"], out["labels"]])
+
+
+def test_top_k_per_class_and_threshold():
+    # 30 disjoint boxes, 2 classes: class 0 scores 0..29, class 1 scores -2..-1.0 (some below -1.5)
+    xs = torch.arange(30).float() * 20
+    boxes = torch.stack([xs, torch.zeros(30), xs + 10, torch.full((30,), 10.0)], 1)
+    scores = torch.stack([torch.arange(30).float(), torch.linspace(-2.0, -1.0, 30)], 1)
+    out = detections_from_scores(boxes, scores, score_thresh=-1.5, nms_thresh=0.3, max_per_class=7)
+    lab0 = out["scores"][out["labels"] == 0]
+    assert lab0.tolist() == [29.0, 28.0, 27.0, 26.0, 25.0, 24.0, 23.0]
+    lab1 = out["scores"][out["labels"] == 1]
+    assert lab1.numel() == 7 and torch.all(lab1 > -1.5)
+    torch.testing.assert_close(lab1, scores[:, 1].sort(descending=True).values[:7])
+    # strict threshold: a score equal to the threshold is dropped
+    out2 = detections_from_scores(boxes[:1], torch.tensor([[-1.5, -1.4]]))
+    assert out2["labels"].tolist() == [1]
+
+
+def test_topk_per_class_mask():
+    labels = torch.tensor([2, 0, 2, 2, 1, 0, 2])
+    assert topk_per_class(labels, 2).tolist() == [True, True, True, False, True, True, False]
+
+
+def test_clipping_and_empty_boxes():
+    boxes = torch.tensor([[-10.0, -5.0, 50.0, 40.0], [120.0, 10.0, 150.0, 20.0]])  # 2nd is outside a 100-wide image
+    out = detections_from_scores(boxes, torch.tensor([[1.0], [2.0]]), image_size=(30, 100))
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 50.0, 30.0]]))
+    empty = detections_from_scores(torch.zeros(0, 4), torch.zeros(0, 5))
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+
+
+def test_iou_identity_used_in_docs():
+    voc = torch.tensor([[1.0, 1.0, 10.0, 10.0], [6.0, 1.0, 15.0, 10.0]])  # inclusive, 10x10 each
+    # +1 IoU: inter 5*10 = 50, union 150
+    assert pairwise_iou(voc_to_xyxy(voc[:1]), voc_to_xyxy(voc[1:])).item() == pytest.approx(50 / 150)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="boxes"):
+        detections_from_scores(torch.zeros(3, 4), torch.zeros(4, 2))
