@@ -1,0 +1,116 @@
+"""End to end: a tiny train + test run through the real tools, checkpoint safety, library call."""
+from __future__ import annotations
+
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detector.detector import CheckpointError, SPPDetector
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny
+output_dir: {out}
+seed: 0
+num_threads: 2
+data: {{root: {data}, classes: [zero, one, two, three, four, five, six, seven, eight, nine], val_fraction: 0.2}}
+proposals: {{max_boxes: 300, workers: 1}}
+backbone: {{arch: zf5, width_mult: 0.125}}
+pretrain: {{enabled: true, epochs: 1, sizes: [96, 128], fc_dim: 64, batch_size: 32, crops_per_image: 4}}
+features: {{train_scales: [224, 320], test_scales: [320]}}
+head: {{fc_dim: 64}}
+finetune: {{iters: 40, lr: 0.01, lr_steps: [30], val_every: 20, val_batches: 2, batch_size: 32,
+           chunk_iters: 20, chunk_images: 8}}
+svm: {{stats_images: 10, stats_rois: 20, retrain_every: 200}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from detector.digits import make_digits_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "digits"
+    make_digits_dataset(data, seed=3, n_trainval=12, n_test=4)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY.format(out=root / "run", data=data))
+    train = subprocess.run([sys.executable, str(REPO / "tools/train_detector.py"), "--config", str(cfg)],
+                           capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert train.returncode == 0, train.stderr[-4000:]
+    test = subprocess.run([sys.executable, str(REPO / "tools/test_net.py"), "--config", str(cfg),
+                           "--time-proposals", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert test.returncode == 0, test.stderr[-4000:]
+    return root, cfg, train, test
+
+
+def test_train_and_test_end_to_end(tiny_run):
+    root, cfg, train, test = tiny_run
+    run = root / "run"
+    assert (run / "model.pt").is_file() and (run / "resolved_config.yaml").is_file()
+    last = test.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"mAP: (\d\.\d{6}|nan)", last)
+    assert m, test.stdout[-2000:]
+    out = run / "test_test"
+    assert (out / "pr_curves.png").stat().st_size > 0
+    assert len(list((out / "results").glob("comp4_det_test_*.txt"))) == 10
+    for stage in ("conv", "pool", "fc", "svm", "bbox", "nms", "proposals"):
+        assert re.search(rf"^{stage}\s+\d", test.stdout, re.M), stage
+
+
+def test_second_run_reuses_every_stage(tiny_run):
+    root, cfg, _, _ = tiny_run
+    again = subprocess.run([sys.executable, str(REPO / "tools/train_detector.py"), "--config", str(cfg)],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "computing" not in again.stderr and "fine-tune fc6/fc7" not in again.stderr
+
+
+def test_library_call_and_checkpoint_round_trip(tiny_run, tmp_path):
+    root, _, _, _ = tiny_run
+    det = SPPDetector.load(root / "run" / "model.pt")
+    img = sorted((root / "digits" / "JPEGImages").glob("*.jpg"))[0]
+    out = det.detect(str(img))
+    assert set(out) == {"boxes", "scores", "labels"}
+    assert out["boxes"].dtype == torch.float32 and out["boxes"].shape[1] == 4
+    assert out["labels"].dtype == torch.int64 and out["scores"].dtype == torch.float32
+    assert len(out["boxes"]) == len(out["scores"]) == len(out["labels"])
+    # the same detections after a save/load round trip
+    det.save(tmp_path / "copy.pt")
+    again = SPPDetector.load(tmp_path / "copy.pt").detect(str(img))
+    torch.testing.assert_close(again["scores"], out["scores"])
+    # RGBA and grayscale arrays are accepted
+    arr = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(img).convert("RGB"))
+    gray = arr.mean(axis=2).astype(np.uint8)
+    assert det.detect(gray)["boxes"].shape[1] == 4
+    rgba = np.concatenate([arr, np.full(arr.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    torch.testing.assert_close(det.detect(rgba)["scores"], out["scores"])
+    # explicit proposals, none at all
+    props = torch.tensor([[10.0, 10.0, 60.0, 60.0], [0.0, 0.0, 100.0, 80.0]])
+    assert det.detect(arr, proposals=props)["boxes"].shape[0] <= 2 * det.num_classes
+    assert det.detect(arr, proposals=torch.zeros((0, 4)))["boxes"].shape == (0, 4)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this checkpoint ran code",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "sppnet-detector-v1", "payload": _Evil()}, bad)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        SPPDetector.load(bad)
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(_Evil(), f)
+    with pytest.raises(CheckpointError, match="plain.pkl"):
+        SPPDetector.load(tmp_path / "plain.pkl")
+    with pytest.raises(CheckpointError, match="not found"):
+        SPPDetector.load(tmp_path / "missing.pt")
