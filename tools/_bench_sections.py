@@ -1,0 +1,240 @@
+"""tools/benchmark.py sections for issue 6: R-CNN mode, detection vs torchvision detectors,
+selective search, memory. Imported as ``_bench_sections`` by tools/benchmark.py; each section
+function returns ``(markdown, ratios)`` where ``ratios`` maps machine-readable names to numbers
+(printed as ``name: value`` lines).
+
+Shape shorthand: R proposals in one image, C conv5 channels, Hs x Ws conv5 size at scale s.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import _timing_inputs as TI
+from detector.rcnn import compare_rcnn, format_comparison, random_detector
+
+log = logging.getLogger("benchmark")
+
+FIVE_SCALES = (480, 576, 688, 864, 1200)
+
+
+def _stats(v: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+
+def _fmt(s: dict[str, float], digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def _inputs(n_images: int, n_props: int, seed: int = 0) -> tuple[list[tuple[str, np.ndarray]], list[torch.Tensor], list[int]]:
+    photos = TI.voc_sized_photos(n_images)
+    props, n_ss = [], []
+    for i, (_, im) in enumerate(photos):
+        b, k = TI.proposals_for(im, n_props, "fast", seed=seed + i)
+        props.append(b)
+        n_ss.append(k)
+    return photos, props, n_ss
+
+
+# ---------------------------------------------------------------------------------------------- rcnn
+
+
+def section_rcnn(n_images: int = 2, n_props: int = 2000, width_mult: float = 1.0) -> tuple[str, dict[str, float]]:
+    """SPP-net (1 and 5 scales) vs R-CNN mode with one random ZF-5 (spec §10-11)."""
+    det = random_detector(width_mult=width_mult, fc_dim=4096, seed=0)
+    photos, props, n_ss = _inputs(n_images, n_props)
+    cmp = compare_rcnn(det, [im for _, im in photos], props, scale_sets=((688,), FIVE_SCALES), progress=True)
+    ratios = {}
+    for lab, sp in cmp["speedup"].items():
+        key = lab.split(" ")[0].replace("-", "_")
+        ratios[f"rcnn_conv_speedup_{key}"] = sp["conv"]
+        ratios[f"rcnn_overall_speedup_{key}"] = sp["overall"]
+    md = (f"Random full-width ZF-5 (width {width_mult}) with fc6/fc7 4096 and 20 random SVMs (timing does not "
+          f"depend on weights); {n_images} real photos resized to 500x375 ({', '.join(n for n, _ in photos)}); "
+          f"{n_props} proposals per image (selective search 'fast' gave {n_ss}, padded with random boxes). "
+          f"Paper targets (same ZF-5 on a 2014 GPU): conv 270x / 49x, overall 102x / 38x.\n\n"
+          + format_comparison(cmp))
+    return md, ratios
+
+
+# ---------------------------------------------------------------------------------------------- detect
+
+
+def _time(fn: Callable[[], Any], reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.inference_mode()
+def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[int] = (1024, 512, 256)
+                   ) -> tuple[str, dict[str, float]]:
+    """SPP-net detection per image (1 scale 688, proposals excluded) with its stage breakdown and
+    fc6/fc7 SVD ranks, vs torchvision Faster R-CNN models with random weights on the same images."""
+    import torchvision
+
+    photos, props, _ = _inputs(n_images, n_props)
+    det = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+    rows: list[tuple[str, dict[str, float]]] = []
+    stages: dict[str, list[float]] = {}
+
+    def run_spp(d) -> list[float]:
+        d.detect(photos[0][1], proposals=props[0])  # warm-up
+        times = []
+        for (_, im), b in zip(photos, props):
+            t0 = time.perf_counter()
+            d.detect(im, proposals=b)
+            times.append(time.perf_counter() - t0)
+            if d is det:
+                for k, v in d.last_timings.items():
+                    stages.setdefault(k, []).append(v)
+        return times
+
+    spp = _stats(run_spp(det))
+    rows.append(("SPP-net ZF-5, 1 scale (688), fc 4096", spp))
+    ratios = {"detect_spp_s_per_image": spp["median"]}
+    for r in svd_ranks:
+        d = random_detector(width_mult=1.0, fc_dim=4096, seed=0).compress_fc(r)
+        s = _stats(run_spp(d))
+        rows.append((f"SPP-net ZF-5, 1 scale, fc6/fc7 SVD rank {r}", s))
+        ratios[f"detect_spp_svd{r}_s_per_image"] = s["median"]
+    ims = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for _, im in photos]  # (3, H, W) each
+    for name in ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None).eval()
+        model([ims[0]])  # warm-up
+        times = [t for im in ims for t in _time(lambda: model([im]), 1)]
+        s = _stats(times)
+        rows.append((f"torchvision {name} (random weights, default transform: min_size 800)", s))
+        ratios[f"detect_{name}_over_spp"] = s["median"] / spp["median"]
+    lines = ["| model | seconds per image, median [min-max] |", "|---|---|"]
+    lines += [f"| {n} | {_fmt(s)} |" for n, s in rows]
+    lines += ["", "SPP-net stage breakdown (full-width ZF-5, 688, no SVD), seconds per image:", "",
+              "| stage | median [min-max] |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items() if k != "proposals"]
+    md = (f"{n_images} photos resized to 500x375, {n_props} proposals per image (given, so proposal time is "
+          f"excluded), random weights everywhere, {torch.get_num_threads()} threads.\n\n" + "\n".join(lines))
+    return md, ratios
+
+
+# ---------------------------------------------------------------------------------------------- selective search
+
+
+def section_selective_search(n_images: int = 3) -> tuple[str, dict[str, float]]:
+    """Selective search per 500x375 image, fast mode and the project's default mode."""
+    from detector.config import ProposalConfig
+    from proposals import selective_search
+
+    default = ProposalConfig()
+    photos = TI.voc_sized_photos(n_images)
+    modes = ["fast"] + ([default.mode] if default.mode != "fast" else []) + (["quality"] if default.mode != "quality" else [])
+    lines = ["| mode | seconds per image, median [min-max] | boxes per image (median) |", "|---|---|---|"]
+    ratios = {}
+    for mode in modes:
+        times, counts = [], []
+        for _, im in photos:
+            t0 = time.perf_counter()
+            b = selective_search(im, mode=mode, min_size=default.min_size, max_boxes=default.max_boxes or None)
+            times.append(time.perf_counter() - t0)
+            counts.append(len(b))
+        s = _stats(times)
+        tag = " (project default)" if mode == default.mode else ""
+        lines.append(f"| {mode}{tag} | {_fmt(s)} | {statistics.median(counts):.0f} |")
+        ratios[f"selective_search_{mode}_s_per_image"] = s["median"]
+        if mode == "quality":
+            break
+    md = f"{n_images} photos resized to 500x375, min_size {default.min_size}, max_boxes {default.max_boxes}.\n\n"
+    return md + "\n".join(lines), ratios
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+_PEAK_SNIPPET = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads({threads})
+import _timing_inputs as TI
+from detector.rcnn import random_boxes, random_detector
+det = random_detector(width_mult=1.0, fc_dim=4096, seed=0, scales={scales})
+photos = TI.voc_sized_photos(1)
+im = photos[0][1]
+boxes = random_boxes(im.shape[0], im.shape[1], {n_props}, torch.Generator().manual_seed(0))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+det.detect(im, proposals=boxes)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"base_kb": base, "peak_kb": peak}}))
+"""
+
+
+def _peak_detect_memory(scales: Sequence[int], n_props: int) -> dict[str, float]:
+    code = _PEAK_SNIPPET.format(threads=torch.get_num_threads(), scales=tuple(scales), n_props=n_props)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).resolve().parent), check=True)
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"base_mb": d["base_kb"] / 1024, "peak_mb": d["peak_kb"] / 1024}
+
+
+def conv5_cache_bytes(height: int, width: int, scales: Sequence[int], channels: int = 256,
+                      max_size: int = 0, bytes_per_value: int = 2) -> int:
+    """Bytes of one image's conv5 cache (float16 by default) at the given scales.
+
+    Uses the project's resize rule (:func:`detector.pyramid.resized_size`) and ZF-5 geometry
+    (:func:`detector.backbones.conv5_size`).
+    """
+    from detector.backbones import conv5_size
+    from detector.pyramid import resized_size
+
+    total = 0
+    for s in scales:
+        hs, ws = resized_size(height, width, s, max_size)
+        total += channels * conv5_size("zf5", hs) * conv5_size("zf5", ws) * bytes_per_value
+    return total
+
+
+def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[str, dict[str, float]]:
+    """Peak memory of detection; conv5 cache per image (float16, 5 scales); VOC07 trainval disk."""
+    ratios: dict[str, float] = {}
+    lines = ["| quantity | value |", "|---|---|"]
+    for scales in ((688,), FIVE_SCALES):
+        m = _peak_detect_memory(scales, n_props)
+        tag = "1scale" if len(scales) == 1 else "5scale"
+        lines.append(f"| peak RSS of one detection, {len(scales)} scale(s), full ZF-5, fc 4096, {n_props} proposals "
+                     f"(process after model build: {m['base_mb']:.0f} MiB) | {m['peak_mb']:.0f} MiB |")
+        ratios[f"detect_peak_rss_mb_{tag}"] = m["peak_mb"]
+    per_img = conv5_cache_bytes(375, 500, FIVE_SCALES)
+    lines.append(f"| conv5 cache of one 500x375 image, 5 scales, float16, C=256 | {per_img / 2**20:.2f} MiB |")
+    ratios["conv5_cache_mb_per_image_5scale_fp16"] = per_img / 2**20
+    if voc_root:
+        from detector.voc import load_voc_split
+
+        recs, _ = load_voc_split(voc_root, "trainval", log_summary=False)
+        sizes = [(r.height, r.width) for r in recs]
+        source = f"image sizes read from {voc_root} trainval ({len(sizes)} images)"
+    else:
+        sizes = [(375, 500)] * 5011
+        source = ("assumed: 5011 images, each 500x375 or 375x500 (VOC 2007's typical size: the longer side is "
+                  "500 for almost all images; transposed sizes give the same cache size)")
+    cache = {}
+    memo: dict[tuple[int, int], int] = {}
+    for hw in sizes:
+        key = (min(hw), max(hw))
+        if key not in memo:
+            memo[key] = conv5_cache_bytes(key[0], key[1], FIVE_SCALES)
+        cache[hw] = memo[key]
+    total = sum(memo[(min(hw), max(hw))] for hw in sizes)
+    lines.append(f"| VOC 2007 trainval conv5 cache, 5 scales, float16 | {total / 2**30:.1f} GiB |")
+    lines.append(f"| ... with flipped copies | {2 * total / 2**30:.1f} GiB |")
+    ratios["voc07_trainval_cache_gb_5scale_fp16"] = total / 2**30
+    ratios["voc07_trainval_cache_gb_5scale_fp16_flips"] = 2 * total / 2**30
+    return f"Cache sizes: {source}.\n\n" + "\n".join(lines), ratios
