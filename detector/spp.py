@@ -42,7 +42,7 @@ __all__ = [
     "SpatialPyramidPool",
 ]
 
-_CHUNK = 256  # windows per gather chunk: keeps the gathered blocks in cache
+_CHUNK_BYTES = 1 << 20  # gathered bytes per chunk of windows: keeps the blocks in cache
 
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
@@ -130,88 +130,63 @@ def _sparse_table(fmap: Tensor, kx_max: int, ky_max: int, with_index: bool
 
     Returns:
         table (Tensor[(kx_max+1)*(ky_max+1)*H*W, C]): row ``((kx*KY + ky)*H + y)*W + x`` is the max
-            over cells [x, x+2^kx) x [y, y+2^ky) (rows whose block leaves the map are never read).
+            over cells [x, x+2^kx) x [y, y+2^ky) (rows whose block leaves the map hold partial maxima
+            and are never read).
         index (Tensor[same] int64 or None): flat cell ``y*W + x`` where that max sits.
     """
     c, h, w = fmap.shape
-    base = fmap.permute(1, 2, 0).contiguous()  # (H, W, C)
-    idx0 = None
+    kxn, kyn = kx_max + 1, ky_max + 1
+    table = fmap.new_empty((kxn, kyn, h, w, c))  # (KX, KY, H, W, C)
+    table[0, 0].copy_(fmap.permute(1, 2, 0))  # (H, W, C)
+    index = None
     if with_index:
-        idx0 = torch.arange(h * w, device=fmap.device).view(h, w, 1).expand(h, w, c).contiguous()
+        index = torch.empty((kxn, kyn, h, w, c), dtype=torch.int64, device=fmap.device)
+        index[0, 0].copy_(torch.arange(h * w, device=fmap.device).view(h, w, 1).expand(h, w, c))
 
-    def step(v: Tensor, i: Tensor | None, dim: int, half: int) -> tuple[Tensor, Tensor | None]:
+    def step(src: tuple[int, int], dst: tuple[int, int], dim: int, half: int) -> None:
+        v, o = table[src], table[dst]  # (H, W, C) each
+        o.copy_(v)
         size = v.shape[dim]
-        out_v = v.clone()
         if half >= size:
-            return out_v, (None if i is None else i.clone())
-        a = v.narrow(dim, 0, size - half)
-        b = v.narrow(dim, half, size - half)
-        if i is None:
-            torch.maximum(a, b, out=out_v.narrow(dim, 0, size - half))
-            return out_v, None
-        out_i = i.clone()
-        take_b = b > a
-        out_v.narrow(dim, 0, size - half).copy_(torch.where(take_b, b, a))
-        out_i.narrow(dim, 0, size - half).copy_(torch.where(take_b, i.narrow(dim, half, size - half),
-                                                            i.narrow(dim, 0, size - half)))
-        return out_v, out_i
-
-    vals, idxs = [], []
-    col_v, col_i = base, idx0
-    for kx in range(kx_max + 1):
-        if kx > 0:
-            col_v, col_i = step(col_v, col_i, 1, 1 << (kx - 1))
-        row_v, row_i = col_v, col_i
-        for ky in range(ky_max + 1):
-            if ky > 0:
-                row_v, row_i = step(row_v, row_i, 0, 1 << (ky - 1))
-            vals.append(row_v)
-            idxs.append(row_i)
-    table = torch.stack(vals).view(-1, c)  # ((KX*KY*H*W), C)
-    index = torch.stack(idxs).view(-1, c) if with_index else None  # ((KX*KY*H*W), C)
-    return table, index
-
-
-def _pool_chunk(table: Tensor, index: Tensor | None, windows: Tensor, h: int, w: int, ky_count: int,
-                levels: tuple[int, ...], roots: list[int], parent: dict[int, int]
-                ) -> dict[int, tuple[Tensor, Tensor | None]]:
-    """Pool one chunk of windows; returns level -> (values [r, n, n, C], argmax cells or None)."""
-    r = windows.shape[0]
-    c = table.shape[1]
-    x1, y1, x2, y2 = windows.unbind(1)
-    out: dict[int, tuple[Tensor, Tensor | None]] = {}
-    for m in roots:
-        xa, xb = spp_bins(x1, x2, m)  # (r, m) each
-        ya, yb = spp_bins(y1, y2, m)  # (r, m) each
-        kx, ky = _log2_floor(xb - xa), _log2_floor(yb - ya)  # (r, m) each
-        xs = torch.stack([xa, xb - (1 << kx)], dim=-1)  # (r, m, 2)
-        ys = torch.stack([ya, yb - (1 << ky)], dim=-1)  # (r, m, 2)
-        # flat row ((kx*KY + ky)*H + y)*W + x for every (window, row bin i, col bin j, corner a, b)
-        plane = kx.view(r, 1, m, 1, 1) * ky_count + ky.view(r, m, 1, 1, 1)  # (r, m, m, 1, 1)
-        rows = (plane * h + ys.view(r, m, 1, 2, 1)) * w + xs.view(r, 1, m, 1, 2)  # (r, m, m, 2, 2)
-        rows = rows.reshape(r, m * m, 4)  # (r, m*m, 4)
+            if index is not None:
+                index[dst].copy_(index[src])
+            return
+        a, b = v.narrow(dim, 0, size - half), v.narrow(dim, half, size - half)
         if index is None:
-            v = table.index_select(0, rows[:, :, 0].reshape(-1))  # (r*m*m, C)
-            for corner in (1, 2, 3):
-                torch.maximum(v, table.index_select(0, rows[:, :, corner].reshape(-1)), out=v)
-            out[m] = (v.view(r, m, m, c), None)
-        else:
-            v = table.index_select(0, rows.reshape(-1)).view(r * m * m, 4, c)  # (r*m*m, 4, C)
-            ix = index.index_select(0, rows.reshape(-1)).view(r * m * m, 4, c)  # (r*m*m, 4, C)
-            best, arg = v.max(dim=1, keepdim=True)  # (r*m*m, 1, C)
-            out[m] = (best.view(r, m, m, c), ix.gather(1, arg).view(r, m, m, c))
-    for n in sorted(parent, reverse=True):  # finest first, so every parent is ready
-        pm = parent[n]
-        k = pm // n
-        pv, pi = out[pm]
-        blocks = pv.view(r, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(r, n, n, c, k * k)
-        if pi is None:
-            out[n] = (blocks.amax(dim=-1), None)  # (r, n, n, C)
-        else:
-            best, arg = blocks.max(dim=-1, keepdim=True)  # (r, n, n, C, 1)
-            bi = pi.view(r, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(r, n, n, c, k * k)
-            out[n] = (best.squeeze(-1), bi.gather(-1, arg).squeeze(-1))  # (r, n, n, C) each
-    return out
+            torch.maximum(a, b, out=o.narrow(dim, 0, size - half))
+            return
+        i = index[src]
+        take_b = b > a
+        o.narrow(dim, 0, size - half).copy_(torch.where(take_b, b, a))
+        index[dst].copy_(i)
+        index[dst].narrow(dim, 0, size - half).copy_(
+            torch.where(take_b, i.narrow(dim, half, size - half), i.narrow(dim, 0, size - half)))
+
+    for kx in range(kxn):
+        if kx > 0:
+            step((kx - 1, 0), (kx, 0), 1, 1 << (kx - 1))  # widen along x
+        for ky in range(1, kyn):
+            step((kx, ky - 1), (kx, ky), 0, 1 << (ky - 1))  # then along y
+    table = table.view(-1, c)  # (KX*KY*H*W, C)
+    return table, (None if index is None else index.view(-1, c))
+
+
+def _corner_rows(windows: Tensor, m: int, h: int, w: int, ky_count: int) -> Tensor:
+    """Table rows of the four corner blocks of every bin of level m.
+
+    Returns:
+        Tensor[4, R*m*m] int64: for corner a, bin (r, i, j) at column ``(r*m + i)*m + j``.
+    """
+    r = windows.shape[0]
+    x1, y1, x2, y2 = windows.unbind(1)
+    xa, xb = spp_bins(x1, x2, m)  # (R, m) each
+    ya, yb = spp_bins(y1, y2, m)  # (R, m) each
+    kx, ky = _log2_floor(xb - xa), _log2_floor(yb - ya)  # (R, m) each
+    xs = torch.stack([xa, xb - (1 << kx)], dim=-1)  # (R, m, 2)
+    ys = torch.stack([ya, yb - (1 << ky)], dim=-1)  # (R, m, 2)
+    plane = kx.view(r, 1, m, 1, 1) * ky_count + ky.view(r, m, 1, 1, 1)  # (R, m, m, 1, 1)
+    rows = (plane * h + ys.view(r, m, 1, 2, 1)) * w + xs.view(r, 1, m, 1, 2)  # (R, m, m, 2, 2)
+    return rows.reshape(r * m * m, 4).t().contiguous()  # (4, R*m*m)
 
 
 def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_index: bool
@@ -224,31 +199,68 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
     if r == 0:
         return out, arg
     roots, parent = _plan(levels)
-    # largest bin side read from the table (root levels only), per axis
+    # largest bin side read from the table (root levels only), per axis: ceil(w/n) + 1 cells
     widths = windows[:, 2] - windows[:, 0] + 1
     heights = windows[:, 3] - windows[:, 1] + 1
     min_root = min(roots)
-    # a bin spans at most ceil(w/n) + 1 cells
     kx_max = int(_log2_floor(1 - torch.div(-widths.max(), min_root, rounding_mode="floor")).item())
     ky_max = int(_log2_floor(1 - torch.div(-heights.max(), min_root, rounding_mode="floor")).item())
     kx_max = min(kx_max, max(0, w.bit_length() - 1))
     ky_max = min(ky_max, max(0, h.bit_length() - 1))
     table, index = _sparse_table(fmap, kx_max, ky_max, with_index)
-    offsets, off = {}, 0
+    rows = {m: _corner_rows(windows, m, h, w, ky_max + 1) for m in roots}  # (4, R*m*m) each
+    offsets: dict[int, list[int]] = {}
+    off = 0
     for n in levels:
         offsets.setdefault(n, []).append(off)
         off += c * n * n
-    for s in range(0, r, _CHUNK):
-        chunk = windows[s:s + _CHUNK]
-        res = _pool_chunk(table, index, chunk, h, w, ky_max + 1, levels, roots, parent)
-        rc = chunk.shape[0]
+    order = sorted(parent, reverse=True)  # finest derived level first: its parent is ready
+    chunk = max(1, _CHUNK_BYTES // (max(roots) ** 2 * c * fmap.element_size()))
+    channel_base = (torch.arange(c, device=fmap.device) * (h * w)).view(1, c, 1, 1) if with_index else None
+    for s in range(0, r, chunk):
+        rc = min(chunk, r - s)
+        res: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for m in roots:
+            cols = rows[m][:, s * m * m:(s + rc) * m * m]  # (4, rc*m*m)
+            if index is None:
+                v = table.index_select(0, cols[0])  # (rc*m*m, C)
+                tmp = torch.empty_like(v)
+                for corner in (1, 2, 3):
+                    torch.index_select(table, 0, cols[corner], out=tmp)
+                    torch.maximum(v, tmp, out=v)
+                res[m] = (v.view(rc, m, m, c), None)
+            else:
+                v = table.index_select(0, cols.t().reshape(-1)).view(-1, 4, c)  # (rc*m*m, 4, C)
+                ix = index.index_select(0, cols.t().reshape(-1)).view(-1, 4, c)  # (rc*m*m, 4, C)
+                best, a = v.max(dim=1, keepdim=True)  # (rc*m*m, 1, C)
+                res[m] = (best.view(rc, m, m, c), ix.gather(1, a).view(rc, m, m, c))
+        for n in order:
+            pm = parent[n]
+            k = pm // n
+            pv, pi = res[pm]
+            if pi is None:
+                # separable max over the k x k block with elementwise maxima on C-contiguous slices
+                # (much faster on CPU than amax over two strided dims)
+                blk = pv.view(rc, n, k, n, k, c)  # (rc, n, k, n, k, C)
+                cols = blk[:, :, :, :, 0].clone()  # (rc, n, k, n, C)
+                for b in range(1, k):
+                    torch.maximum(cols, blk[:, :, :, :, b], out=cols)
+                red = cols[:, :, 0].clone()  # (rc, n, n, C)
+                for a in range(1, k):
+                    torch.maximum(red, cols[:, :, a], out=red)
+                res[n] = (red, None)
+            else:
+                blocks = pv.view(rc, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(rc, n, n, c, k * k)
+                bi = pi.view(rc, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(rc, n, n, c, k * k)
+                best, a = blocks.max(dim=-1, keepdim=True)  # (rc, n, n, C, 1)
+                res[n] = (best.squeeze(-1), bi.gather(-1, a).squeeze(-1))  # (rc, n, n, C) each
         for n, (v, ix) in res.items():
             for o in offsets.get(n, []):
-                dst = out[s:s + rc, o:o + c * n * n].view(rc, c, n, n)  # (r, C, n, n)
-                dst.copy_(v.permute(0, 3, 1, 2))  # (r, C, n, n)
+                dst = out[s:s + rc, o:o + c * n * n].view(rc, c, n, n)  # (rc, C, n, n)
+                dst.copy_(v.permute(0, 3, 1, 2))  # (rc, C, n, n)
                 if arg is not None:
-                    cells = ix.permute(0, 3, 1, 2) + torch.arange(c, device=fmap.device).view(1, c, 1, 1) * (h * w)
-                    arg[s:s + rc, o:o + c * n * n].view(rc, c, n, n).copy_(cells)  # (r, C, n, n)
+                    cells = ix.permute(0, 3, 1, 2) + channel_base  # (rc, C, n, n) flat c*H*W + cell
+                    arg[s:s + rc, o:o + c * n * n].view(rc, c, n, n).copy_(cells)  # (rc, C, n, n)
     return out, arg
 
 

@@ -1,0 +1,152 @@
+"""Which scale sees each box, and which conv5 cells the box covers there (spec §5 and §3).
+
+Shape shorthand (one alphabet for the whole project):
+    R: proposals in one image      S: image scales      Hs x Ws: conv5 size at scale s
+
+The spec is written in 1-based inclusive VOC pixels; the project's boxes are continuous 0-based
+xyxy (``detector.boxes``). Pixel ``i`` (0-based) covers ``[i, i + 1)``, so the VOC box
+``(x1_voc, .., x2_voc)`` of a project box ``(x1, .., x2)`` has ``x1_voc = x1 + 1`` and
+``x2_voc = x2``; in 0-based pixel *indices* the first covered pixel is ``x1`` and the last is
+``x2 - 1``. Every formula below is the spec's, rewritten with those substitutions (derivation in
+:func:`project_boxes`); ``windows`` come out as int64 inclusive 0-based conv5 cells.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["select_scales", "select_scales_paper", "project_boxes", "TARGET_SIDE"]
+
+TARGET_SIDE = 208  # spec §5: sz_conv_standard (13) * step_standard (16) pixels
+
+
+def _check_boxes(boxes: Tensor, where: str) -> Tensor:
+    if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"{where}: boxes must be Tensor[R, 4] xyxy, got {shape}")
+    return boxes.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _scale_tensor(scale_sizes: Sequence[int] | Tensor, where: str) -> Tensor:
+    sizes = torch.as_tensor(list(scale_sizes) if not isinstance(scale_sizes, Tensor) else scale_sizes,
+                            dtype=torch.float64).flatten()
+    if sizes.numel() == 0 or bool((sizes <= 0).any()):
+        raise ValueError(f"{where}: scale_sizes must be a non-empty list of positive sides, got "
+                         f"{sizes.tolist()}")
+    return sizes
+
+
+def _nearest(values: Tensor, targets: Tensor) -> Tensor:
+    """Index of the entry of ``values`` [S] nearest to each target [R]; ties -> the smaller value."""
+    order = torch.argsort(values, stable=True)  # ascending, so argmin's first hit is the smaller
+    diff = (values[order].unsqueeze(0) - targets.unsqueeze(1)).abs()  # (R, S)
+    return order[diff.argmin(dim=1)]  # (R,)
+
+
+def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Sequence[int] | Tensor,
+                  target_side: float = TARGET_SIDE) -> Tensor:
+    """Per-box scale choice of the released code (spec §5).
+
+    ``s* = round(208 * S_min / sqrt(area))`` with ``S_min`` the image's shorter side and ``area``
+    the VOC area ``(x2_voc - x1_voc + 1)(y2_voc - y1_voc + 1)``, which equals the continuous
+    ``(x2 - x1)(y2 - y1)``; the scale with the smallest ``|s - s*|`` wins, ties going to the smaller
+    scale (the code takes the first of its ascending list). Rounding is half up (MATLAB ``round`` on
+    positive numbers). Degenerate boxes (zero area) get the largest scale.
+
+    The paper's variant (scaled area nearest 224²) is :func:`select_scales_paper`.
+
+    Args:
+        boxes (Tensor[R, 4]): xyxy, original-image pixels.
+        image_size: (height, width) of the original image.
+        scale_sizes: the resized shorter side of each scale, as actually used (e.g. 480, 576, 688,
+            864, 1200; smaller where a max-size cap applied).
+        target_side: 208 (spec §5).
+    Returns:
+        Tensor[R] int64: index into ``scale_sizes``.
+
+    Examples (S_min = 375, scales 480..1200): 100x100 -> s* 780 -> 688; 200x150 -> 450 -> 480;
+    31x31 -> 2516 -> 1200.
+    """
+    b = _check_boxes(boxes, "select_scales")
+    sizes = _scale_tensor(scale_sizes, "select_scales")
+    s_min = float(min(image_size))
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (R,)
+    s_star = torch.floor(target_side * s_min / area.sqrt() + 0.5)  # (R,) inf for empty boxes
+    s_star = torch.nan_to_num(s_star, posinf=float(sizes.max()) * 2)
+    return _nearest(sizes, s_star)
+
+
+def select_scales_paper(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Sequence[int] | Tensor,
+                        target_area: float = 224.0 * 224.0) -> Tensor:
+    """The paper's scale choice [P1 §4.1]: the scaled box area nearest ``224²`` (ties -> smaller).
+
+    Args / Returns: as :func:`select_scales`.
+    """
+    b = _check_boxes(boxes, "select_scales_paper")
+    sizes = _scale_tensor(scale_sizes, "select_scales_paper")
+    s_min = float(min(image_size))
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (R,)
+    scaled = area.unsqueeze(1) * (sizes / s_min).pow(2).unsqueeze(0)  # (R, S)
+    order = torch.argsort(sizes, stable=True)
+    diff = (scaled[:, order] - target_area).abs()  # (R, S)
+    return order[diff.argmin(dim=1)]  # (R,)
+
+
+def project_boxes(boxes: Tensor, image_size: tuple[int, int], scaled_size: tuple[int, int],
+                  fmap_size: tuple[int, int], stride: int, offset0: float, shrink: float) -> Tensor:
+    """Image boxes -> inclusive conv5 windows on one scale's map (spec §3, 0-based).
+
+    The spec, 1-based: rescale ``b' = (b - 1) * r + 1`` with ``r = (s - 1)/(S_min - 1)``, then
+    ``L = floor((x1' - offset0 + shrink)/S + 0.5) + 1`` and
+    ``R = ceil((x2' - offset0 - shrink)/S - 0.5) + 1`` (offset0 = 21, shrink = 6.5, S = 16 for ZF-5);
+    if ``L > R`` both become ``trunc((L + R)/2)``; clamp to ``[1, W5]``.
+
+    The same in the project's convention: ``x1_voc = x1 + 1`` and ``x2_voc = x2`` give the scaled
+    0-based pixel indices ``p1 = x1 * r`` and ``p2 = (x2 - 1) * r``; with ``offset0`` here the
+    0-based RF centre of cell 0 (the spec's value minus 1, so 20 for ZF-5) and 0-based cells
+    ``l = L - 1``, ``rr = R - 1``::
+
+        l  = floor((p1 - offset0 + shrink) / S + 0.5)
+        rr = ceil((p2 - offset0 - shrink) / S - 0.5)
+        if l > rr: l = rr = trunc((l + rr + 2) / 2) - 1      # the spec's midpoint, shifted
+        clamp l, rr to [0, W5 - 1] (y alike to [0, H5 - 1])
+
+    ``r`` uses the shorter sides: ``(short_s - 1)/(short - 1)`` (the code's ``(s - 1)/(S_min - 1)``,
+    also right when a max-size cap made the resized short side smaller than the scale).
+
+    Args:
+        boxes (Tensor[R, 4]): xyxy, original-image pixels.
+        image_size: (height, width) of the original image.
+        scaled_size: (height, width) of the image resized to this scale.
+        fmap_size: (Hs, Ws) of this scale's conv5 map.
+        stride: backbone stride (16).
+        offset0: backbone ``proj_offset0``, the 0-based pixel index of cell 0's RF centre.
+        shrink: backbone ``proj_shrink`` (6.5).
+    Returns:
+        Tensor[R, 4] int64: windows (x1, y1, x2, y2), inclusive 0-based conv5 cells with
+        ``0 <= x1 <= x2 < Ws`` and ``0 <= y1 <= y2 < Hs``; never empty (a box outside the image
+        collapses onto a border cell).
+    """
+    b = _check_boxes(boxes, "project_boxes")
+    h5, w5 = int(fmap_size[0]), int(fmap_size[1])
+    if h5 < 1 or w5 < 1:
+        raise ValueError(f"project_boxes: fmap_size must be positive, got {tuple(fmap_size)}")
+    short, short_s = float(min(image_size)), float(min(scaled_size))
+    if short <= 0 or short_s <= 0:
+        raise ValueError(f"project_boxes: image sizes must be positive, got {tuple(image_size)} -> "
+                         f"{tuple(scaled_size)}")
+    r = (short_s - 1.0) / (short - 1.0) if short > 1 else short_s / short
+    first = b[:, :2] * r  # (R, 2) scaled 0-based index of the first covered pixel (x, y)
+    last = (b[:, 2:] - 1.0) * r  # (R, 2) scaled 0-based index of the last covered pixel
+    lo = torch.floor((first - offset0 + shrink) / stride + 0.5)  # (R, 2)
+    hi = torch.ceil((last - offset0 - shrink) / stride - 0.5)  # (R, 2)
+    mid = torch.trunc((lo + hi + 2.0) / 2.0) - 1.0  # (R, 2) spec midpoint in 1-based, shifted back
+    empty = lo > hi
+    lo = torch.where(empty, mid, lo)
+    hi = torch.where(empty, mid, hi)
+    limit = torch.tensor([w5 - 1, h5 - 1], dtype=torch.float64)
+    lo = torch.minimum(lo.clamp(min=0), limit)
+    hi = torch.minimum(hi.clamp(min=0), limit)
+    return torch.cat([lo, hi], dim=1).to(torch.int64)  # (R, 4) x1, y1, x2, y2
