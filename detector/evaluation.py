@@ -302,39 +302,53 @@ def eval_class(
         raise ValueError(f"class '{name}': NaN detection scores")
     npos = int(sum(int((~d).sum()) for _, d in gt.values()))
     n_diff = int(sum(int(d.sum()) for _, d in gt.values()))
-    taken = {i: np.zeros(len(d), dtype=bool) for i, (_, d) in gt.items()}
 
     order = np.argsort(-dets.scores, kind="stable")  # MATLAB sort: stable, ties keep file order
     nd = len(order)
+    # The greedy assignment only interacts within an image, so the IoUs of all detections of an
+    # image are computed at once; the order-dependent part (which detection takes a GT first) is
+    # resolved below in rank order. Element-wise float operations are the devkit's, in its order.
+    # (Measured: 100k detections on 5000 images, 0.65-1.7 s vs 12 s for a per-detection loop,
+    # shared 2-core machine; tests/test_evaluation.py checks it against a line-by-line transcription.)
+    image_index = {i: k for k, i in enumerate(gt)}
+    det_img = np.fromiter((image_index[dets.image_ids[d]] for d in order), np.int64, nd)  # (N,)
+    det_boxes = dets.voc_boxes[order]  # (N, 4) in rank order
+    ovmax = np.full(nd, -math.inf)
+    jmax = np.zeros(nd, dtype=np.int64)
+    gt_list = list(gt.values())
+    offsets = np.cumsum([0] + [len(d) for _, d in gt_list])  # first global GT index per image
+    by_img = np.argsort(det_img, kind="stable")  # ranks grouped by image, rank order inside
+    starts = np.flatnonzero(np.r_[True, det_img[by_img][1:] != det_img[by_img][:-1]]) if nd else by_img
+    for a, b in zip(starts, np.r_[starts[1:], nd]):
+        ranks = by_img[a:b]
+        bbgt = gt_list[det_img[ranks[0]]][0]  # (G, 4)
+        if len(bbgt) == 0:
+            continue
+        bb = det_boxes[ranks][:, None, :]  # (n, 1, 4)
+        g = bbgt[None, :, :]  # (1, G, 4)
+        # inclusive +1 widths: the devkit's convention (this module is its only home)
+        iw = np.minimum(bb[..., 2], g[..., 2]) - np.maximum(bb[..., 0], g[..., 0]) + 1  # (n, G)
+        ih = np.minimum(bb[..., 3], g[..., 3]) - np.maximum(bb[..., 1], g[..., 1]) + 1  # (n, G)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ua = ((bb[..., 2] - bb[..., 0] + 1) * (bb[..., 3] - bb[..., 1] + 1)
+                  + (g[..., 2] - g[..., 0] + 1) * (g[..., 3] - g[..., 1] + 1) - iw * ih)  # (n, G)
+            ov = iw * ih / ua
+        # MATLAB: only intersecting GTs are candidates; `ov > ovmax` from -inf (NaN never wins)
+        ov = np.where((iw > 0) & (ih > 0) & ~np.isnan(ov), ov, -math.inf)
+        j = np.argmax(ov, axis=1)  # (n,) first maximum = annotation order on exact IoU ties
+        ovmax[ranks] = ov[np.arange(len(ranks)), j]
+        jmax[ranks] = j
+    matched = ovmax >= iou_thresh  # (N,)
+    gidx = offsets[det_img] + jmax  # (N,) global index of the best GT
+    all_diff = np.concatenate([d for _, d in gt_list]) if gt_list else np.zeros(0, bool)  # (sum G,)
+    on_diff = matched & all_diff[np.where(matched, gidx, 0)] if all_diff.size else np.zeros(nd, bool)
+    free = np.flatnonzero(matched & ~on_diff)  # ranks whose best GT is non-difficult
     tp = np.zeros(nd)
-    fp = np.zeros(nd)
-    for rank, d in enumerate(order):
-        bb = dets.voc_boxes[d]
-        bbgt, diff = gt[dets.image_ids[d]]
-        ovmax, jmax = -math.inf, -1
-        if len(bbgt):
-            # inclusive +1 widths: the devkit's convention (this module is its only home)
-            iw = np.minimum(bb[2], bbgt[:, 2]) - np.maximum(bb[0], bbgt[:, 0]) + 1
-            ih = np.minimum(bb[3], bbgt[:, 3]) - np.maximum(bb[1], bbgt[:, 1]) + 1
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ua = ((bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
-                      + (bbgt[:, 2] - bbgt[:, 0] + 1) * (bbgt[:, 3] - bbgt[:, 1] + 1) - iw * ih)
-                ov = iw * ih / ua
-            # MATLAB: only intersecting GTs are candidates; `ov > ovmax` from -inf (NaN never wins)
-            ov = np.where((iw > 0) & (ih > 0) & ~np.isnan(ov), ov, -math.inf)
-            j = int(np.argmax(ov))  # first maximum = annotation order on exact ties
-            if ov[j] > ovmax:
-                ovmax, jmax = float(ov[j]), j
-        if ovmax >= iou_thresh:
-            if not diff[jmax]:
-                if not taken[dets.image_ids[d]][jmax]:
-                    tp[rank] = 1
-                    taken[dets.image_ids[d]][jmax] = True
-                else:
-                    fp[rank] = 1  # duplicate detection
-            # else: best GT is difficult -> ignored (neither TP nor FP)
-        else:
-            fp[rank] = 1
+    # the first detection (in rank order) to reach a GT takes it; later ones are duplicates (FP)
+    _, first = np.unique(gidx[free], return_index=True)
+    tp[free[first]] = 1
+    fp = (~matched).astype(np.float64)  # no GT reached 0.5
+    fp[free] = 1 - tp[free]  # duplicates; detections on difficult GTs are neither (ignored)
     fp_c = np.cumsum(fp)
     tp_c = np.cumsum(tp)
     with np.errstate(divide="ignore", invalid="ignore"):
