@@ -50,7 +50,9 @@ def preprocess(image: np.ndarray, input_format: str) -> Tensor:
                          f"{image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"preprocess: expected uint8 pixels in 0..255, got {image.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32)  # (3, H, W)
+    if not (image.flags.writeable and image.flags.c_contiguous):
+        image = np.array(image, order="C")  # torch.from_numpy needs a writable contiguous array
+    x = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)  # (3, H, W)
     if input_format == "bgr255_mean128":
         return x.flip(0) - ZF_MEAN  # (3, H, W) BGR
     if input_format == "rgb_imagenet":
