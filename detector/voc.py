@@ -241,6 +241,7 @@ def load_voc_split(
     image_ext: Sequence[str] = (".jpg", ".jpeg", ".png"),
     log_summary: bool = True,
     raw_boxes: bool = False,
+    require_images: bool = True,
 ) -> tuple[list[ImageRecord], tuple[str, ...]]:
     """Read every image of a split, in split-file order.
 
@@ -258,6 +259,9 @@ def load_voc_split(
         log_summary: log one INFO line counting images, objects and each kind of fix.
         raw_boxes: keep boxes exactly as annotated (no clipping, degenerate boxes kept), as the
             devkit evaluator scores them; for evaluation only.
+        require_images: False lets a split without ``JPEGImages`` files load (scoring needs only the
+            XML, like the devkit): ``path`` is then ``JPEGImages/<id><image_ext[0]>`` even if absent,
+            and the size must come from ``<size>``.
     Returns:
         (records, class_names): one :class:`ImageRecord` per listed id (none dropped), and the
         class names used for ``labels``.
@@ -273,7 +277,11 @@ def load_voc_split(
         raise VOCDataError(f"class_names has duplicates: {class_names}")
     index = {name: k for k, name in enumerate(class_names)}
     ids = read_split_ids(root, split)
-    images = _check_files(root, ids, split, need_images=True, image_ext=tuple(image_ext))
+    images = _check_files(root, ids, split, need_images=require_images, image_ext=tuple(image_ext))
+    for image_id in ids:
+        if image_id not in images:  # require_images=False: first existing candidate or the default
+            cands = [root / "JPEGImages" / f"{image_id}{ext}" for ext in image_ext]
+            images[image_id] = next((c for c in cands if c.is_file()), cands[0])
 
     counts: Counter = Counter()
     unknown_names: Counter = Counter()

@@ -179,3 +179,13 @@ def test_bccd(bccd_root: Path, caplog):
     assert all(r.boxes.shape[0] == r.labels.shape[0] and (r.height, r.width) == (480, 640) for r in test)
     raw, _ = load_voc_split(bccd_root, "trainval", classes, raw_boxes=True, log_summary=False)
     assert sum(len(r.labels) for r in raw) == sum(len(r.labels) for r in trainval) + 2
+
+
+def test_scoring_without_images(tmp_path: Path):
+    # the devkit scores from the XML alone; require_images=False allows that (size from <size>)
+    root = make_voc(tmp_path / "x", {"a": [obj("dog", (1, 1, 10, 10))], "b": []}, image_ids=set())
+    recs, _ = load_voc_split(root, "test", ["dog"], require_images=False)
+    assert [r.image_id for r in recs] == ["a", "b"] and recs[0].path == root / "JPEGImages" / "a.jpg"
+    root = make_voc(tmp_path / "y", {"a": []}, image_ids=set(), write_size=False)
+    with pytest.raises(VOCDataError, match=r"a\.xml: <size> missing .*a\.jpg cannot be read"):
+        load_voc_split(root, "test", ["dog"], require_images=False)

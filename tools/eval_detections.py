@@ -39,9 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         classes = tuple(args.classes) if args.classes else discover_classes(args.data_root, args.split)
-        records, classes = load_voc_split(args.data_root, args.split, classes, raw_boxes=True)
+        # GT as annotated (raw_boxes), images not needed: what the devkit scores against
+        records, classes = load_voc_split(args.data_root, args.split, classes, raw_boxes=True,
+                                          require_images=False)
         if not args.results.is_dir():
             raise VOCDataError(f"--results {args.results} is not a folder")
+        prefix = f"comp4_det_{args.split}_"
+        extra = sorted(p.name for p in args.results.glob(f"{prefix}*.txt")
+                       if p.name[len(prefix):-4] not in classes)
+        if extra:
+            log.warning("result files for classes not scored (not in %s): %s", list(classes), extra)
         dets = read_comp4(args.results, args.split, classes, image_ids=[r.image_id for r in records])
         result = evaluate(records, classes, dets, metric=args.metric)
         coco = None if args.no_coco else coco_evaluate(records, classes, dets)
