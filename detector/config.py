@@ -118,6 +118,7 @@ class PretrainConfig:
     jitter: float = 0.1  # object crops: centre shift up to this fraction of the box side
     context: float = 1.3  # object crops: width and height each scaled by a factor in [1, context]
     warmup_iters: int = 0  # linear lr warm-up iterations before the cosine decay (0 = none)
+    clip_grad: float = 0.0  # clip the global gradient L2 norm to this per step (0 = off; no-BN nets from scratch)
     val_max_images: int = 0  # held-out images evaluated (0 = all); caps evaluation time
     eval_min_side: int = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
 
