@@ -180,6 +180,8 @@ def detections_by_class(
                 f"detections['{image_id}']: boxes {tuple(b.shape)}, scores {tuple(s.shape)}, labels "
                 f"{tuple(lab.shape)}; expected [N, 4], [N], [N]"
             )
+        if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+            raise ValueError(f"detections['{image_id}']: labels must be int64 class ids, got {lab.dtype}")
         if n and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
             raise ValueError(f"detections['{image_id}']: labels must be in 0..{num_classes - 1}, "
                              f"got {sorted(set(lab.tolist()))}")

@@ -35,7 +35,8 @@ Images without any (kept) object stay in the list with ``G = 0``.
 
 ``raw_boxes=True`` keeps every box of a known class exactly as annotated (no clipping, no skipping
 of degenerate boxes; still warned). That is what the devkit evaluator scores against, so
-``tools/eval_detections.py`` uses it; training code should use the default.
+``tools/eval_detections.py`` uses it; training code should use the default. ``require_images=False``
+loads a split from its XML alone (scoring does not need the pictures).
 """
 from __future__ import annotations
 

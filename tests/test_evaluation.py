@@ -474,3 +474,16 @@ def test_cli_on_bccd_jittered_gt(bccd_root: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["--data-root", str(bccd_root), "--split", "test", "--results", str(res)]) == 2
     assert "NotAnImage" in capsys.readouterr().err
+
+
+def test_bad_detection_dicts_are_clear_errors():
+    recs, _ = _records_and_dets()
+    with pytest.raises(ValueError, match="img0.*labels must be in 0..1"):
+        evaluate(recs, ("cat", "dog"), {"img0": {"boxes": torch.zeros(1, 4), "scores": torch.ones(1),
+                                                  "labels": torch.tensor([2])}})
+    with pytest.raises(ValueError, match=r"img0.*expected \[N, 4\]"):
+        evaluate(recs, ("cat", "dog"), {"img0": {"boxes": torch.zeros(2, 4), "scores": torch.ones(1),
+                                                  "labels": torch.tensor([0])}})
+    with pytest.raises(ValueError, match="imgZ"):
+        evaluate(recs, ("cat", "dog"), {"imgZ": {"boxes": torch.zeros(1, 4), "scores": torch.ones(1),
+                                                  "labels": torch.tensor([0])}})
