@@ -22,8 +22,10 @@ Three trunks, all with a total stride of 16 and the same public attributes:
     Pixels each window edge moves inwards before rounding to a cell (spec §3: 6.5, kept for every
     trunk as the spec advises for re-implementations with other paddings).
 ``geometry`` (tuple of :class:`Layer`)
-    Kernel / stride / padding / ceil-mode of every layer that changes the spatial size; used by
-    :func:`conv5_size` and :func:`rf_geometry`.
+    Kernel / stride / padding / ceil-mode of every spatial layer on the longest path; used by
+    :func:`conv5_size`, :func:`rf_geometry` and :func:`rf_size` (ZF-5: 139 px as in the paper, its
+    two 3x3 LRNs keep the centre and scale values within a slightly wider field; VGG-16: 196;
+    ResNet-50 C4: 267).
 
 Derivation of ``proj_offset0``: a layer with kernel k, stride s, padding p maps output index i to
 input pixels ``i*s - p .. i*s - p + k - 1``, centred on ``i*s - p + (k - 1)/2``. Composing the layers
@@ -55,6 +57,7 @@ __all__ = [
     "build_backbone",
     "conv5_size",
     "rf_geometry",
+    "rf_size",
     "load_backbone_weights",
     "ARCHS",
 ]
@@ -81,12 +84,10 @@ class Layer:
     def out_size(self, n: int) -> int:
         """Output side for an input side ``n`` (floor for conv, ceil for ceil-mode pooling)."""
         num = n + 2 * self.pad - self.kernel
-        if num < 0:
-            return 0
         out = (-(-num // self.stride) if self.ceil else num // self.stride) + 1
-        if self.ceil and self.pad > 0 and (out - 1) * self.stride >= n + self.pad:
+        if self.ceil and (out - 1) * self.stride >= n + self.pad:
             out -= 1  # the last window may not start inside the right padding (PyTorch and Caffe)
-        return out
+        return max(out, 0)
 
 
 def rf_geometry(layers: Sequence[Layer]) -> tuple[int, float]:
@@ -104,6 +105,14 @@ def rf_geometry(layers: Sequence[Layer]) -> tuple[int, float]:
         offset = layer.stride * offset - layer.pad + (layer.kernel - 1) / 2
         stride *= layer.stride
     return stride, offset
+
+
+def rf_size(layers: Sequence[Layer]) -> int:
+    """Receptive-field side in input pixels of one output cell (every layer on the longest path)."""
+    rf = 1
+    for layer in reversed(layers):
+        rf = (rf - 1) * layer.stride + layer.kernel
+    return rf
 
 
 def _geometry_size(layers: Sequence[Layer], side: int) -> int:
@@ -240,9 +249,14 @@ class VGG16Conv5(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        self.features = vgg16(weights=None).features[:30]
+        # the conv part only (building vgg16() would also allocate its 120M-parameter classifier)
+        self.features = make_layers(cfgs["D"])[:30]
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):  # torchvision VGG's own init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -251,9 +265,11 @@ class VGG16Conv5(nn.Module):
 
 
 def _resnet_c4_geometry() -> tuple[Layer, ...]:
-    # conv1 7/2/3, maxpool 3/2/1, layer2 and layer3 each downsample once with a 3x3/2 pad 1 conv
-    # (torchvision ResNet v1.5: stride on the 3x3; the 1x1/2 shortcut has the same size and centre).
-    return (Layer(7, 2, 3), Layer(3, 2, 1), Layer(3, 2, 1), Layer(3, 2, 1))
+    # conv1 7/2/3, maxpool 3/2/1, then the 3x3 conv of every bottleneck (1x1 convs change nothing):
+    # layer1 3 blocks, layer2 4 and layer3 6, the first of layer2/layer3 with stride 2 (torchvision
+    # ResNet v1.5 puts the stride on the 3x3; the 1x1/2 shortcut has the same size and centre).
+    s1, s2 = Layer(3, 1, 1), Layer(3, 2, 1)
+    return (Layer(7, 2, 3), Layer(3, 2, 1)) + (s1,) * 3 + (s2,) + (s1,) * 3 + (s2,) + (s1,) * 5
 
 
 class ResNet50C4(nn.Module):

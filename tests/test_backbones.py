@@ -1,0 +1,191 @@
+"""Backbones: ZF-5 geometry and LRN against spec §1, projection constants against the real receptive
+field of every trunk, weight loading errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from detector import backbones as B
+from detector.backbones import (
+    ZF5,
+    ResNet50C4,
+    VGG16Conv5,
+    WeightsError,
+    build_backbone,
+    conv5_size,
+    rf_geometry,
+    rf_size,
+)
+
+SPEC_SIZES = {224: 13, 180: 10, 480: 29, 576: 35, 688: 42, 874: 53, 1200: 74}  # spec §1
+
+
+def test_conv5_size_matches_spec():
+    assert {s: conv5_size("zf5", s) for s in SPEC_SIZES} == SPEC_SIZES
+
+
+def test_zf5_forward_sizes_match_spec():
+    # thin inputs: the height runs through the spec's sides, the width stays small
+    net = ZF5(width_mult=0.25).eval()
+    with torch.no_grad():
+        for side, want in SPEC_SIZES.items():
+            out = net(torch.zeros(1, 3, side, 48))
+            assert out.shape == (1, 64, want, conv5_size("zf5", 48)), side
+
+
+def test_zf5_channels_and_init():
+    assert ZF5(0.25).channels == (24, 64, 96, 96, 64)
+    net = ZF5()
+    assert net.channels == (96, 256, 384, 384, 256) and net.out_channels == 256
+    assert net.stride == 16 and net.input_format == "bgr255_mean128"
+    for name, bias in (("conv1", 0.0), ("conv2", 1.0), ("conv3", 0.0), ("conv4", 1.0), ("conv5", 1.0)):
+        conv = getattr(net, name)
+        assert torch.all(conv.bias == bias), name
+        assert abs(conv.weight.std().item() - 0.01) < 0.001, name
+        assert abs(conv.weight.mean().item()) < 0.001, name
+    pools = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.MaxPool2d)]
+    assert not pools  # pooling is functional with ceil_mode=True (checked by the sizes above)
+
+
+def test_within_channel_lrn_matches_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 5, generator=g, dtype=torch.float64) * 40  # large: LRN visibly acts
+    lrn = B.WithinChannelLRN(3, 5e-5, 0.75)
+    got = lrn(x)
+    want = torch.empty_like(x)
+    n, c, h, w = x.shape
+    for i in range(n):
+        for k in range(c):
+            for y in range(h):
+                for xx in range(w):
+                    s = 0.0
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            if 0 <= y + dy < h and 0 <= xx + dx < w:  # zeros outside the map
+                                s += float(x[i, k, y + dy, xx + dx]) ** 2
+                    want[i, k, y, xx] = x[i, k, y, xx] * (1 + 5e-5 / 9 * s) ** -0.75
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, x)  # it did something
+
+
+def test_rf_geometry_constants():
+    assert rf_geometry(ZF5.geometry) == (16, 20.0)  # spec §3: 1-based offset0 = 21
+    assert rf_geometry(VGG16Conv5.geometry) == (16, 7.5)
+    assert rf_geometry(ResNet50C4.geometry) == (16, 0.0)
+    assert ZF5.proj_offset0 == 20.0 and VGG16Conv5.proj_offset0 == 7.5 and ResNet50C4.proj_offset0 == 0.0
+    assert ZF5.proj_shrink == VGG16Conv5.proj_shrink == ResNet50C4.proj_shrink == 6.5
+    assert rf_size(ZF5.geometry) == 139  # spec §1 / [P3 A.1]
+    assert rf_size(VGG16Conv5.geometry) == 196 and rf_size(ResNet50C4.geometry) == 267
+
+
+@pytest.fixture(scope="module")
+def tv_nets() -> dict[str, nn.Module]:
+    """The torchvision trunks, built once for the module (weights="none")."""
+    return {"vgg16": build_backbone("vgg16").eval(), "resnet50": build_backbone("resnet50").eval()}
+
+
+def _positive(net: nn.Module) -> nn.Module:
+    """Weights 1/fan_in (> 0), biases 0, BN identity: a zero image gives exactly zero everywhere and
+    a positive impulse reaches exactly the cells whose receptive field contains it."""
+    net = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(1.0 / m.weight[0].numel())
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+                m.reset_running_stats()
+    return net
+
+
+@pytest.mark.parametrize("arch,height,width,cell", [("zf5", 32, 200, 4), ("vgg16", 16, 208, 6),
+                                                    ("resnet50", 16, 288, 9)])
+def test_receptive_field_matches_projection_constants(arch, height, width, cell, tv_nets):
+    """Impulses just inside and just outside the predicted receptive field of conv5 column ``cell``.
+
+    The field is centred on ``stride * cell + proj_offset0`` (0-based pixel index) with the side of
+    ``rf_size``; both edges are checked, so centre and size are the trunk's real ones. (On a zero
+    image the LRN scales zeros, so ZF-5's field is the 139 px of its convolutions and pools.)
+    """
+    net = _positive(tv_nets[arch] if arch in tv_nets else build_backbone(arch, width_mult=0.25))
+    centre = net.stride * cell + net.proj_offset0
+    half = (rf_size(net.geometry) - 1) / 2
+    left, right = int(centre - half), int(centre + half)
+    assert left >= 1 and right + 1 < width  # the field is not clipped by the image
+    cols = [left - 1, left, right, right + 1]
+    x = torch.zeros(len(cols), 3, height, width)
+    for i, c in enumerate(cols):
+        x[i, :, :, c] = 1.0
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape[-1] == conv5_size(arch, width) and out.shape[-2] == conv5_size(arch, height)
+    reached = (out[:, :, :, cell].abs().flatten(1).sum(1) > 0).tolist()
+    assert reached == [False, True, True, False], (arch, cols, reached)
+
+
+def test_torchvision_adapters_stride_and_channels(tv_nets):
+    v, r = tv_nets["vgg16"], tv_nets["resnet50"]
+    with torch.no_grad():
+        assert v(torch.zeros(1, 3, 64, 80)).shape == (1, 512, 4, 5)
+        assert r(torch.zeros(1, 3, 64, 80)).shape == (1, 1024, 4, 5)
+    assert v.input_format == r.input_format == "rgb_imagenet"
+    assert v.stride == r.stride == 16
+    assert conv5_size("vgg16", 64) == 4 and conv5_size("resnet50", 80) == 5
+
+
+def test_build_backbone_local_file_roundtrip(tmp_path):
+    net = build_backbone("zf5", 0.25)
+    plain, wrapped = tmp_path / "plain.pt", tmp_path / "wrapped.pt"
+    torch.save(net.state_dict(), plain)
+    torch.save({"backbone": net.state_dict(), "epoch": 3}, wrapped)
+    for f in (plain, wrapped):
+        other = build_backbone("zf5", 0.25, weights=str(f))
+        for k, v in net.state_dict().items():
+            assert torch.equal(other.state_dict()[k], v), (f, k)
+
+
+def test_build_backbone_errors_name_the_file(tmp_path):
+    f = tmp_path / "zf_quarter.pt"
+    torch.save(build_backbone("zf5", 0.25).state_dict(), f)
+    with pytest.raises(WeightsError, match="zf_quarter.pt.*shape mismatch"):
+        build_backbone("zf5", 0.5, weights=str(f))
+    with pytest.raises(WeightsError, match="zf_quarter.pt.*missing"):
+        build_backbone("resnet50", weights=str(f))
+    with pytest.raises(WeightsError, match="not found.*nope.pt"):
+        build_backbone("zf5", weights=str(tmp_path / "nope.pt"))
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="garbage.pt"):
+        build_backbone("zf5", weights=str(bad))
+    with pytest.raises(WeightsError, match="train_classifier"):
+        build_backbone("zf5", weights="imagenet")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("alexnet")
+    with pytest.raises(ValueError, match="width_mult"):
+        build_backbone("vgg16", width_mult=0.5)
+
+
+def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch, tv_nets):
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError, match=r"offline.*resnet50-0676ba61.pth.*backbone.weights"):
+        build_backbone("resnet50", weights="imagenet")
+    # a file in the torch.hub cache is used without a download (extra layer4/fc keys ignored)
+    src = tv_nets["resnet50"]
+    sd = dict(src.state_dict())
+    sd["fc.weight"] = torch.zeros(3, 3)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(sd, cached)
+    got = build_backbone("resnet50", weights="imagenet")
+    assert torch.equal(got.conv1.weight, src.conv1.weight)
