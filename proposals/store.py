@@ -1,0 +1,351 @@
+"""Per-image proposal files: R-CNN / Fast R-CNN ``.mat``, detectron2 ``.pkl`` and the project's ``.npz``.
+
+Shape shorthand (used across the project):
+    R: proposals in one image
+
+Every reader returns ``dict[image_id, ndarray float32 [R, 4]]`` in the project's convention (xyxy,
+0-based, continuous pixels of the original image; ``detector.boxes``). The R-CNN ``.mat`` layout is
+converted here, in :func:`_rcnn_mat_to_xyxy` (one of the project's three conversion edges).
+
+Formats
+-------
+``.mat`` (R-CNN ``selective_search_data/*.mat``, Fast R-CNN ``data/selective_search_data``,
+SPP-net ``fetch_ss_data_voc2007``): MATLAB v5 file with a cell array ``boxes`` (one ``[R, 4]``
+double matrix per image, ``y1, x1, y2, x2``, 1-based inclusive pixels) and a cell array ``images``
+of ids aligned with it. scipy stores a 1xN cell as an object array of shape ``(1, N)`` and an Nx1
+cell as ``(N, 1)``; both are read. MATLAB v7.3 (HDF5) files are not read by scipy: the error says
+how to convert them (``save(f, 'boxes', 'images', '-v7')`` in MATLAB/Octave).
+
+``.pkl`` (detectron2 ``datasets/prepare_for_tests`` / ``PROPOSAL_FILES``): a dict with ``ids``,
+``boxes`` (list of ``[R, 4]``), ``objectness_logits`` (list of ``[R]``) and ``bbox_mode`` (must be
+``XYXY_ABS`` = 0, detectron2's continuous xyxy, already the project's convention). It is loaded with
+a restricted unpickler that only builds numpy arrays and plain containers; any other class or
+function in the pickle is refused (:class:`ProposalFileError`), so a pickle never runs code.
+
+``.npz`` (this project, :func:`save_proposals`): ``ids`` (unicode ``[N]``), ``counts``
+(int64 ``[N]``), ``boxes`` (float32 ``[sum R, 4]`` xyxy, images concatenated in ``ids`` order) and
+``format`` = ``"sppnet-proposals-v1"``. Read with ``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import enum
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from detector.boxes import voc_to_xyxy
+
+__all__ = [
+    "ProposalFileError",
+    "load_proposals",
+    "read_proposal_file",
+    "read_rcnn_mat",
+    "read_detectron2_pkl",
+    "read_npz",
+    "save_proposals",
+    "NPZ_FORMAT",
+]
+
+NPZ_FORMAT = "sppnet-proposals-v1"
+
+
+class ProposalFileError(ValueError):
+    """A proposal file that cannot be read, or whose ids do not match the images asked for."""
+
+
+def _check_boxes(boxes: np.ndarray, where: str) -> np.ndarray:
+    b = np.asarray(boxes)
+    if b.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ProposalFileError(f"{where}: expected boxes of shape [R, 4], got {tuple(b.shape)}")
+    b = b.astype(np.float32)
+    if not np.isfinite(b).all():
+        raise ProposalFileError(f"{where}: boxes contain NaN or infinite values")
+    return b
+
+
+def _names(ids: Iterable[str], limit: int = 10) -> str:
+    ids = list(ids)
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------- .mat
+def _rcnn_mat_to_xyxy(mat_boxes: np.ndarray) -> np.ndarray:
+    """EDGE: R-CNN selective-search boxes ``(y1, x1, y2, x2)``, 1-based inclusive -> project xyxy.
+
+    Reorders the columns to VOC order ``(x1, y1, x2, y2)`` (still 1-based inclusive) and applies
+    :func:`detector.boxes.voc_to_xyxy`, which subtracts 1 from x1 and y1 only (pixel ``x2``,
+    1-based inclusive, ends at the continuous coordinate ``x2``). Example: ``[1, 1, 20, 10]``
+    (rows 1..20, cols 1..10) -> ``[0, 0, 10, 20]``, a 10 x 20 box.
+
+    Args:
+        mat_boxes (ndarray [R, 4]): as stored in the ``.mat`` cell.
+    Returns:
+        ndarray float32 [R, 4]: xyxy.
+    """
+    voc = mat_boxes[:, [1, 0, 3, 2]]  # (R, 4) x1, y1, x2, y2, 1-based inclusive
+    return voc_to_xyxy(np.ascontiguousarray(voc, dtype=np.float64)).numpy()
+
+
+def _mat_str(x: object) -> str:
+    arr = np.asarray(x)
+    if arr.dtype.kind in "US":
+        return "".join(str(s) for s in arr.ravel())
+    if arr.dtype == object and arr.size == 1:
+        return _mat_str(arr.ravel()[0])
+    raise ProposalFileError(f"cannot read an image id from {arr!r}")
+
+
+def read_rcnn_mat(path: str | Path) -> dict[str, np.ndarray]:
+    """Read an R-CNN / Fast R-CNN / SPP-net selective-search ``.mat`` file.
+
+    Args:
+        path: ``.mat`` file with cells ``boxes`` and ``images`` (MATLAB v5/v7).
+    Returns:
+        dict id -> ndarray float32 [R, 4] xyxy (converted by :func:`_rcnn_mat_to_xyxy`).
+    Raises:
+        ProposalFileError: unreadable file, v7.3 (HDF5) file, missing variables, misaligned cells.
+    """
+    import scipy.io
+
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(128)
+    if head.startswith(b"MATLAB 7.3") or head[:8] == b"\x89HDF\r\n\x1a\n":
+        raise ProposalFileError(
+            f"{p}: MATLAB v7.3 (HDF5) file, which scipy cannot read. Convert it once, e.g. in "
+            f"MATLAB/Octave: load('{p.name}'); save('{p.stem}_v7.mat', 'boxes', 'images', '-v7')")
+    try:
+        mat = scipy.io.loadmat(str(p))
+    except NotImplementedError as e:  # scipy's message for v7.3
+        raise ProposalFileError(f"{p}: {e}; save it with '-v7' in MATLAB/Octave") from None
+    except Exception as e:
+        raise ProposalFileError(f"{p}: not a readable .mat file ({type(e).__name__}: {e})") from None
+    for key in ("boxes", "images"):
+        if key not in mat:
+            have = sorted(k for k in mat if not k.startswith("__"))
+            raise ProposalFileError(f"{p}: no variable '{key}' (has: {have}); expected the R-CNN "
+                                    f"layout with cells 'boxes' and 'images'")
+    cells, images = np.asarray(mat["boxes"]), np.asarray(mat["images"])
+    if cells.dtype != object:  # a single image stored as a plain matrix
+        cells = np.array([cells], dtype=object)
+    cells = cells.ravel()  # (1, N) and (N, 1) cells alike
+    if images.dtype == object:
+        ids = [_mat_str(x) for x in images.ravel()]
+    elif images.dtype.kind in "US":  # char matrix (one id per row) or an array of strings
+        ids = [str(x).strip() for x in images.ravel()]
+    else:
+        raise ProposalFileError(f"{p}: 'images' must be a cell array of strings, got {images.dtype}")
+    if len(ids) != len(cells):
+        raise ProposalFileError(f"{p}: 'images' has {len(ids)} entries but 'boxes' has {len(cells)}")
+    out: dict[str, np.ndarray] = {}
+    for image_id, b in zip(ids, cells):
+        b = np.asarray(b, dtype=np.float64)
+        if b.size == 0:
+            out[image_id] = np.zeros((0, 4), np.float32)
+            continue
+        b = _check_boxes(b, f"{p}: image {image_id!r}").astype(np.float64)
+        out[image_id] = _rcnn_mat_to_xyxy(b)
+    if len(out) != len(ids):
+        raise ProposalFileError(f"{p}: image ids are not unique")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- .pkl
+class _BoxMode(enum.IntEnum):
+    """Stand-in for ``detectron2.structures.BoxMode`` so its pickled value loads without detectron2."""
+
+    XYXY_ABS = 0
+    XYWH_ABS = 1
+    XYXY_REL = 2
+    XYWH_REL = 3
+    XYWHA_ABS = 4
+
+
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # numpy arrays pickled with protocol < 3 store bytes through it
+    ("collections", "OrderedDict"),
+    ("builtins", "bytes"),  # protocol-2 pickles rebuild bytes through a global
+    ("__builtin__", "bytes"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain containers only; every other global is refused."""
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("detectron2.") and name == "BoxMode":
+            return _BoxMode
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays and "
+                                     f"builtin containers are allowed in a proposal pickle)")
+
+
+def read_detectron2_pkl(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a detectron2 proposal file (``ids``, ``boxes``, ``objectness_logits``, ``bbox_mode``).
+
+    Boxes keep the file's order (detectron2 writes them by descending objectness).
+
+    Args:
+        path: ``.pkl`` file.
+    Returns:
+        dict str(id) -> ndarray float32 [R, 4] xyxy.
+    Raises:
+        ProposalFileError: unreadable or unsafe pickle, missing keys, unsupported ``bbox_mode``.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise ProposalFileError(f"{p}: {e}") from None
+    except Exception as e:
+        raise ProposalFileError(f"{p}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(data, Mapping) or "ids" not in data or "boxes" not in data:
+        keys = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
+        raise ProposalFileError(f"{p}: expected a dict with 'ids' and 'boxes' (detectron2 "
+                                f"proposal file), got {keys}")
+    mode = int(data.get("bbox_mode", 0))
+    if mode != _BoxMode.XYXY_ABS:
+        raise ProposalFileError(f"{p}: bbox_mode {mode} is not supported (only XYXY_ABS = 0)")
+    ids = [str(i) for i in list(data["ids"])]
+    boxes = list(data["boxes"])
+    if len(ids) != len(boxes):
+        raise ProposalFileError(f"{p}: {len(ids)} ids but {len(boxes)} box arrays")
+    if len(set(ids)) != len(ids):
+        raise ProposalFileError(f"{p}: image ids are not unique")
+    return {i: _check_boxes(b, f"{p}: image {i!r}") for i, b in zip(ids, boxes)}
+
+
+# ----------------------------------------------------------------------------------------- .npz
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a proposal file written by :func:`save_proposals`.
+
+    Returns:
+        dict id -> ndarray float32 [R, 4] xyxy.
+    Raises:
+        ProposalFileError: unreadable file or a different layout.
+    """
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = set(z.files)
+            if not {"ids", "counts", "boxes"} <= files:
+                raise ProposalFileError(f"{p}: not a proposal .npz (needs ids, counts, boxes; "
+                                        f"has {sorted(files)})")
+            fmt = str(z["format"]) if "format" in files else NPZ_FORMAT
+            ids, counts, boxes = z["ids"], z["counts"], z["boxes"]
+    except ProposalFileError:
+        raise
+    except Exception as e:
+        raise ProposalFileError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if fmt != NPZ_FORMAT:
+        raise ProposalFileError(f"{p}: unknown format {fmt!r} (expected {NPZ_FORMAT!r})")
+    boxes = _check_boxes(boxes, str(p))
+    if len(ids) != len(counts) or int(counts.sum()) != len(boxes):
+        raise ProposalFileError(f"{p}: ids ({len(ids)}), counts (sum {int(counts.sum())}) and "
+                                f"boxes ({len(boxes)}) do not agree")
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = {str(i): boxes[offsets[k]:offsets[k + 1]].copy() for k, i in enumerate(ids)}
+    if len(out) != len(ids):
+        raise ProposalFileError(f"{p}: image ids are not unique")
+    return out
+
+
+def save_proposals(path: str | Path, proposals: Mapping[str, np.ndarray], meta: str = "") -> Path:
+    """Write proposals as the project's ``.npz``, atomically (temp file + ``os.replace``).
+
+    Args:
+        path: output file; ``.npz`` is appended when missing.
+        proposals: id -> ndarray [R, 4] xyxy (any float dtype; stored as float32), in the order to keep.
+        meta: free text stored as ``meta`` (e.g. the JSON of the parameters that made the boxes).
+    Returns:
+        the path written.
+    """
+    p = Path(path)
+    if p.suffix != ".npz":
+        p = p.with_name(p.name + ".npz")
+    ids = [str(i) for i in proposals]
+    arrays = [_check_boxes(np.asarray(proposals[i]), f"proposals[{i!r}]") for i in proposals]
+    counts = np.array([len(b) for b in arrays], dtype=np.int64)
+    boxes = np.concatenate(arrays) if arrays else np.zeros((0, 4), np.float32)  # (sum R, 4)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=np.array(ids, dtype=str), counts=counts, boxes=boxes.astype(np.float32),
+                 format=np.array(NPZ_FORMAT), meta=np.array(str(meta)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
+
+
+# ------------------------------------------------------------------------------------ dispatcher
+def read_proposal_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Read any supported proposal file, chosen by extension (``.mat``, ``.pkl``, ``.npz``).
+
+    Returns:
+        dict id -> ndarray float32 [R, 4] xyxy, in file order.
+    Raises:
+        ProposalFileError: missing file, unknown extension, or a reader's error.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ProposalFileError(f"proposal file not found: {p}")
+    ext = p.suffix.lower()
+    if ext == ".mat":
+        return read_rcnn_mat(p)
+    if ext in (".pkl", ".pickle"):
+        return read_detectron2_pkl(p)
+    if ext == ".npz":
+        return read_npz(p)
+    raise ProposalFileError(f"{p}: unknown proposal file type '{ext}' (use .mat, .pkl or .npz)")
+
+
+def load_proposals(path: str | Path, image_ids: Iterable[str], *,
+                   allow_extra: bool = False) -> dict[str, np.ndarray]:
+    """Proposals for exactly the given images.
+
+    Args:
+        path: ``.mat`` / ``.pkl`` / ``.npz`` proposal file.
+        image_ids: the ids the caller needs (a split's ids).
+        allow_extra: ids in the file that were not asked for are an error by default (they usually
+            mean the wrong split's file); True ignores them, e.g. to use the published VOC07 test
+            file for the first N test images.
+    Returns:
+        dict id -> ndarray float32 [R, 4] xyxy, in ``image_ids`` order.
+    Raises:
+        ProposalFileError: an id asked for is missing from the file, or (unless ``allow_extra``)
+            the file has ids not asked for; the message names them.
+    """
+    p = Path(path)
+    wanted = [str(i) for i in image_ids]
+    table = read_proposal_file(p)
+    missing = [i for i in wanted if i not in table]
+    if missing:
+        raise ProposalFileError(f"{p}: no proposals for {len(missing)} image id(s): {_names(missing)}")
+    if not allow_extra:
+        wanted_set = set(wanted)
+        extra = [i for i in table if i not in wanted_set]
+        if extra:
+            raise ProposalFileError(
+                f"{p}: {len(extra)} id(s) in the file are not in the requested images: "
+                f"{_names(extra)} (wrong split? pass allow_extra=True to use a subset)")
+    return {i: table[i] for i in wanted}

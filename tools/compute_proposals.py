@@ -1,0 +1,68 @@
+"""Selective-search proposals for every image of a VOC-layout split -> one .npz (resumable).
+
+    python tools/compute_proposals.py --data-root data/digits --split test --out out/ss_test.npz \
+        [--workers 2] [--mode fast+|fast|quality] [--min-size 20] [--max-boxes 2000]
+
+A killed run continues where it stopped when run again with the same arguments (finished chunks
+live in <out>.parts/ until the final file is written atomically). Read the result with
+``proposals.load_proposals(out, ids)``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from detector.voc import VOCDataError, read_split_ids
+from proposals import MODES, ImageError, compute_proposals_for_images
+
+log = logging.getLogger("compute_proposals")
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def image_path(root: Path, image_id: str) -> Path:
+    for ext in IMAGE_EXT:
+        p = root / "JPEGImages" / f"{image_id}{ext}"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"no image for id {image_id!r} in {root / 'JPEGImages'} "
+                            f"(tried {', '.join(IMAGE_EXT)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", required=True, type=Path, help="VOC-layout folder")
+    ap.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt")
+    ap.add_argument("--out", required=True, type=Path, help="output .npz")
+    ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    ap.add_argument("--mode", default="fast+", choices=MODES, help="default fast+ (see proposals.selective_search)")
+    ap.add_argument("--min-size", type=float, default=20, help="drop boxes with a side under this (px)")
+    ap.add_argument("--max-boxes", type=int, default=2000, help="per image; 0 = all")
+    ap.add_argument("--skip-bad-images", action="store_true",
+                    help="give unreadable images 0 boxes with a warning instead of stopping")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ids = read_split_ids(args.data_root, args.split)
+        items = [(i, image_path(args.data_root, i)) for i in ids]
+    except (VOCDataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    t0 = time.time()
+    try:
+        boxes = compute_proposals_for_images(items, args.out, workers=args.workers, mode=args.mode,
+                                             min_size=args.min_size, max_boxes=args.max_boxes,
+                                             progress=not args.no_progress,
+                                             skip_bad_images=args.skip_bad_images)
+    except ImageError as e:
+        sys.exit(f"error: {e} (rerun with --skip-bad-images to continue without it)")
+    n = sum(len(b) for b in boxes.values())
+    log.info("%d images, %.1f boxes/image, %.1f s wall -> %s", len(boxes), n / max(1, len(boxes)),
+             time.time() - t0, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
