@@ -1,0 +1,157 @@
+"""spp_pool against a slow reference loop of spec §4, gradcheck, roi_pool cross-check, whole-map SPP."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detector.spp import SpatialPyramidPool, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
+
+
+def reference_spp(fmap: torch.Tensor, windows: torch.Tensor, levels) -> torch.Tensor:
+    """Spec §4 written out: integer floor/ceil bin edges, max per bin, channel-major per level."""
+    c = fmap.shape[0]
+    rows = []
+    for x1, y1, x2, y2 in windows.tolist():
+        w, h = x2 - x1 + 1, y2 - y1 + 1
+        feats = []
+        for n in levels:
+            v = torch.empty(c, n, n, dtype=fmap.dtype)
+            for i in range(n):
+                ya, yb = y1 + (i * h) // n, y1 + -((-(i + 1) * h) // n)
+                for j in range(n):
+                    xa, xb = x1 + (j * w) // n, x1 + -((-(j + 1) * w) // n)
+                    assert xb > xa and yb > ya  # never empty
+                    v[:, i, j] = fmap[:, ya:yb, xa:xb].amax(dim=(1, 2))
+            feats.append(v.flatten())
+        rows.append(torch.cat(feats))
+    return torch.stack(rows) if rows else fmap.new_zeros((0, spp_out_dim(c, levels)))
+
+
+def random_windows(h: int, w: int, r: int, g: torch.Generator) -> torch.Tensor:
+    xs = torch.randint(0, w, (r, 2), generator=g).sort(dim=1).values
+    ys = torch.randint(0, h, (r, 2), generator=g).sort(dim=1).values
+    edge = torch.tensor([[0, 0, w - 1, h - 1], [w - 1, h - 1, w - 1, h - 1], [0, 0, 0, 0],
+                         [0, h - 1, w - 1, h - 1], [w - 1, 0, w - 1, h - 1], [w // 2, h // 2, w // 2, h // 2]])
+    return torch.cat([torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1), edge])  # (r+6, 4)
+
+
+def test_bins_hand_cases():
+    # w = 7 cells from x1 = 2, n = 3: [2 + 0, 2 + 3), [2 + 2, 2 + 5), [2 + 4, 2 + 7): overlapping
+    lo, hi = spp_bins(torch.tensor([2]), torch.tensor([8]), 3)
+    assert lo.tolist() == [[2, 4, 6]] and hi.tolist() == [[5, 7, 9]]
+    # a 1-cell window: every bin is that cell
+    lo, hi = spp_bins(torch.tensor([5]), torch.tensor([5]), 6)
+    assert lo.tolist() == [[5] * 6] and hi.tolist() == [[6] * 6]
+    # w = 12, n = 6: a clean split
+    lo, hi = spp_bins(torch.tensor([0]), torch.tensor([11]), 6)
+    assert lo.tolist() == [[0, 2, 4, 6, 8, 10]] and hi.tolist() == [[2, 4, 6, 8, 10, 12]]
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9), (4, 1, 1), (2, 13, 13), (2, 23, 31)])
+@pytest.mark.parametrize("levels", [(1, 2, 3, 6), (6, 3, 2, 1), (1,), (4, 2), (5, 3, 1), (2, 2)])
+def test_spp_pool_equals_reference(shape, levels):
+    g = torch.Generator().manual_seed(hash((shape, levels)) % 2**31)
+    fmap = torch.randn(*shape, generator=g)  # negative values too: a true max, not max(0, .)
+    windows = random_windows(shape[1], shape[2], 20, g)
+    want = reference_spp(fmap, windows, levels)
+    got = spp_pool(fmap, windows, levels)
+    assert got.shape == (windows.shape[0], spp_out_dim(shape[0], levels))
+    assert torch.equal(got, want)
+    # the path that records argmax cells (used when the map needs gradients) gives the same values
+    assert torch.equal(spp_pool(fmap.clone().requires_grad_(), windows, levels).detach(), want)
+
+
+def test_spp_pool_layout_is_channel_major_in_level_order():
+    fmap = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 3)  # c*6 + y*3 + x
+    out = spp_pool(fmap, torch.tensor([[0, 0, 2, 1]]), (1, 2))
+    # level 1: max per channel; level 2: bins x [0,2),[1,3), y [0,1),[1,2)
+    assert out.tolist() == [[5, 11, 1, 2, 4, 5, 7, 8, 10, 11]]
+
+
+def test_spp_pool_matches_roi_pool_composition():
+    g = torch.Generator().manual_seed(1)
+    fmap = torch.relu(torch.randn(4, 42, 56, generator=g))
+    windows = random_windows(42, 56, 100, g)
+    assert torch.equal(spp_pool(fmap, windows), spp_pool_roi_pool(fmap, windows))
+
+
+def test_spp_pool_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    fmap = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    windows = torch.tensor([[0, 0, 4, 3], [1, 2, 3, 3], [4, 3, 4, 3], [0, 0, 0, 3], [2, 1, 4, 2]])
+    assert torch.autograd.gradcheck(lambda t: spp_pool(t, windows, (1, 2, 3, 6)), (fmap,))
+    assert torch.autograd.gradcheck(lambda t: spp_pool(t, windows, (3, 5)), (fmap,), fast_mode=True)
+
+
+def test_spp_pool_gradient_counts_argmax_hits():
+    # distinct values: the gradient of sum(out) at a cell = how many outputs took their max there
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randperm(3 * 5 * 6, generator=g).view(3, 5, 6).double().requires_grad_()
+    windows = random_windows(5, 6, 10, g)
+    spp_pool(fmap, windows).sum().backward()
+    ref = fmap.detach().clone().requires_grad_()
+    reference_spp(ref, windows, (1, 2, 3, 6)).sum().backward()
+    assert torch.equal(fmap.grad, ref.grad)
+
+
+def test_spp_pool_dtypes_and_empty():
+    g = torch.Generator().manual_seed(4)
+    fmap = torch.randn(4, 9, 11, generator=g)
+    windows = random_windows(9, 11, 10, g)
+    half = spp_pool(fmap.half(), windows)
+    assert half.dtype == torch.float16 and torch.equal(half, reference_spp(fmap.half().float(), windows, (1, 2, 3, 6)).half())
+    empty = spp_pool(fmap, torch.zeros((0, 4), dtype=torch.int64))
+    assert empty.shape == (0, 4 * 50)
+
+
+def test_spp_pool_rejects_bad_windows():
+    fmap = torch.zeros(2, 4, 5)
+    with pytest.raises(ValueError, match="outside the 4x5 map"):
+        spp_pool(fmap, torch.tensor([[0, 0, 5, 3]]))
+    with pytest.raises(ValueError, match="empty or outside"):
+        spp_pool(fmap, torch.tensor([[3, 0, 2, 3]]))
+    with pytest.raises(ValueError, match="int64"):
+        spp_pool(fmap, torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"Tensor\[C, H, W\]"):
+        spp_pool(fmap[None], torch.tensor([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="levels"):
+        spp_pool(fmap, torch.tensor([[0, 0, 1, 1]]), (0, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_spp_pool_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(5)
+    fmap = torch.randn(16, 20, 30, generator=g)
+    windows = random_windows(20, 30, 100, g)
+    want = spp_pool(fmap, windows)
+    got = spp_pool(fmap.cuda(), windows.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+    f = fmap.double().cuda().requires_grad_()
+    spp_pool(f, windows.cuda()).sum().backward()
+    ref = fmap.double().requires_grad_()
+    spp_pool(ref, windows).sum().backward()
+    assert torch.equal(f.grad.cpu(), ref.grad)
+
+
+def test_spatial_pyramid_pool_sizes():
+    spp = SpatialPyramidPool((1, 2, 3, 6))
+    assert spp.out_dim(256) == 12800 == spp_out_dim(256, (1, 2, 3, 6))
+    g = torch.Generator().manual_seed(6)
+    for h, w in [(13, 13), (10, 10), (1, 1), (2, 5), (7, 3), (29, 40), (42, 56)]:
+        x = torch.randn(2, 3, h, w, generator=g)
+        out = spp(x)
+        assert out.shape == (2, spp.out_dim(3)), (h, w)
+        full = torch.tensor([[0, 0, w - 1, h - 1]])
+        for i in range(2):  # the same bins as spp_pool with the whole map as the window
+            assert torch.equal(out[i:i + 1], spp_pool(x[i], full)), (h, w)
+
+
+def test_spatial_pyramid_pool_a10_n6_is_adaptive():
+    # the paper's fixed window/stride rule (ceil(10/6)=2, floor(10/6)=1) gives 9 outputs; ours 6
+    x = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
+    assert F.max_pool2d(x, 2, 1, ceil_mode=True).shape[-1] == 9
+    out = SpatialPyramidPool((6,))(x).view(6, 6)
+    # column bins of w=10, n=6: [0,2) [1,4) [3,5) [5,7) [6,9) [8,10) -> max at columns 1,3,4,6,8,9
+    cols = torch.tensor([1, 3, 4, 6, 8, 9])
+    assert torch.equal(out, (cols.view(6, 1) * 10 + cols.view(1, 6)).float())
