@@ -96,7 +96,7 @@ class DigitsParams:
     difficult_side: float = 12.0  # visible box with longer side under this (px) -> difficult
     difficult_hidden: float = 0.5  # more than this fraction of the ink covered -> difficult
     min_color_distance: float = 140.0  # ink colour: RGB distance from the local background mean
-    min_luma_distance: float = 40.0  # ink colour: luma (BT.601) difference from the local background mean
+    min_luma_distance: float = 60.0  # ink colour: luma (BT.601) difference from the local background mean
     opacity: tuple[float, float] = (0.85, 1.0)  # ink opacity uniform in this range (contrast jitter)
     jpeg_quality: int = 92  # fixed, so the bytes are reproducible
 
@@ -305,6 +305,7 @@ def compose_image(
     inks: list[np.ndarray] = []  # full-image bool masks of each object's ink
     covered: list[np.ndarray] = []  # full-image bool: ink of object i covered by later objects
     ink_total: list[int] = []
+    hidden_px: list[int] = []  # covered ink pixels of object i so far
     boxes: list[np.ndarray] = []
     digits: list[int] = []
     for k in range(target):
@@ -328,9 +329,9 @@ def compose_image(
                     continue
                 region = (slice(y0, y0 + ah), slice(x0, x0 + aw))
                 if not all(
-                    (covered[i].sum() + (inks[i][region] & ~covered[i][region] & ink).sum()) / ink_total[i]
-                    <= p.max_hidden
+                    (hidden_px[i] + (inks[i][region] & ~covered[i][region] & ink).sum()) <= p.max_hidden * ink_total[i]
                     for i in range(len(inks))
+                    if _overlaps(boxes[i], box)
                 ):
                     continue
                 placed = True
@@ -343,7 +344,9 @@ def compose_image(
         full_ink = np.zeros((H, W), bool)
         full_ink[region] = ink
         for i in range(len(inks)):
-            covered[i] |= inks[i] & full_ink
+            newly = inks[i][region] & ~covered[i][region] & ink
+            hidden_px[i] += int(newly.sum())
+            covered[i][region] |= newly
         mean = img[region].reshape(-1, 3).mean(axis=0)  # local background (earlier digits included)
         color = _ink_color(rng, mean, p)
         a = (alpha * rng.uniform(*p.opacity))[:, :, None]  # (h, w, 1) opacity jitter
@@ -351,6 +354,7 @@ def compose_image(
         inks.append(full_ink)
         covered.append(np.zeros((H, W), bool))
         ink_total.append(int(ink.sum()))
+        hidden_px.append(0)
         boxes.append(box)
         digits.append(digit)
     objects = []
@@ -370,6 +374,10 @@ def compose_image(
         )
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return out, objects
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _box_overlap_ok(box: np.ndarray, others: list[np.ndarray], limit: float) -> bool:
