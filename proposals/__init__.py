@@ -1,6 +1,7 @@
 """Object proposals for SPP-net: selective search (OpenCV contrib), EdgeBoxes, proposal files.
 
-Public API:
+Public API (imported lazily, so a worker process that needs only selective search never imports
+torch):
     selective_search(image, mode="fast+", min_size=20, max_boxes=None) -> ndarray float32 [R, 4] xyxy
     edge_boxes(image, model_path, max_boxes=2000) -> ndarray float32 [R, 4] xyxy
     grid_boxes(height, width, ...) -> ndarray float32 [R, 4] xyxy
@@ -9,15 +10,30 @@ Public API:
     compute_proposals_for_images(items, out, workers=2, ...) -> dict id -> boxes
     proposal_recall(proposals, gt_boxes, ...) -> recall table
 """
+from __future__ import annotations
+
+import importlib
+
+# eager: these import no torch (and the function must shadow its module's name)
 from proposals.imageio import ImageError, read_image, to_rgb_uint8
 from proposals.selective_search import MODES, edge_boxes, grid_boxes, selective_search
-from proposals.store import (ProposalFileError, load_proposals, read_proposal_file, save_proposals)
-from proposals.compute import compute_proposals_for_images
-from proposals.recall import proposal_recall
 
-__all__ = [
-    "ImageError", "read_image", "to_rgb_uint8",
-    "MODES", "selective_search", "edge_boxes", "grid_boxes",
-    "ProposalFileError", "load_proposals", "read_proposal_file", "save_proposals",
-    "compute_proposals_for_images", "proposal_recall",
-]
+_WHERE = {
+    "ProposalFileError": "store", "load_proposals": "store", "read_proposal_file": "store",
+    "save_proposals": "store",
+    "compute_proposals_for_images": "compute",
+    "proposal_recall": "recall",
+}
+
+__all__ = ["ImageError", "read_image", "to_rgb_uint8", "MODES", "selective_search", "edge_boxes",
+           "grid_boxes", *_WHERE]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"proposals.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'proposals' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.boxes import xywh_to_xyxy
 from proposals.imageio import ImageError, to_rgb_uint8
 
 __all__ = ["selective_search", "grid_boxes", "edge_boxes", "MODES", "SS_SIDE", "GRID_MIN"]
@@ -59,6 +58,21 @@ GRID_MIN = 32  # px: smallest grid window side in "fast+"
 MAX_SIDE = 1000  # px: larger images are downscaled before selective search ("fast"/"quality")
 MIN_SS_SIDE = 32  # px: smaller sides are padded before selective search
 MAX_SS_ASPECT = 2.4  # longer/shorter side; beyond it the image is padded (opencv_contrib#2102)
+
+
+def _xywh_to_xyxy(rects: np.ndarray) -> np.ndarray:
+    """OpenCV ``(x, y, w, h)`` rects -> xyxy float32, exactly ``detector.boxes.xywh_to_xyxy`` in numpy.
+
+    Kept in numpy so that worker processes never import torch (10 s per spawned worker on a loaded
+    2-core machine, measured); ``tests/test_proposals.py`` pins it to ``detector.boxes``.
+
+    Args:
+        rects (ndarray [R, 4]): x, y of the top-left corner, width, height.
+    Returns:
+        ndarray float32 [R, 4]: xyxy.
+    """
+    r = np.asarray(rects, dtype=np.float32).reshape(-1, 4)  # (R, 4)
+    return np.concatenate([r[:, :2], r[:, :2] + r[:, 2:]], axis=1)  # (R, 4)
 
 
 def _hash_order(boxes: np.ndarray) -> np.ndarray:
@@ -113,7 +127,7 @@ def _opencv_ss(rgb: np.ndarray, strategy: str) -> np.ndarray:
     rects = ss.process()  # (R, 4) int32 x, y, w, h
     if rects is None or len(rects) == 0:
         return np.zeros((0, 4), np.float32)
-    return xywh_to_xyxy(np.asarray(rects, dtype=np.float32).reshape(-1, 4)).numpy()  # (R, 4)
+    return _xywh_to_xyxy(rects)  # (R, 4)
 
 
 def _safe_ss(rgb: np.ndarray, strategy: str, max_side: int) -> np.ndarray:
@@ -268,7 +282,7 @@ def edge_boxes(image: np.ndarray, model_path: str | Path, max_boxes: int = 2000,
     rects, scores = out if isinstance(out, tuple) else (out, None)  # (boxes, scores) since contrib#2060
     if rects is None or len(rects) == 0:
         return np.zeros((0, 4), np.float32)
-    boxes = xywh_to_xyxy(np.asarray(rects, np.float32).reshape(-1, 4)).numpy()  # (R, 4)
+    boxes = _xywh_to_xyxy(rects)  # (R, 4)
     if scores is not None and len(scores) == len(boxes):
         boxes = boxes[np.argsort(-np.asarray(scores).ravel(), kind="stable")]
     return _finish(boxes, min_size, None)

@@ -37,8 +37,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from detector.boxes import voc_to_xyxy
-
 __all__ = [
     "ProposalFileError",
     "load_proposals",
@@ -89,6 +87,8 @@ def _rcnn_mat_to_xyxy(mat_boxes: np.ndarray) -> np.ndarray:
     Returns:
         ndarray float32 [R, 4]: xyxy.
     """
+    from detector.boxes import voc_to_xyxy  # here, not at the top: workers must not import torch
+
     voc = mat_boxes[:, [1, 0, 3, 2]]  # (R, 4) x1, y1, x2, y2, 1-based inclusive
     return voc_to_xyxy(np.ascontiguousarray(voc, dtype=np.float64)).numpy()
 
