@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if done is None:
         head = FCHead(D, fc_dim=cfg.head.fc_dim, num_classes=K, dropout=cfg.head.dropout)
         if cfg.pretrain.enabled and bc.weights == "none":
-            _init_fc_from_classifier(head, Path(weights))
+            _init_fc_from_classifier(head, Path(weights), class_names)
         state_path = out / "finetune" / "resume.pt"
         resume = C.load_if_valid(state_path, ft_key)
         head, hist = finetune_head(
@@ -209,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _init_fc_from_classifier(head: FCHead, ckpt: Path) -> None:
-    """Copy fc6/fc7 from the pre-trained classifier when their shapes match (spec §6: fc6/fc7 start
-    from the pre-trained net)."""
+def _init_fc_from_classifier(head: FCHead, ckpt: Path, class_names: tuple[str, ...]) -> None:
+    """Start fc6/fc7 from the pre-trained classifier when their shapes match (spec §6: fc6/fc7 are
+    copied from the pre-trained net). Its (K+1)-way classifier is copied too when it was trained on
+    the same classes (crops of the same training split); otherwise that layer starts afresh."""
     st = torch.load(ckpt, map_location="cpu", weights_only=True)
     fc = st.get("fc", {}) if isinstance(st, dict) else {}
     own = head.state_dict()
-    copied = [k for k, v in fc.items() if k in own and own[k].shape == v.shape and k.startswith(("fc6", "fc7"))]
+    prefixes = ("fc6", "fc7") + (("cls_score",) if tuple(st.get("class_names", ())) == tuple(class_names) else ())
+    copied = [k for k, v in fc.items() if k in own and own[k].shape == v.shape and k.startswith(prefixes)]
     own.update({k: fc[k] for k in copied})
     head.load_state_dict(own)
     log.info("fc layers initialised from %s: %s", ckpt, ", ".join(copied) if copied else "none matched (random init)")
