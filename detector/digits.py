@@ -446,13 +446,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_WORKER: dict[str, Any] = {}  # sources handed to spawned workers by _init_worker
+
+
+def _init_worker(images: np.ndarray, labels: np.ndarray, photos: tuple) -> None:
+    """Spawned worker: receive the digits and photographs (no sklearn/skimage/torch import there)."""
+    cv2.setNumThreads(1)
+    _WORKER.update(images=images, labels=labels, photos=photos)
+
+
 def _render_task(task: tuple) -> dict:
-    """Render and write one image (runs in a worker process); returns its objects' metadata."""
+    """Render one image and write its JPEG (runs in a worker); returns its size and objects (xyxy)."""
     root, image_id, split, index, pool, params = task
     p: DigitsParams = params
     rng = np.random.default_rng([p.seed, _SPLIT_CODES[split], index])
-    photos = load_backgrounds()
-    images, labels = _load_digits()
+    if _WORKER:
+        photos, images, labels = _WORKER["photos"], _WORKER["images"], _WORKER["labels"]
+    else:
+        photos = load_backgrounds()
+        images, labels = _load_digits()
     h = int(rng.integers(p.image_side[0], p.image_side[1] + 1))
     w = int(rng.integers(p.image_side[0], p.image_side[1] + 1))
     bg_name, bg = _background_crop(rng, photos, h, w)
@@ -460,14 +472,13 @@ def _render_task(task: tuple) -> dict:
     ok, jpg = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode {image_id}.jpg")
-    root = Path(root)
-    (root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpg.tobytes())
-    (root / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, h, w, bg_name, objects))
+    (Path(root) / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpg.tobytes())
     return {
         "id": image_id,
         "split": split,
         "height": h,
         "width": w,
+        "background": bg_name,
         "objects": [
             {"label": o["label"], "digit": o["digit"], "difficult": o["difficult"],
              "box": [float(v) for v in o["box"]]}
@@ -615,8 +626,7 @@ def _environment() -> dict:
 
 def _build(root: Path, p: DigitsParams, workers: int, progress: bool) -> dict:
     images, labels = _load_digits()
-    load_backgrounds()  # load once in the parent: forked workers inherit the cache
-    import detector.boxes  # noqa: F401  (imports torch once here, not in every worker)
+    photos = load_backgrounds()
     n_train = p.n_trainval // 2
     n_val = p.n_trainval - n_train
     counts = {"train": n_train, "val": n_val, "test": p.n_test}
@@ -633,13 +643,20 @@ def _build(root: Path, p: DigitsParams, workers: int, progress: bool) -> dict:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as ex:
+        # spawn, not fork: forking a process whose OpenCV / OpenMP threads hold locks can deadlock
+        # the children (seen here under pytest). Workers get the sources as arrays.
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(images, labels, photos)) as ex:
             it = ex.map(_render_task, tasks, chunksize=max(1, len(tasks) // (workers * 8)))
             results = list(_maybe_tqdm(it, len(tasks), progress))
     else:
         results = [_render_task(t) for t in _maybe_tqdm(tasks, len(tasks), progress)]
 
+    for r in results:  # XML in the parent: the xyxy -> VOC edge (detector.boxes, torch) runs here only
+        objs = [{**o, "box": np.asarray(o["box"], np.float64)} for o in r["objects"]]
+        xml = _xml(r["id"], r["height"], r["width"], r["background"], objs)
+        (root / "Annotations" / f"{r['id']}.xml").write_text(xml)
     split_ids = {s: [r["id"] for r in results if r["split"] == s] for s in counts}
     split_ids["trainval"] = sorted(split_ids["train"] + split_ids["val"])
     main = root / "ImageSets" / "Main"
@@ -655,10 +672,6 @@ def _build(root: Path, p: DigitsParams, workers: int, progress: bool) -> dict:
                 lines.append(f"{i} {flag:2d}\n")  # VOC devkit writes '%s %2d'
             (main / f"{name}_{split}.txt").write_text("".join(lines))
     return _summarize(results, split_ids)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
 
 
 def _maybe_tqdm(it, total: int, progress: bool):
