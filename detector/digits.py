@@ -25,8 +25,16 @@ continuous); :func:`detector.boxes.xyxy_to_voc` converts at the XML edge.
 
 Determinism: every image draws from its own ``numpy.random.Generator`` seeded with
 ``(seed, split, index)``, so the output is byte-identical for a seed whatever the number of worker
-processes. The 1797 digits are split first (stratified by class) into disjoint train / val / test pools;
-trainval images use only train+val digits and test images only test digits.
+processes (workers are spawned, never forked, and write only their own JPEG; the parent writes every
+XML and list). The bytes also depend on the OpenCV / libjpeg build and the bundled photographs, whose
+versions the stamp records under ``environment``. The 1797 digits are split first (stratified by class)
+into disjoint train / val / test pools; trainval images use only train+val digits and test images only
+test digits.
+
+Legibility: the ink colour is drawn until it lies at least ``min_color_distance`` (RGB) and
+``min_luma_distance`` (luma) from the mean of the background under the digit's patch; placements that
+would hide more than ``max_hidden`` of an earlier digit's ink, or overlap its box by more than
+``max_box_overlap`` of the smaller box, are redrawn.
 """
 from __future__ import annotations
 
