@@ -121,6 +121,10 @@ def crop_geometry(boxes: torch.Tensor | np.ndarray, height: int, width: int, cro
 def normalize_image(image: np.ndarray, input_format: str) -> np.ndarray:
     """uint8 RGB [H, W, 3] -> float32 [H, W, 3] in the backbone's input format (channel-last).
 
+    The same values as :func:`detector.pyramid.preprocess` (which returns [3, H, W]); channel-last
+    here because OpenCV resizes interleaved channels in one call (tests/test_rcnn.py pins the two
+    equal).
+
     ``"bgr255_mean128"`` (ZF-5, spec §2): BGR in 0..255 minus 128. ``"rgb_imagenet"``: RGB / 255,
     minus the ImageNet mean, over the ImageNet std.
     """

@@ -129,6 +129,14 @@ def test_normalize_rgb_imagenet(image):
         normalize_image(image, "yuv")
 
 
+@pytest.mark.parametrize("fmt", ["bgr255_mean128", "rgb_imagenet"])
+def test_normalize_matches_pyramid_preprocess(image, fmt):
+    """Crops and the SPP-mode pyramid see the same pixel values."""
+    pyramid = pytest.importorskip("detector.pyramid")
+    want = pyramid.preprocess(image, fmt).permute(1, 2, 0).numpy()  # (H, W, 3)
+    np.testing.assert_allclose(normalize_image(image, fmt), want, atol=1e-5, rtol=0)
+
+
 def test_warp_crops_rejects_bad_boxes(image):
     with pytest.raises(ValueError, match="boxes must be"):
         warp_crops(image, torch.zeros(3, 5), "bgr255_mean128")
