@@ -69,31 +69,67 @@ class LowRankLinear(nn.Module):
 
 
 @torch.no_grad()
-def svd_factorize(linear: nn.Linear, rank: int) -> LowRankLinear:
-    """Truncated-SVD factorisation of ``linear`` (exact SVD in float64, stored in the layer's dtype).
+def svd_factorize(linear: nn.Linear, rank: int, exact: bool | None = None, niter: int = 2,
+                  seed: int = 0) -> LowRankLinear:
+    """Truncated-SVD factorisation of ``linear``.
 
-    By Eckart-Young the factorised weight is the best rank-r approximation: its spectral error is
-    the (r+1)-th singular value and its Frobenius error ``sqrt(sum_{i>r} s_i^2)``.
+    Exact (``torch.linalg.svd`` in float64): by Eckart-Young the factorised weight is the best rank-r
+    approximation; its spectral error is the (r+1)-th singular value and its Frobenius error
+    ``sqrt(sum_{i>r} s_i^2)``. Randomized (range finder with ``niter`` power iterations, Halko et al. 2011,
+    ``q = r + 16`` columns, seeded): near-optimal in a fraction of the time; an exact
+    SVD of the 4096 x 12800 fc6 takes minutes on 2 CPU cores. Either way ``down.weight`` is the
+    projection ``U_r^T W``, so the result is the orthogonal projection of W onto the found subspace.
 
     Args:
         linear: a Linear layer with weight [out, in] and a bias.
         rank: 1 <= rank <= min(out, in).
+        exact: True = full SVD; False = randomized; None = exact when min(out, in) <= 2048 or
+            ``rank`` > half of it.
+        niter: power iterations of the randomized method.
+        seed: seed of the randomized method's test matrix (the global RNG is left untouched).
     Returns:
         LowRankLinear with ``down.weight = diag(S_r) V_r^T`` [r, in] and ``up.weight = U_r`` [out, r].
     """
     out_f, in_f = linear.weight.shape
-    if not 1 <= rank <= min(out_f, in_f):
-        raise ValueError(f"svd rank must be in [1, {min(out_f, in_f)}] for a {out_f}x{in_f} layer, got {rank}")
-    w = linear.weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, m), (m,), (m, in)
-    layer = LowRankLinear(in_f, out_f, rank).to(device=linear.weight.device, dtype=linear.weight.dtype)
-    layer.down.weight.copy_(s[:rank, None] * vh[:rank])  # (r, in)
-    layer.up.weight.copy_(u[:, :rank])  # (out, r)
+    m = min(out_f, in_f)
+    if not 1 <= rank <= m:
+        raise ValueError(f"svd rank must be in [1, {m}] for a {out_f}x{in_f} layer, got {rank}")
+    if exact is None:
+        exact = m <= 2048 or 2 * rank > m
+    devices = [linear.weight.device] if linear.weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # leaves the caller's RNG streams untouched
+        torch.manual_seed(seed)
+        if exact:
+            w = linear.weight.detach().to(torch.float64)
+            u = torch.linalg.svd(w, full_matrices=False)[0][:, :rank]  # (out, r)
+        else:
+            w = linear.weight.detach().to(torch.float32)
+            u = _randomized_left_vectors(w, rank, oversample=16, niter=niter)  # (out, r)
+        layer = LowRankLinear(in_f, out_f, rank).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    layer.down.weight.copy_(u.T @ w)  # (r, in) = S_r V_r^T
+    layer.up.weight.copy_(u)  # (out, r)
     if linear.bias is not None:
         layer.up.bias.copy_(linear.bias)
     else:
         layer.up.bias.zero_()
     return layer
+
+
+def _randomized_left_vectors(w: Tensor, rank: int, oversample: int, niter: int) -> Tensor:
+    """Top-``rank`` left singular vectors of w [out, in] by a randomized range finder with power
+    iterations (Halko, Martinsson, Tropp 2011, Alg. 4.4); the small final problem is the eigh of
+    B B^T with B = Q^T w [q, in]. Uses the global RNG (seeded by the caller)."""
+    out_f, in_f = w.shape
+    q = min(rank + oversample, out_f, in_f)
+    omega = torch.randn(in_f, q, dtype=w.dtype, device=w.device)
+    basis = torch.linalg.qr(w @ omega)[0]  # (out, q)
+    for _ in range(niter):
+        z = torch.linalg.qr(w.T @ basis)[0]  # (in, q)
+        basis = torch.linalg.qr(w @ z)[0]  # (out, q)
+    b = basis.T @ w  # (q, in)
+    evals, evecs = torch.linalg.eigh((b @ b.T).double())  # ascending
+    top = evecs[:, torch.argsort(evals, descending=True)[:rank]].to(w.dtype)  # (q, r)
+    return basis @ top  # (out, r)
 
 
 def _apply_linear(layer: nn.Module, x: Tensor) -> Tensor:
@@ -195,7 +231,7 @@ class FCHead(nn.Module):
         return next(self.parameters()).dtype
 
     @torch.no_grad()
-    def compress_svd(self, rank: int, fc7_rank: int | None = None) -> "FCHead":
+    def compress_svd(self, rank: int, fc7_rank: int | None = None, exact: bool | None = None) -> "FCHead":
         """A copy of this head with fc6 and fc7 replaced by truncated-SVD factor pairs.
 
         A layer whose factorisation would not save work (``rank * (in + out) >= in * out``) is kept
@@ -205,6 +241,8 @@ class FCHead(nn.Module):
         Args:
             rank: r for fc6 (and for fc7 when ``fc7_rank`` is None); clipped to min(out, in).
             fc7_rank: separate rank for fc7.
+            exact: see :func:`svd_factorize` (None = exact for small layers, randomized for fc6/fc7
+                of the paper's size).
         Returns:
             FCHead whose ``fc6``/``fc7`` are :class:`LowRankLinear` (or the original Linear).
         """
@@ -220,7 +258,7 @@ class FCHead(nn.Module):
             if r * (in_f + out_f) >= in_f * out_f:
                 log.info("svd: %s %dx%d kept dense (rank %d would not save work)", name, out_f, in_f, r)
                 continue
-            setattr(new, name, svd_factorize(layer, r))
+            setattr(new, name, svd_factorize(layer, r, exact=exact))
             log.info("svd: %s %dx%d -> rank %d (%.1fx fewer multiply-adds)", name, out_f, in_f, r,
                      in_f * out_f / (r * (in_f + out_f)))
         return new.eval()

@@ -87,3 +87,23 @@ def test_compress_svd_head():
     with torch.inference_mode():
         assert small(x).shape == (20, 4)
     torch.testing.assert_close(small.cls_score.weight, head.cls_score.weight)
+
+
+def test_randomized_svd_is_near_optimal_on_decaying_spectrum():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 300, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(700, 300, generator=g))
+    s = torch.exp(-torch.arange(300.0) / 30)  # trained fc weights have a decaying spectrum
+    lin = torch.nn.Linear(700, 300)
+    with torch.no_grad():
+        lin.weight.copy_((u * s) @ v.T)
+    r = 40
+    optimal = s[r:].square().sum().sqrt().item()
+    fast = svd_factorize(lin, r, exact=False)
+    err = torch.linalg.matrix_norm((fast.effective_weight() - lin.weight).double()).item()
+    assert optimal <= err + 1e-6 and err <= 1.02 * optimal
+    # seeded: the same factors twice, and the global RNG is untouched
+    state = torch.get_rng_state()
+    again = svd_factorize(lin, r, exact=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(again.up.weight, fast.up.weight)
