@@ -321,7 +321,7 @@ def fit_box_regressors(
     names = class_names or [str(c) for c in range(num_classes)]
     params: list[tuple[Tensor, Tensor, Tensor] | None] = []
     for c in range(num_classes):  # training only; prediction is packed
-        idx = torch.nonzero(labels == c).flatten()
+        idx = torch.nonzero(labels == c).flatten()  # (N_c,)
         if idx.numel() < max(1, min_samples):
             log.warning("bbox regression %s: %d samples (< %d), no regressor", names[c], idx.numel(), min_samples)
             params.append(None)

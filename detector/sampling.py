@@ -100,8 +100,8 @@ def sample_fg_bg(
     """
     if labels.ndim != 1:
         raise ValueError(f"sample_fg_bg expects labels [R], got {tuple(labels.shape)}")
-    fg_idx = torch.nonzero((labels >= 0) & (labels < num_classes)).flatten()
-    bg_idx = torch.nonzero(labels == num_classes).flatten()
+    fg_idx = torch.nonzero((labels >= 0) & (labels < num_classes)).flatten()  # (#fg,)
+    bg_idx = torch.nonzero(labels == num_classes).flatten()  # (#bg,)
     n_fg = min(int(round(batch_size * fg_fraction)), fg_idx.numel())
     n_bg = min(batch_size - n_fg, bg_idx.numel())
     fg_pick = fg_idx[torch.randperm(fg_idx.numel(), generator=generator)[:n_fg]]
@@ -180,8 +180,8 @@ class MultiImageBatchSampler:
         for lab in labels_per_image:
             if lab.ndim != 1:
                 raise ValueError(f"labels_per_image entries must be Tensor[R], got {tuple(lab.shape)}")
-            self._fg.append(torch.nonzero((lab >= 0) & (lab < num_classes)).flatten())
-            self._bg.append(torch.nonzero(lab == num_classes).flatten())
+            self._fg.append(torch.nonzero((lab >= 0) & (lab < num_classes)).flatten())  # (#fg_i,)
+            self._bg.append(torch.nonzero(lab == num_classes).flatten())  # (#bg_i,)
         self._labels = [lab.to(torch.int64) for lab in labels_per_image]
         sizes = torch.tensor([lab.numel() for lab in self._labels], dtype=torch.int64)  # (I,)
         self._offsets = torch.cumsum(sizes, 0) - sizes  # (I,) start of each image in _flat_labels
@@ -206,7 +206,7 @@ class MultiImageBatchSampler:
         reaches ``need`` (or all images)."""
         counts = torch.tensor([which[i].numel() for i in order.tolist()], dtype=torch.int64)  # (I,)
         cum = torch.cumsum(counts, 0)
-        reached = torch.nonzero(cum >= need).flatten()
+        reached = torch.nonzero(cum >= need).flatten()  # (I',)
         n_img = int(reached[0]) + 1 if reached.numel() else len(order)
         imgs = order[:n_img].tolist()
         img_idx = torch.cat([torch.full((which[i].numel(),), i, dtype=torch.int64) for i in imgs])  # (P,)

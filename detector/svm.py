@@ -76,7 +76,7 @@ def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float = 0.00
     Returns:
         dict with ``pos_loss``, ``neg_loss``, ``reg``, ``total``.
     """
-    w64 = w.double().flatten()
+    w64 = w.double().flatten()  # (F,)
     zp = pos.double() @ w64 + b
     zn = neg.double() @ w64 + b
     pos_loss = C * pos_weight * float((1.0 - zp).clamp(min=0).sum())
