@@ -23,6 +23,7 @@ the same way, so a run resumed after epoch ``e`` continues exactly as an uninter
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -218,8 +219,8 @@ def train_classifier(
         log.info("%s epoch %d/%d: loss %.4f, train top-1 error %.4f, size %s, %.1f s", mode, epoch + 1, epochs,
                  rec["loss"], rec["error"], rec["size"], rec["seconds"])
         if on_epoch_end is not None:
-            on_epoch_end({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "history": history})
+            on_epoch_end({"epoch": epoch, "model": copy.deepcopy(model.state_dict()),
+                          "optimizer": copy.deepcopy(opt.state_dict()), "history": list(history)})
     model.eval()
     return history
 

@@ -35,10 +35,10 @@ def test_spp_width_independent_of_input_size():
     model = tiny().eval()
     C = model.backbone.out_channels
     with torch.no_grad():
-        for h, w in [(224, 224), (180, 180), (97, 141), (48, 300)]:
-            pooled = model.pooled(torch.randn(2, 3, h, w))
-            assert pooled.shape == (2, C * (1 + 4 + 9 + 36)), (h, w)
-            assert model(torch.randn(2, 3, h, w)).shape == (2, 4)
+        for h, w in [(64, 64), (112, 112), (97, 141), (48, 200)]:
+            pooled = model.pooled(torch.randn(1, 3, h, w))
+            assert pooled.shape == (1, C * (1 + 4 + 9 + 36)), (h, w)
+            assert model.head(pooled).shape == (1, 4)
 
 
 def test_nospp_head_is_a_fixed_6x6_grid_at_224():
@@ -56,7 +56,7 @@ def test_nospp_head_is_a_fixed_6x6_grid_at_224():
     assert FixedGridPool(13).grid == 6
 
 
-def _toy_crops(n_per_class: int = 12, size: int = 64, seed: int = 0) -> CropSet:
+def _toy_crops(n_per_class: int = 8, size: int = 48, seed: int = 0) -> CropSet:
     """Class 0: bright square in the top-left, class 1: bright square bottom-right, 2 (= K, bg): noise."""
     g = torch.Generator().manual_seed(seed)
     imgs, labels = [], []
@@ -64,9 +64,9 @@ def _toy_crops(n_per_class: int = 12, size: int = 64, seed: int = 0) -> CropSet:
         for _ in range(n_per_class):
             im = torch.randint(0, 60, (size, size, 3), generator=g, dtype=torch.uint8)
             if k == 0:
-                im[4:28, 4:28] = 230
+                im[2:22, 2:22] = 230
             elif k == 1:
-                im[36:60, 36:60] = 230
+                im[26:46, 26:46] = 230
             imgs.append(im)
             labels.append(k)
     return CropSet(images=torch.stack(imgs), labels=torch.tensor(labels), class_names=("a", "b"),
@@ -82,23 +82,23 @@ def _ce(model, crops: CropSet) -> float:
 def test_tiny_training_run_reduces_loss():
     crops = _toy_crops()
     model = tiny(num_classes=2)
-    reinit_kaiming(model, input_std=float(preprocess_crops(crops.images, model.input_format).std()))
+    reinit_kaiming(model, sample=preprocess_crops(crops.images[::3], model.input_format))
     before = _ce(model, crops)
-    hist = train_classifier(model, crops, mode="multi", sizes=(48, 64), epochs=3, batch_size=12, lr=0.003,
-                            momentum=0.9, weight_decay=0.0, seed=0, progress=False)
+    hist = train_classifier(model, crops, mode="multi", sizes=(40, 48), epochs=3, batch_size=8, lr=0.01,
+                            momentum=0.9, weight_decay=0.0, seed=0, clip_grad=5.0, progress=False)
     after = _ce(model, crops)
-    assert [h["size"] for h in hist] == [48, 64, 48]
+    assert [h["size"] for h in hist] == [40, 48, 40]
     assert after < 0.8 * before, (before, after)
-    err = evaluate_warped(model, crops, size=64)
+    err = evaluate_warped(model, crops, size=48)
     assert err["n"] == len(crops) and 0.0 <= err["error"] <= 1.0
 
 
 def test_training_resumes_exactly_after_an_epoch():
-    crops = _toy_crops(n_per_class=4)
-    kw = dict(mode="random", sizes=(48, 64), batch_size=6, lr=0.01, momentum=0.9, weight_decay=1e-4, seed=3,
+    crops = _toy_crops(n_per_class=2)
+    kw = dict(mode="random", sizes=(40, 48), batch_size=3, lr=0.01, momentum=0.9, weight_decay=1e-4, seed=3,
               progress=False)
     full = tiny(num_classes=2)
-    reinit_kaiming(full, 60.0)
+    reinit_kaiming(full, input_std=60.0)
     init = {k: v.clone() for k, v in full.state_dict().items()}
     train_classifier(full, crops, epochs=2, **kw)
     states = []
@@ -180,8 +180,8 @@ def test_crops_from_records_labels():
 
 def test_own_size_evaluation_and_nospp_refusal():
     crops = _toy_crops(n_per_class=2)
-    crops.native = [crops.native[0][:20, :30], *crops.native[1:]]  # one tiny crop: enlarged to 48
-    res = evaluate_native(tiny(num_classes=2), crops, min_side=48)
+    crops.native = [crops.native[0][:20, :30], *crops.native[1:]]  # one tiny crop: enlarged to 40
+    res = evaluate_native(tiny(num_classes=2), crops, min_side=40)
     assert res["n"] == 6 and res["upscaled"] == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="SPP"):
         evaluate_native(tiny(num_classes=2, spp=False), crops)

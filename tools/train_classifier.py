@@ -276,13 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds or [cfg.pretrain.seed]:
         cfg_s = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, seed=seed))
         data = load_crops(cfg_s)
-        for mode in MODES:
+        for mode in ("multi", "single", "nospp", "random"):  # the default (multi) first
             cfg_m = dataclasses.replace(cfg_s, pretrain=dataclasses.replace(cfg_s.pretrain, mode=mode))
             results.setdefault(mode, []).append(run_one(cfg_m, base / f"{mode}-s{seed}", data, argv_full))
-    section = table(results, cfg, " ".join(["python", *argv_full]))
+            section = table(results, cfg, " ".join(["python", *argv_full]))
+            if str(args.benchmarks):  # after every run: an interrupted table still shows what finished
+                write_section(args.benchmarks, section)
     print(section)
     if str(args.benchmarks):
-        write_section(args.benchmarks, section)
         log.info("wrote the classifier section of %s", args.benchmarks)
     log.info("total %.1f s", time.perf_counter() - t0)
     return 0
