@@ -130,8 +130,8 @@ def _sparse_table(fmap: Tensor, kx_max: int, ky_max: int, with_index: bool
 
     Returns:
         table (Tensor[(kx_max+1)*(ky_max+1)*H*W, C]): row ``((kx*KY + ky)*H + y)*W + x`` is the max
-            over cells [x, x+2^kx) x [y, y+2^ky) (rows whose block leaves the map hold partial maxima
-            and are never read).
+            over cells [x, x+2^kx) x [y, y+2^ky); rows whose block leaves the map are left
+            uninitialised and never read. Needs 2^kx_max <= W and 2^ky_max <= H.
         index (Tensor[same] int64 or None): flat cell ``y*W + x`` where that max sits.
     """
     c, h, w = fmap.shape
@@ -144,23 +144,19 @@ def _sparse_table(fmap: Tensor, kx_max: int, ky_max: int, with_index: bool
         index[0, 0].copy_(torch.arange(h * w, device=fmap.device).view(h, w, 1).expand(h, w, c))
 
     def step(src: tuple[int, int], dst: tuple[int, int], dim: int, half: int) -> None:
+        # block 2^k = 2*half along `dim`: only the n_valid = size - 2*half + 1 start positions whose
+        # block fits in the map are computed (and ever read); the rest of the plane stays unset
         v, o = table[src], table[dst]  # (H, W, C) each
-        o.copy_(v)
-        size = v.shape[dim]
-        if half >= size:
-            if index is not None:
-                index[dst].copy_(index[src])
-            return
-        a, b = v.narrow(dim, 0, size - half), v.narrow(dim, half, size - half)
+        n_valid = v.shape[dim] - 2 * half + 1
+        a, b = v.narrow(dim, 0, n_valid), v.narrow(dim, half, n_valid)
         if index is None:
-            torch.maximum(a, b, out=o.narrow(dim, 0, size - half))
+            torch.maximum(a, b, out=o.narrow(dim, 0, n_valid))
             return
         i = index[src]
         take_b = b > a
-        o.narrow(dim, 0, size - half).copy_(torch.where(take_b, b, a))
-        index[dst].copy_(i)
-        index[dst].narrow(dim, 0, size - half).copy_(
-            torch.where(take_b, i.narrow(dim, half, size - half), i.narrow(dim, 0, size - half)))
+        o.narrow(dim, 0, n_valid).copy_(torch.where(take_b, b, a))
+        index[dst].narrow(dim, 0, n_valid).copy_(
+            torch.where(take_b, i.narrow(dim, half, n_valid), i.narrow(dim, 0, n_valid)))
 
     for kx in range(kxn):
         if kx > 0:
@@ -198,6 +194,67 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
     arg = torch.empty((r, d), dtype=torch.int64, device=fmap.device) if with_index else None
     if r == 0:
         return out, arg
+    roots, parent = _plan(levels)
+    # largest bin side read from the table (root levels only), per axis: ceil(w/n) + 1 cells
+    widths = windows[:, 2] - windows[:, 0] + 1
+    heights = windows[:, 3] - windows[:, 1] + 1
+    min_root = min(roots)
+    kx_max = int(_log2_floor(1 - torch.div(-widths.max(), min_root, rounding_mode="floor")).item())
+    ky_max = int(_log2_floor(1 - torch.div(-heights.max(), min_root, rounding_mode="floor")).item())
+    kx_max = min(kx_max, max(0, w.bit_length() - 1))
+    ky_max = min(ky_max, max(0, h.bit_length() - 1))
+    table, index = _sparse_table(fmap, kx_max, ky_max, with_index)
+    rows = {m: _corner_rows(windows, m, h, w, ky_max + 1) for m in roots}  # (4, R*m*m) each
+    offsets: dict[int, list[int]] = {}
+    off = 0
+    for n in levels:
+        offsets.setdefault(n, []).append(off)
+        off += c * n * n
+    order = sorted(parent, reverse=True)  # finest derived level first: its parent is ready
+    chunk = max(1, _CHUNK_BYTES // (max(roots) ** 2 * c * fmap.element_size()))
+    channel_base = (torch.arange(c, device=fmap.device) * (h * w)).view(1, c, 1, 1) if with_index else None
+    if not with_index:  # gather buffers reused by every chunk (no fresh pages per chunk)
+        bufs = {m: (fmap.new_empty((min(chunk, r) * m * m, c)), fmap.new_empty((min(chunk, r) * m * m, c)))
+                for m in roots}
+    for s in range(0, r, chunk):
+        rc = min(chunk, r - s)
+        res: dict[int, tuple[Tensor, Tensor | None]] = {}
+        for m in roots:
+            cols = rows[m][:, s * m * m:(s + rc) * m * m]  # (4, rc*m*m)
+            if index is None:
+                v, tmp = (b[: rc * m * m] for b in bufs[m])  # (rc*m*m, C) each
+                torch.index_select(table, 0, cols[0], out=v)
+                for corner in (1, 2, 3):
+                    torch.index_select(table, 0, cols[corner], out=tmp)
+                    torch.maximum(v, tmp, out=v)
+                res[m] = (v.view(rc, m, m, c), None)
+            else:
+                v = table.index_select(0, cols.t().reshape(-1)).view(-1, 4, c)  # (rc*m*m, 4, C)
+                ix = index.index_select(0, cols.t().reshape(-1)).view(-1, 4, c)  # (rc*m*m, 4, C)
+                best, a = v.max(dim=1, keepdim=True)  # (rc*m*m, 1, C)
+                res[m] = (best.view(rc, m, m, c), ix.gather(1, a).view(rc, m, m, c))
+        for n in order:
+            pm = parent[n]
+            k = pm // n
+            pv, pi = res[pm]
+            if pi is None:
+                # level-n bins are k x k blocks of level-pm bins: a k/k max pool, run on the
+                # channels-last view (vectorised over C)
+                pooled = F.max_pool2d(pv.permute(0, 3, 1, 2), k, k)  # (rc, C, n, n) channels-last
+                res[n] = (pooled.permute(0, 2, 3, 1), None)  # (rc, n, n, C)
+            else:
+                blocks = pv.view(rc, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(rc, n, n, c, k * k)
+                bi = pi.view(rc, n, k, n, k, c).permute(0, 1, 3, 5, 2, 4).reshape(rc, n, n, c, k * k)
+                best, a = blocks.max(dim=-1, keepdim=True)  # (rc, n, n, C, 1)
+                res[n] = (best.squeeze(-1), bi.gather(-1, a).squeeze(-1))  # (rc, n, n, C) each
+        for n, (v, ix) in res.items():
+            for o in offsets.get(n, []):
+                dst = out[s:s + rc, o:o + c * n * n].view(rc, c, n, n)  # (rc, C, n, n)
+                dst.copy_(v.permute(0, 3, 1, 2))  # (rc, C, n, n)
+                if arg is not None:
+                    cells = ix.permute(0, 3, 1, 2) + channel_base  # (rc, C, n, n) flat c*H*W + cell
+                    arg[s:s + rc, o:o + c * n * n].view(rc, c, n, n).copy_(cells)  # (rc, C, n, n)
+    return out, arg
     roots, parent = _plan(levels)
     # largest bin side read from the table (root levels only), per axis: ceil(w/n) + 1 cells
     widths = windows[:, 2] - windows[:, 0] + 1
