@@ -153,6 +153,8 @@ def run_section(name: str, args: argparse.Namespace) -> tuple[str, dict[str, flo
         return section_spp(runs=args.runs)
     import _bench_sections  # tools/ is on sys.path for a script run from here
 
+    if name == "memory":
+        return _bench_sections.section_memory(voc_root=args.voc_root)
     return getattr(_bench_sections, f"section_{name}")()
 
 
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print the figures only")
+    p.add_argument("--voc-root", help="memory section: VOC 2007 folder whose trainval image sizes give the "
+                   "conv5 cache disk figure (default: 5011 images of 500x375, documented in the section)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
