@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("-n", "--num-images", type=int, default=3)
     p.add_argument("--proposals", type=int, default=2000, help="proposals per image (paper: ~2000)")
-    p.add_argument("--ss-mode", default="fast", help="selective search mode")
+    p.add_argument("--ss-mode", default="fast+", help="proposals.selective_search mode (project default fast+)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--batch-size", type=int, default=0, help="R-CNN windows per conv batch (0 = default)")
     p.add_argument("--scales-5", type=int, nargs="+", default=[480, 576, 688, 864, 1200])
