@@ -105,8 +105,14 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
     spp = _stats(run_spp(det))
     rows.append(("SPP-net ZF-5, 1 scale (688), fc 4096", spp))
     ratios = {"detect_spp_s_per_image": spp["median"]}
+    from detector.head import LowRankLinear
+
     for r in svd_ranks:
-        d = random_detector(width_mult=1.0, fc_dim=4096, seed=0).compress_fc(r)
+        # timing does not depend on the weights: random rank-r factors of the shapes compress_svd makes
+        # (a float64 SVD of the 4096x12800 fc6 would take about a minute per rank on 2 cores)
+        d = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+        d.head.fc6 = LowRankLinear(d.head.in_dim, d.head.fc_dim, r).eval()
+        d.head.fc7 = LowRankLinear(d.head.fc_dim, d.head.fc_dim, r).eval()
         s = _stats(run_spp(d))
         rows.append((f"SPP-net ZF-5, 1 scale, fc6/fc7 SVD rank {r}", s))
         ratios[f"detect_spp_svd{r}_s_per_image"] = s["median"]
