@@ -10,8 +10,8 @@ Modes of :func:`selective_search`
                (downscaled only when its longer side exceeds ``max_side``).
 ``"quality"``  OpenCV's ``switchToSelectiveSearchQuality`` (5 colour spaces x 5 k x 4 strategies).
 ``"fast+"``    the default: OpenCV "fast" on a copy whose longer side is ``ss_side`` (320 px), unioned
-               with a multi-scale grid of sliding windows (square and 1:2 / 2:1 windows with sides
-               from ``grid_min`` px to the image size in steps of sqrt(2), stride half the side).
+               with a multi-scale grid of sliding windows (square by default; sides from
+               ``grid_min`` px to the image size in steps of sqrt(2), stride half the side).
                Selective search merges touching objects of similar colour early (cells in a smear,
                digits on a page), so some objects never get a box of their own; the grid guarantees
                every object a window with IoU >= 0.5 in expectation, and selective search supplies
@@ -26,8 +26,9 @@ with a side under ``min_size`` removed, exact duplicates removed (first kept), t
 to run (the set does not). We discard that order and sort selective-search boxes by a fixed
 integer hash of their coordinates (:func:`_hash_order`): a deterministic shuffle that, like OpenCV's
 random ranking, leaves the first k boxes unbiased in position and scale, so cutting to ``max_boxes``
-keeps a fair sample. In "fast+" the selective-search boxes come first, then grid windows from the
-coarsest scale to the finest (each scale hash-shuffled), so a cap drops fine grid windows first.
+keeps a fair sample. In "fast+" the selective-search boxes come first, then the grid windows, all
+scales hash-shuffled together, so a cap thins every scale alike (a coarse-to-fine order lost the
+smallest windows first and measured worse on small digits: recall@0.5 0.652 vs 0.667).
 
 Failure cases handled
 ---------------------
@@ -164,13 +165,14 @@ def _safe_ss(rgb: np.ndarray, strategy: str, max_side: int) -> np.ndarray:
 
 
 def grid_boxes(height: int, width: int, min_side: float = GRID_MIN, step: float = math.sqrt(2.0),
-               stride: float = 0.5, aspect_ratios: tuple[float, ...] = (1.0, 0.5, 2.0)) -> np.ndarray:
-    """Multi-scale sliding windows covering the image, coarsest scale first.
+               stride: float = 0.5, aspect_ratios: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    """Multi-scale sliding windows covering the image, in hash order (all scales mixed).
 
     For each side ``s = min_side * step**i`` up to the longer image side and each aspect ratio
     ``a = w / h``, windows of ``s*sqrt(a) x s/sqrt(a)`` (skipped when larger than the image) are
     placed on a grid with about ``stride * s`` spacing, spread evenly so the first and last windows
-    touch the image borders. Within one scale the windows are hash-ordered (see :func:`_hash_order`).
+    touch the image borders. The windows are hash-ordered (see :func:`_hash_order`), so the first k
+    are a spatially and scale-uniform sample.
 
     Args:
         height, width: image size in pixels.
@@ -200,19 +202,19 @@ def grid_boxes(height: int, width: int, min_side: float = GRID_MIN, step: float 
             X, Y = X.ravel(), Y.ravel()  # (ny*nx,)
             level.append(np.stack([X, Y, X + bw, Y + bh], axis=1))  # (ny*nx, 4)
         if level:
-            lv = np.concatenate(level).astype(np.float32)  # (r, 4)
-            per_scale.append(lv[_hash_order(lv)])
+            per_scale.append(np.concatenate(level).astype(np.float32))  # (r, 4)
         s *= step
     if not per_scale:
         return np.zeros((0, 4), np.float32)
-    return np.concatenate(per_scale[::-1])  # (R, 4) coarsest scale first
+    grid = np.concatenate(per_scale)  # (R, 4)
+    return grid[_hash_order(grid)]
 
 
 def selective_search(image: np.ndarray, mode: str = "fast+", min_size: float = 20,
                      max_boxes: int | None = None, *, max_side: int = MAX_SIDE,
                      ss_side: int = SS_SIDE, grid_min: float = GRID_MIN,
                      grid_stride: float = 0.5,
-                     grid_aspect_ratios: tuple[float, ...] = (1.0, 0.5, 2.0)) -> np.ndarray:
+                     grid_aspect_ratios: tuple[float, ...] = (1.0,)) -> np.ndarray:
     """Object proposals for one image (see the module docstring for modes and order).
 
     Args:
