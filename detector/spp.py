@@ -42,7 +42,11 @@ __all__ = [
     "SpatialPyramidPool",
 ]
 
-_CHUNK_BYTES = 1 << 20  # gathered bytes per chunk of windows: keeps the blocks in cache
+# Gathered bytes per chunk of windows. Smaller chunks stay in cache (1 MiB is ~10% faster on one
+# thread) but every chunk costs ~14 ATen calls; with more threads than free cores each parallel
+# call can wait a whole scheduler slice, and 1 MiB chunks ran 7x slower than 8 MiB ones on the
+# shared 2-core test machine (tools/benchmark.py --only spp).
+_CHUNK_BYTES = 8 << 20
 
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
