@@ -73,8 +73,8 @@ class ProposalConfig:
     # "edge_boxes": OpenCV EdgeBoxes with the structured-edge model `edge_model`.
     method: str = "selective_search"
     # "fast+" (default): OpenCV fast selective search on a copy with longer side `ss_side`, unioned
-    # with a multi-scale grid of windows (proposals/selective_search.py; BCCD test recall@0.5 0.996
-    # at ~0.55 s/image vs 0.77 at 1.7 s for plain "fast"); "fast": OpenCV fast as-is (closest to
+    # with a multi-scale grid of windows (proposals/selective_search.py; BCCD test recall@0.5 0.978
+    # at ~0.58 CPU s/image vs 0.77 at 1.7 s for plain "fast"); "fast": OpenCV fast as-is (closest to
     # spec §9); "quality": OpenCV quality.
     mode: str = "fast+"
     min_size: int = 20  # boxes with a side under this many pixels are dropped (spec §9)
