@@ -86,6 +86,7 @@ def compute_proposals_for_images(
     *,
     skip_bad_images: bool = False,
     chunk_size: int = 8,
+    ss_options: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Selective-search proposals for every image, saved to ``out`` (``.npz``), resumable.
 
@@ -98,6 +99,8 @@ def compute_proposals_for_images(
         progress: show a tqdm bar (images).
         skip_bad_images: False: a bad image raises ImageError naming it; True: warn, zero boxes.
         chunk_size: images per shard (the unit of resumption).
+        ss_options: further keyword arguments of :func:`proposals.selective_search` (e.g. the
+            "fast+" ``ss_side``, ``grid_min``, ``grid_stride``, ``grid_aspect_ratios``).
     Returns:
         dict id -> ndarray float32 [R, 4] xyxy, in ``items`` order.
     Raises:
@@ -114,9 +117,10 @@ def compute_proposals_for_images(
         raise ValueError(f"compute_proposals_for_images: duplicate image ids {dup[:10]}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    kwargs = {"mode": mode, "min_size": min_size, "max_boxes": max_boxes or None}
+    kwargs = {"mode": mode, "min_size": min_size, "max_boxes": max_boxes or None, **(ss_options or {})}
     params = {"kwargs": kwargs, "ids": ids, "chunk_size": chunk_size,
               "skip_bad_images": skip_bad_images}
+    params = json.loads(json.dumps(params))  # tuples -> lists, as params.json reads back
     meta = json.dumps({k: params[k] for k in ("kwargs", "skip_bad_images")}, sort_keys=True)
 
     # 1. a finished file with the same parameters and ids is the cache

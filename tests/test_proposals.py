@@ -240,6 +240,12 @@ def test_compute_resumes_after_interruption(tmp_path, monkeypatch):
     assert np.array_equal(compute_proposals_for_images(items, out, **kw)["id0"], got["id0"])
     again = compute_proposals_for_images(items, out, **{**kw, "max_boxes": 49})
     np.testing.assert_array_equal(again["id0"], ref["id0"][:49])
+    # fast+ options travel to selective_search (tuples survive the params.json round trip)
+    opts = {"mode": "fast+", "ss_options": {"grid_min": 40.0, "grid_aspect_ratios": (1.0, 2.0)}}
+    plus = compute_proposals_for_images(items[:1], tmp_path / "plus.npz", **{**kw, **opts, "max_boxes": None})
+    direct = selective_search(cv2.imread(str(items[0][1]))[:, :, ::-1], mode="fast+", min_size=10,
+                              grid_min=40.0, grid_aspect_ratios=(1.0, 2.0))
+    np.testing.assert_array_equal(plus["id0"], direct)
 
 
 def test_compute_bad_image_and_two_workers(tmp_path, caplog):
