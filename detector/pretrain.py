@@ -90,12 +90,17 @@ def lr_at(it: int, total: int, base_lr: float, warmup_iters: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, (it - warmup_iters) / span)))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(model: nn.Module, weight_decay: float, input_std: float) -> list[dict]:
+    first = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and p is not first:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if first is not None and first.requires_grad:
+        groups.append({"params": [first], "weight_decay": weight_decay, "lr_mult": 1.0 / input_std ** 2})
+    return groups
 
 
 def train_classifier(
@@ -113,6 +118,7 @@ def train_classifier(
     hflip: bool = False,
     warmup_iters: int = 0,
     clip_grad: float = 0.0,
+    input_std: float = 1.0,
     device: str | torch.device = "cpu",
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -131,6 +137,10 @@ def train_classifier(
             class, e.g. digits).
         warmup_iters: iterations of linear warm-up.
         clip_grad: clip the global gradient L2 norm to this before each step (0 = off).
+        input_std: pixel std of the preprocessed input (~60 for ZF-5's 0..255 minus 128). The first
+            conv's weights learn at ``lr / input_std**2``: exactly SGD on standardised inputs with the
+            weights rescaled to match, so conv1's relative updates are not ``input_std**2`` times
+            larger than every other layer's (which made from-scratch training diverge).
         device: where to train.
         resume: a state from ``on_epoch_end`` (``epoch``, ``model``, ``optimizer``, ``history``);
             training continues after that epoch.
@@ -152,7 +162,7 @@ def train_classifier(
         raise ValueError("no training crops")
     device = torch.device(device)
     model.to(device)
-    opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(_param_groups(model, weight_decay, input_std), lr=lr, momentum=momentum)
     M = len(train)
     per_epoch = math.ceil(M / batch_size)
     total = per_epoch * epochs
@@ -181,7 +191,7 @@ def train_classifier(
             it = epoch * per_epoch + b
             cur_lr = lr_at(it, total, lr, warmup_iters)
             for grp in opt.param_groups:
-                grp["lr"] = cur_lr
+                grp["lr"] = cur_lr * grp.get("lr_mult", 1.0)
             idx = perm[b * batch_size:(b + 1) * batch_size]
             size = batch_size_schedule(mode, sizes, epoch, g)
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)

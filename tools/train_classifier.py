@@ -53,7 +53,7 @@ ROW_NAMES = {
     "multi": "SPP multi-size (180/224, by epoch)",
     "random": "SPP random-size ([180, 224], by batch)",
 }
-SECTION = ("<!-- section:classifier -->", "<!-- /section:classifier -->")
+SECTION = ("<!-- benchmark:classifier -->", "<!-- /benchmark:classifier -->")  # tools/benchmark.py style
 
 
 @dataclass
@@ -131,6 +131,7 @@ def run_one(cfg: Config, out: Path, data: CropData, argv: list[str]) -> dict:
                           nospp_conv5=_conv5_side(backbone, max(pc.sizes)))
     if pc.init not in ("spec", "kaiming"):
         sys.exit(f"config error: pretrain.init must be 'spec' or 'kaiming', got '{pc.init}'")
+    input_std = float(preprocess_crops(data.train.images[:64], model.input_format).std())
     if pc.init == "kaiming" and bc.weights == "none":
         torch.manual_seed(pc.seed)
         g = torch.Generator().manual_seed(pc.seed)
@@ -144,7 +145,7 @@ def run_one(cfg: Config, out: Path, data: CropData, argv: list[str]) -> dict:
     hist = train_classifier(
         model, data.train, mode=pc.mode, sizes=pc.sizes, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
         momentum=pc.momentum, weight_decay=pc.weight_decay, seed=pc.seed, hflip=pc.hflip,
-        warmup_iters=pc.warmup_iters, clip_grad=pc.clip_grad, device=cfg.device,
+        warmup_iters=pc.warmup_iters, clip_grad=pc.clip_grad, input_std=input_std, device=cfg.device,
         resume=None if resume is None else resume["state"],
         on_epoch_end=lambda s: C.atomic_save({"key": key, "state": s}, state_path),
     )
