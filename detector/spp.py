@@ -42,11 +42,12 @@ __all__ = [
     "SpatialPyramidPool",
 ]
 
-# Gathered bytes per chunk of windows. Smaller chunks stay in cache (1 MiB is ~10% faster on one
-# thread) but every chunk costs ~14 ATen calls; with more threads than free cores each parallel
-# call can wait a whole scheduler slice, and 1 MiB chunks ran 7x slower than 8 MiB ones on the
-# shared 2-core test machine (tools/benchmark.py --only spp).
-_CHUNK_BYTES = 8 << 20
+# Gathered bytes per chunk of windows. Small chunks stay in cache (1 MiB: ~0.20 s vs ~0.30 s CPU
+# for the benchmark case on one thread) but every chunk costs ~14 ATen calls, and with several
+# threads each parallel call can wait for a descheduled thread: on the shared 2-core test machine
+# 1 MiB chunks at 2 threads ran 7x slower than 8 MiB ones (tools/benchmark.py --only spp).
+_CHUNK_BYTES_ONE_THREAD = 1 << 20
+_CHUNK_BYTES = 8 << 20  # with more than one intra-op thread
 
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
@@ -215,7 +216,8 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
         offsets.setdefault(n, []).append(off)
         off += c * n * n
     order = sorted(parent, reverse=True)  # finest derived level first: its parent is ready
-    chunk = max(1, _CHUNK_BYTES // (max(roots) ** 2 * c * fmap.element_size()))
+    budget = _CHUNK_BYTES_ONE_THREAD if torch.get_num_threads() == 1 and not fmap.is_cuda else _CHUNK_BYTES
+    chunk = max(1, budget // (max(roots) ** 2 * c * fmap.element_size()))
     channel_base = (torch.arange(c, device=fmap.device) * (h * w)).view(1, c, 1, 1) if with_index else None
     if not with_index:  # gather buffers reused by every chunk (no fresh pages per chunk)
         bufs = {m: (fmap.new_empty((min(chunk, r) * m * m, c)), fmap.new_empty((min(chunk, r) * m * m, c)))
@@ -276,7 +278,8 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
         offsets.setdefault(n, []).append(off)
         off += c * n * n
     order = sorted(parent, reverse=True)  # finest derived level first: its parent is ready
-    chunk = max(1, _CHUNK_BYTES // (max(roots) ** 2 * c * fmap.element_size()))
+    budget = _CHUNK_BYTES_ONE_THREAD if torch.get_num_threads() == 1 and not fmap.is_cuda else _CHUNK_BYTES
+    chunk = max(1, budget // (max(roots) ** 2 * c * fmap.element_size()))
     channel_base = (torch.arange(c, device=fmap.device) * (h * w)).view(1, c, 1, 1) if with_index else None
     for s in range(0, r, chunk):
         rc = min(chunk, r - s)
