@@ -129,6 +129,9 @@ class PretrainConfig:
     warmup_iters: int = 0  # linear lr warm-up iterations before the cosine decay (0 = none)
     clip_grad: float = 0.0  # clip the global gradient L2 norm to this per step (0 = off; no-BN nets from scratch)
     val_max_images: int = 0  # held-out images evaluated (0 = all); caps evaluation time
+    # "sgd" (momentum SGD, the paper's) or "adamw": from scratch on a CPU budget (a few hundred
+    # steps) SGD without batch norm stays at the class prior (measured on digits), AdamW learns.
+    optimizer: str = "sgd"
     eval_min_side: int = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
 
 
@@ -139,6 +142,9 @@ class FeatureConfig:
     test_scales: tuple[int, ...] = (688,)  # 1-scale testing at 688 (paper §4.2); list 5 for 5-scale
     max_size: int = 0  # cap on the resized longer side, 0 = none (the paper has no cap, §2)
     levels: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, in fc6's concatenation order (spec §4)
+    # Window side (px) the per-window scale choice aims at (spec §5: 13 cells x 16 = 208, the
+    # pre-training crop's conv5). A trunk pre-trained on smaller crops aims at their size.
+    target_side: float = 208.0
     cache_dir: str = ""  # conv5 cache folder; "" = <output_dir>/conv5_cache
 
 

@@ -57,9 +57,11 @@ class SPPDetector:
         scales: test scales (shorter side), e.g. (688,) or (480, 576, 688, 864, 1200).
         levels: SPP levels in fc6's order.
         max_size: cap on the resized longer side (0 = none).
+        target_side: window side (px) the per-window scale choice aims at (spec §5: 208).
         nms, max_per_class, score_thresh: spec §9 post-processing.
-        proposal_mode, proposal_min_size, proposal_max_boxes: selective search settings used
-            when ``detect`` is called without proposals.
+        proposal_options: keyword arguments of :func:`proposals.selective_search` (mode,
+            min_size, max_boxes, and the "fast+" grid settings) used when ``detect`` is called
+            without proposals; the training run's settings are stored in the checkpoint.
         meta: free-form dict saved with the checkpoint (resolved config, training figures).
     """
 
@@ -76,12 +78,11 @@ class SPPDetector:
         scales: Sequence[int],
         levels: Sequence[int] = (1, 2, 3, 6),
         max_size: int = 0,
+        target_side: float = 208.0,
         nms: float = 0.3,
         max_per_class: int = 100,
         score_thresh: float = -1.5,
-        proposal_mode: str = "fast",
-        proposal_min_size: int = 20,
-        proposal_max_boxes: int = 2000,
+        proposal_options: dict | None = None,
         arch: str = "zf5",
         width_mult: float = 1.0,
         meta: dict | None = None,
@@ -109,13 +110,11 @@ class SPPDetector:
         self.nms = float(nms)
         self.max_per_class = int(max_per_class)
         self.score_thresh = float(score_thresh)
-        self.proposal_mode = proposal_mode
-        self.proposal_min_size = int(proposal_min_size)
-        self.proposal_max_boxes = int(proposal_max_boxes)
+        self.proposal_options = dict(proposal_options or {})
         self.arch = arch
         self.width_mult = float(width_mult)
         self.meta = dict(meta or {})
-        self.proj = ProjectionParams.of(self.backbone)
+        self.proj = ProjectionParams.of(self.backbone, target_side)
         self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ building blocks
@@ -206,8 +205,7 @@ class SPPDetector:
         with self._timed("proposals"):
             if proposals is None:
                 boxes = torch.from_numpy(
-                    np.asarray(selective_search(img, mode=self.proposal_mode, min_size=self.proposal_min_size,
-                                                max_boxes=self.proposal_max_boxes or None), dtype=np.float32)
+                    np.asarray(selective_search(img, **self.proposal_options), dtype=np.float32)
                 ).reshape(-1, 4)
             else:
                 boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
@@ -275,12 +273,11 @@ class SPPDetector:
             "scales": list(self.scales),
             "levels": list(self.levels),
             "max_size": self.max_size,
+            "target_side": self.proj.target_side,
             "nms": self.nms,
             "max_per_class": self.max_per_class,
             "score_thresh": self.score_thresh,
-            "proposal_mode": self.proposal_mode,
-            "proposal_min_size": self.proposal_min_size,
-            "proposal_max_boxes": self.proposal_max_boxes,
+            "proposal_options": self.proposal_options,
             "meta": self.meta,
         }
 
@@ -332,9 +329,8 @@ class SPPDetector:
             backbone=backbone, head=head, svm_weight=st["svm_weight"], svm_bias=st["svm_bias"],
             feature_scale=st["feature_scale"], bbox_weight=st["bbox_weight"], pool_scale=st["pool_scale"],
             class_names=st["class_names"], scales=scales or st["scales"], levels=st["levels"],
-            max_size=st["max_size"], nms=st["nms"], max_per_class=st["max_per_class"],
-            score_thresh=st["score_thresh"], proposal_mode=st["proposal_mode"],
-            proposal_min_size=st["proposal_min_size"], proposal_max_boxes=st["proposal_max_boxes"],
+            max_size=st["max_size"], target_side=st.get("target_side", 208.0), nms=st["nms"], max_per_class=st["max_per_class"],
+            score_thresh=st["score_thresh"], proposal_options=st["proposal_options"],
             arch=st["arch"], width_mult=st["width_mult"], meta=st.get("meta", {}), device=device,
         )
         return det.compress_fc(svd_rank)

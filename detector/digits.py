@@ -95,7 +95,7 @@ class DigitsParams:
     n_trainval: int = 1000  # trainval images (train = first half, val = second half)
     n_test: int = 300
     image_side: tuple[int, int] = (320, 500)  # image height and width each uniform in this range, px
-    object_side: tuple[float, float] = (12.0, 160.0)  # ink height, log-uniform, px (13x range)
+    object_side: tuple[float, float] = (16.0, 160.0)  # ink height, log-uniform, px (10x range; the issue: "about 16 to 160")
     objects_per_image: tuple[int, int] = (2, 8)  # target count uniform in this range (inclusive)
     max_rotation: float = 12.0  # degrees, uniform in [-max, max]
     aspect_jitter: float = 1.3  # width multiplier log-uniform in [1/a, a]

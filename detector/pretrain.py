@@ -119,6 +119,7 @@ def train_classifier(
     warmup_iters: int = 0,
     clip_grad: float = 0.0,
     input_std: float = 1.0,
+    optimizer: str = "sgd",
     device: str | torch.device = "cpu",
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -141,6 +142,9 @@ def train_classifier(
             conv's weights learn at ``lr / input_std**2``: exactly SGD on standardised inputs with the
             weights rescaled to match, so conv1's relative updates are not ``input_std**2`` times
             larger than every other layer's (which made from-scratch training diverge).
+        optimizer: "sgd" (momentum SGD, as the paper) or "adamw" (AdamW: conv1 steps at
+            ``lr / input_std``; learns from scratch in far fewer steps, which is what a CPU budget
+            allows).
         device: where to train.
         resume: a state from ``on_epoch_end`` (``epoch``, ``model``, ``optimizer``, ``history``);
             training continues after that epoch.
@@ -162,7 +166,14 @@ def train_classifier(
         raise ValueError("no training crops")
     device = torch.device(device)
     model.to(device)
-    opt = torch.optim.SGD(_param_groups(model, weight_decay, input_std), lr=lr, momentum=momentum)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(_param_groups(model, weight_decay, input_std), lr=lr, momentum=momentum)
+    elif optimizer == "adamw":
+        # Adam's steps are ~lr in size whatever the gradient scale, so conv1 (whose weights are
+        # input_std times smaller for the 0..255 input) steps at lr / input_std.
+        opt = torch.optim.AdamW(_param_groups(model, weight_decay, math.sqrt(input_std)), lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adamw'")
     M = len(train)
     per_epoch = math.ceil(M / batch_size)
     total = per_epoch * epochs

@@ -22,15 +22,18 @@ __all__ = ["ProjectionParams", "Conv5Pyramid", "pool_regions"]
 
 @dataclass(frozen=True)
 class ProjectionParams:
-    """Backbone geometry the projection needs (see detector.backbones)."""
+    """Backbone geometry the projection needs (see detector.backbones), and the window side the
+    per-window scale choice aims at (spec §5: 208 px = 13 conv5 cells)."""
 
     stride: int
     offset0: float
     shrink: float
+    target_side: float = 208.0
 
     @staticmethod
-    def of(backbone: torch.nn.Module) -> "ProjectionParams":
-        return ProjectionParams(int(backbone.stride), float(backbone.proj_offset0), float(backbone.proj_shrink))
+    def of(backbone: torch.nn.Module, target_side: float = 208.0) -> "ProjectionParams":
+        return ProjectionParams(int(backbone.stride), float(backbone.proj_offset0), float(backbone.proj_shrink),
+                                float(target_side))
 
 
 @dataclass
@@ -66,7 +69,8 @@ def pool_regions(
         levels: pyramid levels, e.g. (1, 2, 3, 6).
         proj: stride / offset constants of the backbone.
         scale_index (Tensor[R] int64 | None): scale per box; None = the spec §5 choice
-            (``select_scales``). Fine-tuning passes random scales here.
+            (``select_scales`` aiming at ``proj.target_side`` px). Fine-tuning passes random
+            scales here.
     Returns:
         Tensor[R, D] float32.
     """
@@ -81,7 +85,7 @@ def pool_regions(
         return out
     boxes = boxes.to(torch.float32)
     if scale_index is None:
-        scale_index = select_scales(boxes, pyramid.image_size, pyramid.short_sides())
+        scale_index = select_scales(boxes, pyramid.image_size, pyramid.short_sides(), target_side=proj.target_side)
     scale_index = scale_index.to(torch.int64).cpu()
     for s in torch.unique(scale_index).tolist():
         idx = torch.nonzero(scale_index == s).flatten()  # (R_s,)

@@ -388,7 +388,7 @@ def feature_norm_scales(
 
 def _dedup_windows(item_pyr: Conv5Pyramid, boxes: torch.Tensor, proj: ProjectionParams) -> torch.Tensor:
     """Indices of boxes with a distinct (scale, conv5 window): spec §7 dedup."""
-    s_idx = select_scales(boxes, item_pyr.image_size, item_pyr.short_sides())
+    s_idx = select_scales(boxes, item_pyr.image_size, item_pyr.short_sides(), target_side=proj.target_side)
     keys = torch.zeros((boxes.shape[0], 5), dtype=torch.int64)
     keys[:, 0] = s_idx
     for s in torch.unique(s_idx).tolist():

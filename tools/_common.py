@@ -86,6 +86,14 @@ def load_if_valid(path: Path, key: str) -> Any | None:
     return obj
 
 
+def proposal_options(cfg: Config) -> dict:
+    """Keyword arguments of proposals.selective_search for the config's proposal settings."""
+    pc = cfg.proposals
+    return {"mode": pc.mode, "min_size": pc.min_size, "max_boxes": pc.max_boxes or None,
+            "ss_side": pc.ss_side, "grid_min": pc.grid_min, "grid_stride": pc.grid_stride,
+            "grid_aspect_ratios": tuple(pc.grid_aspect_ratios)}
+
+
 def split_proposals(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path]], out_dir: Path,
                     file: str = "") -> dict[str, np.ndarray]:
     """Proposals of one split: loaded from ``file`` (method "file") or computed and cached.
@@ -104,8 +112,7 @@ def split_proposals(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path
         return load_proposals(file, ids)
     if pc.method not in ("selective_search", "edge_boxes"):
         sys.exit(f"config error: proposals.method must be selective_search, edge_boxes or file, got '{pc.method}'")
-    key = digest(pc.method, pc.mode, pc.min_size, pc.max_boxes, pc.edge_model, ids,
-                 [str(p) for _, p in ids_paths])
+    key = digest(pc.method, proposal_options(cfg), pc.edge_model, ids, [str(p) for _, p in ids_paths])
     out = out_dir / "proposals" / f"{split}-{key}.npz"
     if out.is_file():
         try:
@@ -113,9 +120,14 @@ def split_proposals(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path
         except Exception as e:  # corrupt: recompute
             log.warning("%s unreadable (%s); recomputing", out, e)
     log.info("computing %s proposals for %d %s images -> %s", pc.method, len(ids), split, out)
-    kwargs = dict(workers=pc.workers, mode=pc.mode, min_size=pc.min_size, max_boxes=pc.max_boxes or None,
-                  progress=True)
-    return compute_proposals_for_images(list(ids_paths), out, **kwargs)
+    opts = proposal_options(cfg)
+    if pc.method == "edge_boxes":
+        sys.exit("config error: proposals.method 'edge_boxes' is available through proposals.edge_boxes for "
+                 "single images; split-level EdgeBoxes is not wired into training yet (use selective_search "
+                 "or a proposal file)")
+    base = {k: opts.pop(k) for k in ("mode", "min_size", "max_boxes")}
+    return compute_proposals_for_images(list(ids_paths), out, workers=pc.workers, progress=True,
+                                        ss_options=opts, **base)
 
 
 def peak_memory_mb() -> float:

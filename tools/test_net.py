@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if i < args.time_proposals and cfg.proposals.method == "selective_search":
             t0 = time.perf_counter()
-            selective_search(image, mode=cfg.proposals.mode, min_size=cfg.proposals.min_size,
-                             max_boxes=cfg.proposals.max_boxes or None)
+            selective_search(image, **C.proposal_options(cfg))
             stage_times["proposals"].append(time.perf_counter() - t0)
         boxes = props[rec.image_id]
         n_props.append(len(boxes))

@@ -145,7 +145,8 @@ def run_one(cfg: Config, out: Path, data: CropData, argv: list[str]) -> dict:
     hist = train_classifier(
         model, data.train, mode=pc.mode, sizes=pc.sizes, epochs=pc.epochs, batch_size=pc.batch_size, lr=pc.lr,
         momentum=pc.momentum, weight_decay=pc.weight_decay, seed=pc.seed, hflip=pc.hflip,
-        warmup_iters=pc.warmup_iters, clip_grad=pc.clip_grad, input_std=input_std, device=cfg.device,
+        warmup_iters=pc.warmup_iters, clip_grad=pc.clip_grad, input_std=input_std, optimizer=pc.optimizer,
+        device=cfg.device,
         resume=None if resume is None else resume["state"],
         on_epoch_end=lambda s: C.atomic_save({"key": key, "state": s}, state_path),
     )

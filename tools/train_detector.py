@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, check=True)
         weights = str(pre_dir / "classifier.pt")
     backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=weights).eval()
-    proj = ProjectionParams.of(backbone)
+    proj = ProjectionParams.of(backbone, cfg.features.target_side)
     if stage_done("pretrain", t0):
         return 0
 
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ftc = cfg.finetune
     D = spp_out_dim(backbone.out_channels, fc.levels)
-    base_key = C.digest(cache.key, class_names, [r.image_id for r in train_recs], n_props, fc.levels)
+    base_key = C.digest(cache.key, class_names, [r.image_id for r in train_recs], n_props, fc.levels,
+                        fc.target_side)
     ft_key = C.digest(base_key, ftc, cfg.head, [r.image_id for r in val_recs], dc.use_flipped)
     ft_path = out / "finetune" / "head.pt"
     done = C.load_if_valid(ft_path, ft_key)
@@ -195,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         backbone=backbone, head=head, svm_weight=done_svm["W"], svm_bias=done_svm["b"],
         feature_scale=done_svm["feature_scale"], bbox_weight=bbox_weight, pool_scale=done_svm["pool_scale"],
         class_names=class_names, scales=fc.test_scales, levels=fc.levels, max_size=fc.max_size,
+        target_side=fc.target_side,
         nms=cfg.test.nms, max_per_class=cfg.test.max_per_class, score_thresh=cfg.test.score_thresh,
-        proposal_mode=cfg.proposals.mode, proposal_min_size=cfg.proposals.min_size,
-        proposal_max_boxes=cfg.proposals.max_boxes, arch=bc.arch, width_mult=bc.width_mult,
+        proposal_options=C.proposal_options(cfg), arch=bc.arch, width_mult=bc.width_mult,
         meta={"config": C.config_to_dict(cfg), "stage_seconds": timings},
     )
     path = det.save(out / "model.pt")
