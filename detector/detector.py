@@ -29,7 +29,7 @@ from detector.postprocess import detections_from_scores
 from detector.pyramid import image_pyramid, resized_size
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from proposals import selective_search
-from proposals.imageio import read_image, to_rgb_uint8
+from proposals.imageio import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageError, read_image, to_rgb_uint8
 
 __all__ = ["SPPDetector", "build_detector", "CheckpointError", "STAGES"]
 
@@ -175,7 +175,11 @@ class SPPDetector:
         name = "<array>" if isinstance(image, np.ndarray) else f"<{type(image).__name__}>"
         if not isinstance(image, np.ndarray):
             image = np.asarray(image)  # PIL image -> ndarray
-        return to_rgb_uint8(image, name=name), name
+        img = to_rgb_uint8(image, name=name)
+        h, w = img.shape[:2]
+        if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
+            raise ImageError(f"{name}: image is {w}x{h}; sides must be within [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px")
+        return img, name
 
     @torch.inference_mode()
     def detect(
@@ -188,7 +192,8 @@ class SPPDetector:
 
         Args:
             image: H x W x 3 uint8 RGB array, a PIL image, or a file path (grayscale, RGBA and
-                16-bit images are converted; see proposals.imageio).
+                16-bit images are converted; see proposals.imageio). Sides must be within
+                [32, 10000] px; an unreadable or out-of-range image raises ``ImageError`` naming it.
             proposals (Tensor[R, 4] | None): xyxy boxes in original-image pixels; None = run
                 selective search on the image (the proposal time is then in ``last_timings``).
             score_threshold: keep detections with an SVM score above this (default: the

@@ -23,8 +23,9 @@ num_threads: 2
 data: {{root: {data}, classes: [zero, one, two, three, four, five, six, seven, eight, nine], val_fraction: 0.2}}
 proposals: {{max_boxes: 300, workers: 1}}
 backbone: {{arch: zf5, width_mult: 0.125}}
-pretrain: {{enabled: true, epochs: 1, sizes: [96, 128], fc_dim: 64, batch_size: 32, crops_per_image: 4}}
-features: {{train_scales: [224, 320], test_scales: [320]}}
+pretrain: {{enabled: true, epochs: 2, sizes: [48, 64], fc_dim: 64, batch_size: 32, crops_per_image: 4,
+           optimizer: adamw, lr: 0.002, init: kaiming, hflip: false}}
+features: {{train_scales: [160, 320], test_scales: [240], target_side: 64}}
 head: {{fc_dim: 64}}
 finetune: {{iters: 40, lr: 0.01, lr_steps: [30], val_every: 20, val_batches: 2, batch_size: 32,
            chunk_iters: 20, chunk_images: 8}}
@@ -114,3 +115,18 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
         SPPDetector.load(tmp_path / "plain.pkl")
     with pytest.raises(CheckpointError, match="not found"):
         SPPDetector.load(tmp_path / "missing.pt")
+
+
+def test_bad_images_are_named(tiny_run, tmp_path):
+    from proposals.imageio import ImageError
+
+    root, _, _, _ = tiny_run
+    det = SPPDetector.load(root / "run" / "model.pt")
+    with pytest.raises(ImageError, match="20x20"):
+        det.detect(np.zeros((20, 20, 3), np.uint8))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageError, match="broken.jpg"):
+        det.detect(str(bad))
+    img16 = (np.random.default_rng(0).random((64, 80)) * 65535).astype(np.uint16)
+    assert det.detect(img16)["boxes"].shape[1] == 4  # 16-bit grayscale is converted
