@@ -194,6 +194,10 @@ class SVMConfig:
     stats_images: int = 200  # images for the feature-norm statistic
     stats_rois: int = 200  # windows per image for the statistic
     max_images: int = 0  # 0 = every training image (no flips)
+    # New hard negatives kept per class and image, highest scores first; 0 = all (spec §7). A weak
+    # SVM that scores most windows at the margin (-1 > hard_thresh) otherwise adds every window of
+    # every image and retrains each time (measured on digits: 18 s per image and growing).
+    max_hard_per_image: int = 0
 
 
 @dataclass(frozen=True)

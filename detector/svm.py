@@ -218,6 +218,8 @@ class HardNegativeMiner:
         retrain_every: retrain a class when more than this many new negatives are pending (2000).
         tol, max_iter: liblinear stopping rule (see :func:`train_linear_svm`).
         class_names: names for log lines.
+        max_hard_per_image: after the first image, add at most this many new hard negatives per
+            class and image, the highest-scoring first (0 = no cap, as the spec).
     Attributes:
         W (Tensor[F, K]), b (Tensor[K]): the current classifiers.
         num_images (int): images processed so far.
@@ -236,6 +238,7 @@ class HardNegativeMiner:
         tol: float = 1e-4,
         max_iter: int = 10000,
         class_names: Sequence[str] | None = None,
+        max_hard_per_image: int = 0,
     ) -> None:
         if num_classes <= 0 or feat_dim <= 0:
             raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
@@ -248,6 +251,7 @@ class HardNegativeMiner:
         self.hard_thresh, self.evict_thresh = hard_thresh, evict_thresh
         self.retrain_every = retrain_every
         self.tol, self.max_iter = tol, max_iter
+        self.max_hard_per_image = int(max_hard_per_image)
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {num_classes} classes")
@@ -337,9 +341,19 @@ class HardNegativeMiner:
 
         if first_time:
             candidates = neg_mask & uniq_first[:, None]  # (R, K)
+            scores = None
         else:
             scores = svm_scores(features, self.W, self.b)  # (R, K)
             candidates = neg_mask & uniq_first[:, None] & (scores > self.hard_thresh)  # (R, K)
+        if self.max_hard_per_image > 0 and scores is not None:
+            # keep each class's highest-scoring candidates only (bounds the cache when a weak
+            # classifier scores most windows at the margin, -1 > hard_thresh)
+            masked = scores.masked_fill(~candidates, float("-inf"))  # (R, K)
+            k = min(self.max_hard_per_image, R)
+            top = torch.topk(masked, k, dim=0).indices  # (k, K)
+            capped = torch.zeros_like(candidates)
+            capped.scatter_(0, top, True)
+            candidates = candidates & capped  # (R, K)
 
         added = 0
         retrained = 0

@@ -415,6 +415,7 @@ def train_svms(
     hard_thresh: float = -1.0001,
     evict_thresh: float = -1.2,
     retrain_every: int = 2000,
+    max_hard_per_image: int = 0,
     class_names: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -452,7 +453,7 @@ def train_svms(
     feat_dim = int(head.out_dim)
     miner = HardNegativeMiner(num_classes, feat_dim, C=C, pos_weight=pos_weight, bias=bias,
                               hard_thresh=hard_thresh, evict_thresh=evict_thresh, retrain_every=retrain_every,
-                              class_names=class_names)
+                              class_names=class_names, max_hard_per_image=max_hard_per_image)
     for c in range(num_classes):
         if feats_pos[c]:
             miner.add_positives(c, torch.cat(feats_pos[c]))

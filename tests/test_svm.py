@@ -182,3 +182,23 @@ def test_bad_inputs_have_clear_messages():
         miner.process_image(torch.randn(4, 3), torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="class id"):
         miner.add_positives(5, torch.randn(1, 3))
+
+
+def test_max_hard_per_image_keeps_the_highest_scoring_negatives():
+    from detector.svm import HardNegativeMiner
+
+    g = torch.Generator().manual_seed(0)
+    miner = HardNegativeMiner(1, 3, max_hard_per_image=2)
+    miner.add_positives(0, torch.randn(20, 3, generator=g) + torch.tensor([3.0, 0.0, 0.0]))
+    miner.process_image(torch.randn(30, 3, generator=g) - torch.tensor([3.0, 0.0, 0.0]), torch.ones(30, 1, dtype=torch.bool))
+    before = miner.num_negatives(0)
+    W, b = miner.W.clone(), miner.b.clone()
+    feats = torch.randn(50, 3, generator=g)  # many windows near the boundary: all hard
+    scores = (feats @ W + b)[:, 0]
+    miner.process_image(feats, torch.ones(50, 1, dtype=torch.bool))
+    added = miner.num_negatives(0) - before
+    assert 0 < added <= 2
+    # the two added are the two highest-scoring hard ones of the image
+    hard = torch.nonzero(scores > -1.0001).flatten()
+    expected = set(hard[torch.argsort(scores[hard], descending=True)[:2]].tolist())
+    assert len(expected) == added

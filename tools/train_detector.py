@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         W, b, stats = train_svms(head, svm_items_used, load_pyramid, fc.levels, proj, K, fscale, C=sc.C,
                                  pos_weight=sc.pos_weight, bias=sc.bias, neg_iou=sc.neg_iou,
                                  hard_thresh=sc.hard_thresh, evict_thresh=sc.evict_thresh,
-                                 retrain_every=sc.retrain_every, class_names=class_names, device=cfg.device)
+                                 retrain_every=sc.retrain_every, max_hard_per_image=sc.max_hard_per_image,
+                                 class_names=class_names, device=cfg.device)
         C.atomic_save({"key": svm_key, "W": W, "b": b, "feature_scale": fscale, "pool_scale": pscale,
                        "stats": stats}, svm_path)
         done_svm = C.load_if_valid(svm_path, svm_key)
