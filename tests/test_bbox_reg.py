@@ -12,16 +12,6 @@ from detector.bbox_reg import (BoxRegressor, decode, encode, fit_bbox_regressor,
                                predict_one_class, ridge_solve)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny inputs: one intra-op thread. On the shared 2-core machine two OpenMP threads spin
-    against other processes (a 64x256 SVD took 1.3 s with 2 threads, 3 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_encode_hand_case():
     p = torch.tensor([[10.0, 20.0, 30.0, 60.0]])  # w 20, h 40, centre (20, 40)
     g = torch.tensor([[15.0, 20.0, 55.0, 80.0]])  # w 40, h 60, centre (35, 50)

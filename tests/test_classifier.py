@@ -26,15 +26,6 @@ from detector.voc import ImageRecord
 W = 0.125  # ZF-5 width multiplier for tests: 12/32/48/48/32 channels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs: a second spinning OpenMP thread only costs time on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(num_classes: int = 3, spp: bool = True, fc_dim: int = 32) -> SPPClassifier:
     torch.manual_seed(0)
     return SPPClassifier(build_backbone("zf5", width_mult=W), num_classes, fc_dim=fc_dim, spp=spp)

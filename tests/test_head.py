@@ -7,16 +7,6 @@ import torch
 from detector.head import FCHead, LowRankLinear, svd_factorize
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny inputs: one intra-op thread. On the shared 2-core machine two OpenMP threads spin
-    against other processes (a 64x256 SVD took 1.3 s with 2 threads, 3 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _head(in_dim=64, fc_dim=48, num_classes=None, seed=0):
     torch.manual_seed(seed)
     return FCHead(in_dim, fc_dim, num_classes=num_classes)

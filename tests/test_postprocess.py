@@ -9,16 +9,6 @@ from detector.boxes import pairwise_iou, voc_to_xyxy
 from detector.postprocess import detections_from_scores, nms, topk_per_class
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny inputs: one intra-op thread. On the shared 2-core machine two OpenMP threads spin
-    against other processes (a 64x256 SVD took 1.3 s with 2 threads, 3 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _slow_greedy_nms(boxes, scores, thresh):
     """Reference: the spec's greedy NMS written with +1 IoU on 1-based inclusive boxes."""
     order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))

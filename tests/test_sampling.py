@@ -9,16 +9,6 @@ import torch
 from detector.sampling import MultiImageBatchSampler, label_windows, sample_fg_bg
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny inputs: one intra-op thread. On the shared 2-core machine two OpenMP threads spin
-    against other processes (a 64x256 SVD took 1.3 s with 2 threads, 3 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_label_windows_hand_cases():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 120.0, 110.0]])
     gt_labels = torch.tensor([2, 0])

@@ -11,16 +11,6 @@ import torch
 from detector.svm import HardNegativeMiner, fit_feature_scale, svm_objective, svm_scores, train_linear_svm
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny inputs: one intra-op thread. On the shared 2-core machine two OpenMP threads spin
-    against other processes (a 64x256 SVD took 1.3 s with 2 threads, 3 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dual_reference(pos, neg, C, pos_weight, bias):
     """Solve liblinear's dual (bias as a regularised feature of value `bias`) with L-BFGS-B."""
     x = torch.cat([pos, neg]).double().numpy()
