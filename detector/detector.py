@@ -213,7 +213,10 @@ class SPPDetector:
                     np.asarray(selective_search(img, **self.proposal_options), dtype=np.float32)
                 ).reshape(-1, 4)
             else:
-                boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
+                if isinstance(proposals, torch.Tensor):  # any device (a CUDA tensor cannot go through numpy)
+                    boxes = proposals.detach().to("cpu", torch.float32).reshape(-1, 4)
+                else:
+                    boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
                 if not torch.isfinite(boxes).all():
                     raise ValueError(f"{name}: proposals contain NaN or inf")
         boxes = boxes.to(self.device)

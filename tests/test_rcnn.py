@@ -204,3 +204,20 @@ def test_compare_rcnn_table(tiny_det, image):
                                                            + s["fc"]["values"][j])
     table = format_comparison(cmp)
     assert "speedup, conv only" in table and "R-CNN" in table and table.count("\n|") >= 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_detect_on_cuda_matches_cpu(image):
+    """The same detect() code path on CUDA: boxes, scores and labels equal the CPU run's."""
+    from detector.rcnn import random_boxes, random_detector
+
+    boxes = random_boxes(image.shape[0], image.shape[1], 300, torch.Generator().manual_seed(1))
+    cpu = random_detector(width_mult=0.25, fc_dim=64, num_classes=3, scales=(160, 240), seed=0)
+    gpu = random_detector(width_mult=0.25, fc_dim=64, num_classes=3, scales=(160, 240), seed=0, device="cuda")
+    want = cpu.detect(image, proposals=boxes, score_threshold=-math.inf)
+    got = gpu.detect(image, proposals=boxes.cuda(), score_threshold=-math.inf)
+    assert got["boxes"].device.type == "cpu" or got["boxes"].is_cuda
+    n = min(50, want["scores"].shape[0])
+    torch.testing.assert_close(got["scores"].cpu()[:n], want["scores"][:n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["boxes"].cpu()[:n], want["boxes"][:n], rtol=1e-4, atol=1e-2)
+    assert torch.equal(got["labels"].cpu()[:n], want["labels"][:n])

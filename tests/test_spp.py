@@ -155,3 +155,20 @@ def test_spatial_pyramid_pool_a10_n6_is_adaptive():
     # column bins of w=10, n=6: [0,2) [1,4) [3,5) [5,7) [6,9) [8,10) -> max at columns 1,3,4,6,8,9
     cols = torch.tensor([1, 3, 4, 6, 8, 9])
     assert torch.equal(out, (cols.view(6, 1) * 10 + cols.view(1, 6)).float())
+
+
+def test_roi_pool_bins_exact_check_matches_brute_force():
+    """The guard that lets CUDA use torchvision's roi_pool: float32 bin edges vs spec §4 integers."""
+    from torchvision.ops import roi_pool
+
+    from detector.spp import _roi_pool_bins_exact
+
+    assert _roi_pool_bins_exact((1, 2, 3, 6), 200)
+    assert not _roi_pool_bins_exact((13,), 7)  # known float32 off-by-one: w = 7, n = 13
+    assert _roi_pool_bins_exact((13,), 6)
+    # the flagged case really differs in roi_pool on CPU (same float32 arithmetic as the CUDA kernel)
+    fmap = torch.arange(10.0).reshape(1, 1, 10).expand(1, 10, 10).contiguous()  # (C=1, H=W=10), value = column
+    win = torch.tensor([[0, 0, 6, 6]])
+    want = reference_spp(fmap, win, (13,))
+    got = roi_pool(fmap[None], [win.float()], output_size=(13, 13)).flatten(1)
+    assert not torch.equal(got, want)

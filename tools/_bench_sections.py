@@ -244,3 +244,142 @@ def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[st
     ratios["voc07_trainval_cache_gb_5scale_fp16"] = total / 2**30
     ratios["voc07_trainval_cache_gb_5scale_fp16_flips"] = 2 * total / 2**30
     return f"Cache sizes: {source}.\n\n" + "\n".join(lines), ratios
+
+
+# ---------------------------------------------------------------------------------------------- gpu
+
+
+def save_inputs(path: str | Path, n_images: int = 3, n_props: int = 2000) -> Path:
+    """Write the timing photos and their proposals to ``path`` (for a machine without OpenCV contrib).
+
+    The file holds plain tensors and strings only, so it loads with ``weights_only=True``.
+    """
+    photos, props, n_ss = _inputs(n_images, n_props)
+    data = {"names": [n for n, _ in photos], "images": [torch.from_numpy(im.copy()) for _, im in photos],
+            "proposals": props, "n_selective_search": n_ss}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _load_inputs(path: str | Path | None, n_images: int, n_props: int
+                 ) -> tuple[list[tuple[str, np.ndarray]], list[torch.Tensor], list[int]]:
+    if path:
+        d = torch.load(path, weights_only=True)
+        photos = [(n, im.numpy()) for n, im in zip(d["names"], d["images"])]
+        return photos[:n_images], list(d["proposals"])[:n_images], list(d["n_selective_search"])[:n_images]
+    return _inputs(n_images, n_props)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _dev_time(fn: Callable[[], Any], reps: int, dev: torch.device) -> list[float]:
+    out = []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.inference_mode()
+def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 2000, reps: int = 10,
+                device: str = "cuda") -> tuple[str, dict[str, float]]:
+    """The issue-6 figures on a CUDA device: 1-scale detection per image (target <= 0.03 s) with its
+    stage breakdown and SVD ranks, SPP-net vs R-CNN mode at 1 and 5 scales, and spp_pool vs the
+    roi_pool composition. Same code path as on CPU, the model and inputs moved to ``cuda``."""
+    from detector.head import LowRankLinear
+    from detector.spp import spp_pool, spp_pool_roi_pool
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark section gpu: no CUDA device is visible to torch")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev} (smoke run)"
+    photos, props, n_ss = _load_inputs(inputs, n_images, n_props)
+    ratios: dict[str, float] = {}
+    lines = [f"Device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+             f"{len(photos)} photos of {photos[0][1].shape[1]}x{photos[0][1].shape[0]} "
+             f"({', '.join(n for n, _ in photos)}), {props[0].shape[0]} proposals each (selective search "
+             f"'fast+' gave {n_ss}, padded with random boxes), given (proposal time excluded); random "
+             f"full-width ZF-5 with fc6/fc7 4096 and 20 classes (timing does not depend on weights); float32. "
+             f"Each figure: {reps} timed calls per image after 3 warm-up calls, median [min-max] over all "
+             f"calls, CUDA synchronised before and after each call.", ""]
+    rows: list[tuple[str, dict[str, float]]] = []
+    stages: dict[str, list[float]] = {}
+
+    def run(d, label: str, keep_stages: bool = False) -> dict[str, float]:
+        for _ in range(3):
+            d.detect(photos[0][1], proposals=props[0])
+        times = []
+        for (_, im), b in zip(photos, props):
+            for _ in range(reps):
+                _sync(dev)
+                t0 = time.perf_counter()
+                d.detect(im, proposals=b)
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+                if keep_stages:
+                    for k, v in d.last_timings.items():
+                        stages.setdefault(k, []).append(v)
+        s = _stats(times)
+        rows.append((label, s))
+        return s
+
+    det = random_detector(width_mult=1.0, fc_dim=4096, seed=0, device=dev)
+    s = run(det, "SPP-net ZF-5, 1 scale (688), fc 4096", keep_stages=True)
+    ratios["gpu_detect_spp_s_per_image"] = s["median"]
+    det5 = random_detector(width_mult=1.0, fc_dim=4096, seed=0, scales=FIVE_SCALES, device=dev)
+    s = run(det5, "SPP-net ZF-5, 5 scales (480-1200), fc 4096")
+    ratios["gpu_detect_spp_5scale_s_per_image"] = s["median"]
+    d = random_detector(width_mult=1.0, fc_dim=4096, seed=0, device=dev)
+    d.head.fc6 = LowRankLinear(d.head.in_dim, d.head.fc_dim, 512).to(dev).eval()
+    d.head.fc7 = LowRankLinear(d.head.fc_dim, d.head.fc_dim, 512).to(dev).eval()
+    s = run(d, "SPP-net ZF-5, 1 scale, fc6/fc7 SVD rank 512")
+    ratios["gpu_detect_spp_svd512_s_per_image"] = s["median"]
+    lines += ["| model | seconds per image, median [min-max] |", "|---|---|"]
+    lines += [f"| {n} | {_fmt(x, 4)} |" for n, x in rows]
+    lines += ["", "Stage breakdown of the 1-scale run (each stage synchronised), seconds per image:", "",
+              "| stage | median [min-max] |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items()]
+    cmp = compare_rcnn(det, [im for _, im in photos], props, scale_sets=((688,), FIVE_SCALES))
+    for lab, sp in cmp["speedup"].items():
+        key = lab.split(" ")[0].replace("-", "_")
+        ratios[f"gpu_rcnn_conv_speedup_{key}"] = sp["conv"]
+        ratios[f"gpu_rcnn_overall_speedup_{key}"] = sp["overall"]
+    lines += ["", "SPP-net vs R-CNN mode on the same GPU (tools/test_net.py --compare-rcnn's code, "
+              f"R-CNN conv batches of {cmp['batch_size']} windows). Paper (same ZF-5, 2014 GPU): conv 270x / 49x, "
+              "overall 102x / 38x.", "", format_comparison(cmp)]
+    # spp_pool vs roi_pool composition on the GPU
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.relu(torch.randn(256, 42, 56, generator=g)).to(dev)  # (C, H, W)
+    xs = torch.randint(0, 56, (2000, 2), generator=g).sort(dim=1).values
+    ys = torch.randint(0, 42, (2000, 2), generator=g).sort(dim=1).values
+    win = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1).to(dev)  # (R, 4)
+    from detector.spp import _SPPFunction
+
+    levels = (1, 2, 3, 6)
+    fns = {
+        "spp_pool (the library call; on CUDA float32 it calls the roi_pool composition)": lambda: spp_pool(fmap, win),
+        "sparse table (spp_pool's CPU algorithm, run on the GPU)": lambda: _SPPFunction.apply(fmap, win, levels),
+        "roi_pool x 4 + cat": lambda: spp_pool_roi_pool(fmap, win),
+    }
+    outs = [f() for f in fns.values()]
+    equal = all(torch.equal(outs[0], o) for o in outs[1:])
+    st = {k: _stats(_dev_time(f, 20, dev)) for k, f in fns.items()}
+    keys = list(fns)
+    ratios["gpu_spp_pool_vs_roi_pool_speedup"] = st[keys[2]]["median"] / st[keys[0]]["median"]
+    ratios["gpu_sparse_table_vs_roi_pool_speedup"] = st[keys[2]]["median"] / st[keys[1]]["median"]
+    ratios["gpu_spp_pool_equals_roi_pool"] = float(equal)
+    lines += ["", f"SPP of 2000 random windows on a [256, 42, 56] map on the GPU, 20 synchronised calls each; "
+              f"outputs identical: {'yes' if equal else 'NO'}:", "",
+              "| implementation | ms, median [min-max] |", "|---|---|"]
+    lines += [f"| {k} | {v['median'] * 1e3:.2f} [{v['min'] * 1e3:.2f}-{v['max'] * 1e3:.2f}] |" for k, v in st.items()]
+    return "\n".join(lines), ratios

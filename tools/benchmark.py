@@ -8,11 +8,15 @@ Sections:
     spp               spp_pool vs one torchvision.ops.roi_pool call per level (issue 3)
     rcnn, detect, selective_search, memory
                       from tools/_bench_sections.py (issue 6)
+    gpu               (only when named; needs CUDA) detection per image, R-CNN comparison and
+                      spp_pool on the GPU: the same code with the model on "cuda"
 
 Usage:
     python tools/benchmark.py --only spp
     python tools/benchmark.py --only spp --runs 9 --threads 1 --no-write
     THP_MEM_ALLOC_ENABLE=1 python tools/benchmark.py --only spp   # huge pages: own block "spp_thp"
+    python tools/benchmark.py --save-inputs gpu_inputs/inputs.pt  # here (needs OpenCV contrib), then
+    python tools/benchmark.py --only gpu --inputs gpu_inputs/inputs.pt   # on the GPU machine
 
 Timings are wall-clock (time.perf_counter); on a shared machine they are noisy, so each section
 reports median, min and max and the load average around the run.
@@ -40,6 +44,7 @@ log = logging.getLogger("benchmark")
 
 EXTERNAL_SECTIONS = ("rcnn", "detect", "selective_search", "memory")  # tools/_bench_sections.py
 ALL_SECTIONS = ("spp",) + EXTERNAL_SECTIONS
+GPU_SECTIONS = ("gpu",)  # needs CUDA; not in the default run
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -178,6 +183,8 @@ def run_section(name: str, args: argparse.Namespace) -> tuple[str, dict[str, flo
 
     if name == "memory":
         return _bench_sections.section_memory(voc_root=args.voc_root)
+    if name == "gpu":
+        return _bench_sections.section_gpu(inputs=args.inputs)
     return getattr(_bench_sections, f"section_{name}")()
 
 
@@ -192,10 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print the figures only")
     p.add_argument("--voc-root", help="memory section: VOC 2007 folder whose trainval image sizes give the "
                    "conv5 cache disk figure (default: 5011 images of 500x375, documented in the section)")
+    p.add_argument("--inputs", help="gpu section: photos + proposals saved by --save-inputs (for a GPU machine "
+                   "without OpenCV contrib); default: made here")
+    p.add_argument("--save-inputs", metavar="FILE", help="write the timing photos and proposals to FILE and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_SECTIONS]
+    if args.save_inputs:
+        import _bench_sections
+
+        print(f"wrote {_bench_sections.save_inputs(args.save_inputs)}")
+        return 0
+    unknown = [n for n in names if n not in ALL_SECTIONS + GPU_SECTIONS]
     if unknown or not names:
         p.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(ALL_SECTIONS)}")
     if args.runs < 1:
