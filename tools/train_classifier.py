@@ -47,12 +47,17 @@ from detector.pretrain import MODES, evaluate_native, evaluate_warped, preproces
 
 log = logging.getLogger("train_classifier")
 
-ROW_NAMES = {
-    "nospp": "no SPP (fixed pool5 3/2 -> 6x6 at 224)",
-    "single": "SPP single-size (224)",
-    "multi": "SPP multi-size (180/224, by epoch)",
-    "random": "SPP random-size ([180, 224], by batch)",
-}
+def row_names(sizes) -> dict[str, str]:
+    """Table 2 row labels for the configured training sizes (paper: 180 and 224)."""
+    lo, hi = min(sizes), max(sizes)
+    return {
+        "nospp": f"no SPP (fixed pool5 grid, crops warped to {hi})",
+        "single": f"SPP single-size ({hi})",
+        "multi": f"SPP multi-size ({'/'.join(str(s) for s in sizes)}, by epoch)",
+        "random": f"SPP random-size ([{lo}, {hi}], by batch)",
+    }
+
+
 SECTION = ("<!-- benchmark:classifier -->", "<!-- /benchmark:classifier -->")  # tools/benchmark.py style
 
 
@@ -222,7 +227,7 @@ def table(results: dict[str, list[dict]], cfg: Config, command: str) -> str:
             continue
         ms = results[mode]
         lines.append(
-            f"| {ROW_NAMES[mode]} | {_fmt([m[f'error_{size}'] for m in ms])} | {_fmt([m['error_own'] for m in ms])} "
+            f"| {row_names(cfg.pretrain.sizes)[mode]} | {_fmt([m[f'error_{size}'] for m in ms])} | {_fmt([m['error_own'] for m in ms])} "
             f"| {ms[0]['epochs']} | {', '.join(str(m['seed']) for m in ms)} "
             f"| {', '.join('%.0f' % m['train_seconds'] for m in ms)} |"
         )
