@@ -193,10 +193,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(values: list[float | None]) -> str:
+def _fmt(values: list[float | None], size: int = 224) -> str:
     vals = [100 * v for v in values if v is not None]
     if not vals:
-        return "n/a (fixed grid: crops are warped to 224)"
+        return f"n/a (fixed grid: crops are warped to {size})"
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} ({', '.join(f'{v:.2f}' for v in vals)})"
@@ -227,7 +227,7 @@ def table(results: dict[str, list[dict]], cfg: Config, command: str) -> str:
             continue
         ms = results[mode]
         lines.append(
-            f"| {row_names(cfg.pretrain.sizes)[mode]} | {_fmt([m[f'error_{size}'] for m in ms])} | {_fmt([m['error_own'] for m in ms])} "
+            f"| {row_names(cfg.pretrain.sizes)[mode]} | {_fmt([m[f'error_{size}'] for m in ms])} | {_fmt([m['error_own'] for m in ms], size)} "
             f"| {ms[0]['epochs']} | {', '.join(str(m['seed']) for m in ms)} "
             f"| {', '.join('%.0f' % m['train_seconds'] for m in ms)} |"
         )
