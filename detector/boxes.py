@@ -20,11 +20,14 @@ they are the only places where the VOC offset lives (``voc.py``, ``evaluation.py
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 
 __all__ = [
+    "as_boxes",
     "box_area",
     "pairwise_iou",
     "clip_boxes",
@@ -194,3 +197,22 @@ def unique_boxes(boxes: torch.Tensor) -> torch.Tensor:
     arr = boxes.detach().cpu().numpy()
     _, first = np.unique(arr, axis=0, return_index=True)
     return torch.from_numpy(np.sort(first)).to(torch.int64)
+
+
+def as_boxes(boxes: Any, name: str = "boxes") -> torch.Tensor:
+    """Boxes from a caller (Tensor on any device, array or nested list) as a CPU float32 Tensor[R, 4].
+
+    Raises:
+        ValueError: naming ``name``, when the shape is not [R, 4] (an empty input is [0, 4]) or a
+            value is NaN or inf.
+    """
+    if isinstance(boxes, torch.Tensor):  # any device: a CUDA tensor cannot go through numpy
+        t = boxes.detach().to("cpu", torch.float32)
+    else:
+        t = torch.as_tensor(np.asarray(boxes, dtype=np.float32))
+    t = t.reshape(-1, 4) if t.numel() == 0 else t
+    if t.ndim != 2 or t.shape[1] != 4:
+        raise ValueError(f"{name} must be [R, 4] xyxy, got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contain NaN or inf")
+    return t

@@ -24,6 +24,7 @@ from torch import nn
 
 from detector.backbones import build_backbone
 from detector.bbox_reg import decode
+from detector.boxes import as_boxes
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
 from detector.pyramid import image_pyramid, resized_size
@@ -213,12 +214,7 @@ class SPPDetector:
                     np.asarray(selective_search(img, **self.proposal_options), dtype=np.float32)
                 ).reshape(-1, 4)
             else:
-                if isinstance(proposals, torch.Tensor):  # any device (a CUDA tensor cannot go through numpy)
-                    boxes = proposals.detach().to("cpu", torch.float32).reshape(-1, 4)
-                else:
-                    boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
-                if not torch.isfinite(boxes).all():
-                    raise ValueError(f"{name}: proposals contain NaN or inf")
+                boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
         boxes = boxes.to(self.device)
         if boxes.shape[0] == 0:
             return _empty_detections(self.device)

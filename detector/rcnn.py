@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-from detector.boxes import xyxy_to_voc
+from detector.boxes import as_boxes, xyxy_to_voc
 from detector.postprocess import detections_from_scores
 from detector.spp import SpatialPyramidPool
 
@@ -264,17 +264,6 @@ def rcnn_pooled_features(
     return out
 
 
-def _as_boxes(proposals: Any, name: str = "proposals") -> torch.Tensor:
-    boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)) if not isinstance(proposals, torch.Tensor) \
-        else proposals.detach().float().cpu()
-    boxes = boxes.reshape(-1, 4) if boxes.numel() == 0 else boxes
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{name} must be [R, 4] xyxy, got {tuple(boxes.shape)}")
-    if not torch.isfinite(boxes).all():
-        raise ValueError(f"{name} contain NaN or inf")
-    return boxes
-
-
 @torch.inference_mode()
 def detect_rcnn(
     det: "SPPDetector",
@@ -298,7 +287,7 @@ def detect_rcnn(
     """
     img, _ = det._prepare_image(image)
     h, w = img.shape[:2]
-    boxes = _as_boxes(proposals).to(det.device)
+    boxes = as_boxes(proposals, "proposals").to(det.device)
     timings: dict[str, float] = {k: 0.0 for k in RCNN_STAGES}
     if boxes.shape[0] == 0:
         empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
@@ -415,7 +404,7 @@ def compare_rcnn(
         raise ValueError(f"compare_rcnn: {len(images)} images but {len(proposals)} proposal sets")
     if not images:
         raise ValueError("compare_rcnn: no images")
-    boxes_list = [_as_boxes(p, f"proposals[{i}]").to(det.device) for i, p in enumerate(proposals)]
+    boxes_list = [as_boxes(p, f"proposals[{i}]").to(det.device) for i, p in enumerate(proposals)]
     bs = int(batch_size or default_batch_size(det.device))
     labels = [_scale_label(s) for s in scale_sets]
     if warmup:

@@ -308,7 +308,7 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)
         # On a GPU torchvision's roi_pool kernel is faster than the sparse table (H200, 2000 windows on
         # [256, 42, 56]: 1.66 ms vs 4.02 ms, BENCHMARKS.md "gpu"), and for these levels and sides its
         # float32 bin edges equal the spec's integer ones exactly (checked by _roi_pool_bins_exact).
-        return spp_pool_roi_pool(fmap, windows, levels)
+        return _roi_pool_levels(fmap, windows, levels)
     return _SPPFunction.apply(fmap, windows, levels)
 
 
@@ -332,19 +332,26 @@ def _roi_pool_bins_exact(levels: tuple[int, ...], max_side: int) -> bool:
 def spp_pool_roi_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)) -> Tensor:
     """The obvious composition: one ``torchvision.ops.roi_pool`` call per level.
 
-    Same bins as :func:`spp_pool` for integer windows (roi_pool rounds the box, adds +1 to the width
-    and floors/ceils the bin edges in float), kept as the speed baseline of ``tools/benchmark.py``
-    and as a cross-check in the tests.
+    Same bins as :func:`spp_pool` for integer windows wherever roi_pool's float bin edges are exact
+    (roi_pool rounds the box, adds +1 to the width and floors/ceils ``j * float(w / n)``; see
+    :func:`_roi_pool_bins_exact`: always for n = 1..6 and 8 below 5000 cells, not for some sides at
+    n = 7 or 13). Kept as the speed baseline of ``tools/benchmark.py``, as a cross-check in the
+    tests, and as spp_pool's CUDA path where it is exact.
 
     Args:
         fmap (Tensor[C, H, W]); windows (Tensor[R, 4] int64): as :func:`spp_pool`.
     Returns:
         Tensor[R, C * sum(n*n)].
     """
-    from torchvision.ops import roi_pool
-
     levels = _check_levels(levels)
     _check_inputs(fmap, windows)
+    return _roi_pool_levels(fmap, windows, levels)
+
+
+def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """roi_pool per level + cat, on inputs already checked. -> Tensor[R, C * sum(n*n)]."""
+    from torchvision.ops import roi_pool
+
     boxes = [windows.to(device=fmap.device, dtype=fmap.dtype)]
     x = fmap.unsqueeze(0)  # (1, C, H, W)
     pooled = [roi_pool(x, boxes, output_size=(n, n), spatial_scale=1.0).flatten(1)  # (R, C*n*n)

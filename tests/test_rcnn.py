@@ -216,7 +216,7 @@ def test_detect_on_cuda_matches_cpu(image):
     gpu = random_detector(width_mult=0.25, fc_dim=64, num_classes=3, scales=(160, 240), seed=0, device="cuda")
     want = cpu.detect(image, proposals=boxes, score_threshold=-math.inf)
     got = gpu.detect(image, proposals=boxes.cuda(), score_threshold=-math.inf)
-    assert got["boxes"].device.type == "cpu" or got["boxes"].is_cuda
+    assert all(v.device.type == "cpu" for v in got.values())  # detect() returns CPU tensors on any device
     n = min(50, want["scores"].shape[0])
     torch.testing.assert_close(got["scores"].cpu()[:n], want["scores"][:n], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["boxes"].cpu()[:n], want["boxes"][:n], rtol=1e-4, atol=1e-2)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+import _common as C
 import _timing_inputs as TI
 from detector.rcnn import compare_rcnn, format_comparison, random_detector
 
@@ -69,11 +70,19 @@ def section_rcnn(n_images: int = 2, n_props: int = 2000, width_mult: float = 1.0
 # ---------------------------------------------------------------------------------------------- detect
 
 
-def _time(fn: Callable[[], Any], reps: int) -> list[float]:
+def _sync(dev: torch.device | None) -> None:
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn: Callable[[], Any], reps: int, dev: torch.device | None = None) -> list[float]:
+    """Wall seconds of ``reps`` calls; on CUDA synchronised before and after each call."""
     out = []
     for _ in range(reps):
+        _sync(dev)
         t0 = time.perf_counter()
         fn()
+        _sync(dev)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -258,10 +267,7 @@ def save_inputs(path: str | Path, n_images: int = 3, n_props: int = 2000) -> Pat
     data = {"names": [n for n, _ in photos], "images": [torch.from_numpy(im.copy()) for _, im in photos],
             "proposals": props, "n_selective_search": n_ss}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    C.atomic_save(data, path)
     return path
 
 
@@ -272,22 +278,6 @@ def _load_inputs(path: str | Path | None, n_images: int, n_props: int
         photos = [(n, im.numpy()) for n, im in zip(d["names"], d["images"])]
         return photos[:n_images], list(d["proposals"])[:n_images], list(d["n_selective_search"])[:n_images]
     return _inputs(n_images, n_props)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _dev_time(fn: Callable[[], Any], reps: int, dev: torch.device) -> list[float]:
-    out = []
-    for _ in range(reps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 @torch.inference_mode()
@@ -321,11 +311,7 @@ def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 200
         times = []
         for (_, im), b in zip(photos, props):
             for _ in range(reps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                d.detect(im, proposals=b)
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
+                times += _time(lambda: d.detect(im, proposals=b), 1, dev)
                 if keep_stages:
                     for k, v in d.last_timings.items():
                         stages.setdefault(k, []).append(v)
@@ -373,7 +359,7 @@ def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 200
     }
     outs = [f() for f in fns.values()]
     equal = all(torch.equal(outs[0], o) for o in outs[1:])
-    st = {k: _stats(_dev_time(f, 20, dev)) for k, f in fns.items()}
+    st = {k: _stats(_time(f, 20, dev)) for k, f in fns.items()}
     keys = list(fns)
     ratios["gpu_spp_pool_vs_roi_pool_speedup"] = st[keys[2]]["median"] / st[keys[0]]["median"]
     ratios["gpu_sparse_table_vs_roi_pool_speedup"] = st[keys[2]]["median"] / st[keys[1]]["median"]
