@@ -143,18 +143,41 @@ class SPPClassifier(nn.Module):
     def input_format(self) -> str:
         return str(self.backbone.input_format)
 
-    def pooled(self, x: Tensor) -> Tensor:
-        """conv5 + pooling. x (Tensor[N, 3, H, W]) -> Tensor[N, D]."""
+    def pooled(self, x: Tensor, windows: Tensor | None = None) -> Tensor:
+        """conv5 + pooling. x (Tensor[N, 3, H, W]) -> Tensor[N, D].
+
+        ``windows`` (Tensor[N, 4] | None): one xyxy box per input in its pixels; each is projected
+        onto the input's conv5 map (spec §3, as a detection window) and SPP-pooled alone
+        (:func:`detector.spp.spp_pool`). None pools the whole map.
+        """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"SPPClassifier expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
         fmap = self.backbone(x)  # (N, C, Hs, Ws)
         if fmap.shape[-2] < 1 or fmap.shape[-1] < 1:
             raise ValueError(f"input {tuple(x.shape[-2:])} is too small for the backbone (empty conv5)")
-        return self.pool(fmap)  # (N, D)
+        if windows is None:
+            return self.pool(fmap)  # (N, D)
+        if not self.spp:
+            raise ValueError("window pooling needs an SPP head; a fixed pool5 grid pools the whole map")
+        if windows.shape != (x.shape[0], 4):
+            raise ValueError(f"windows must be Tensor[{x.shape[0]}, 4], got {tuple(windows.shape)}")
+        from detector.projection import project_boxes
+        from detector.spp import spp_pool
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits. x (Tensor[N, 3, H, W]) -> Tensor[N, K+1] (dropout active in train mode)."""
-        return self.head(self.pooled(x))  # (N, K+1)
+        N, C, hs, ws = fmap.shape
+        h, w = x.shape[-2:]
+        cells = project_boxes(windows.float().cpu(), (h, w), (h, w), (hs, ws), self.backbone.stride,
+                              self.backbone.proj_offset0, self.backbone.proj_shrink)  # (N, 4)
+        # One spp_pool call for the batch: the N maps side by side, each window shifted onto its own
+        # map (windows stay inside their map, so no bin ever reaches a neighbour).
+        tiled = fmap.permute(1, 2, 0, 3).reshape(C, hs, N * ws)  # (C, hs, N*ws)
+        shift = (torch.arange(N) * ws)[:, None] * torch.tensor([1, 0, 1, 0])  # (N, 4)
+        return spp_pool(tiled, (cells + shift).to(fmap.device), self.levels)  # (N, D)
+
+    def forward(self, x: Tensor, windows: Tensor | None = None) -> Tensor:
+        """Logits. x (Tensor[N, 3, H, W]) -> Tensor[N, K+1] (dropout active in train mode);
+        ``windows`` as in :meth:`pooled`."""
+        return self.head(self.pooled(x, windows))  # (N, K+1)
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from detector.boxes import clip_boxes, pairwise_iou
 __all__ = [
     "CropSet",
     "sample_object_boxes",
+    "square_boxes",
     "sample_background_boxes",
     "cut_crops",
     "cut_native",
@@ -61,6 +62,9 @@ class CropSet:
         class_names: the K foreground names.
         image_ids: M source image ids.
         native: M uint8 RGB arrays [h, w, 3] at the crop's own size (held-out sets), or None.
+        windows (Tensor[M, 4] float32 | None): with context crops (``crops_from_records(...,
+            windows=True)``), each object's own box inside its S x S crop (xyxy in crop pixels;
+            background crops: the whole crop); None = pool the whole crop.
     """
 
     images: Tensor
@@ -68,6 +72,7 @@ class CropSet:
     class_names: tuple[str, ...]
     image_ids: list[str] = field(default_factory=list)
     native: list[np.ndarray] | None = None
+    windows: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -96,6 +101,7 @@ def sample_object_boxes(
     jitter: float = 0.1,
     context: float = 1.3,
     min_iou: float = 0.5,
+    square: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Jittered object crops: each is one ground-truth box, shifted and enlarged a little.
 
@@ -103,6 +109,9 @@ def sample_object_boxes(
     by a factor in ``[1, context]`` (context around the object, as the paper's crops include some).
     A candidate is kept when its IoU with its own box is at least ``min_iou`` and larger than with
     any other box (so the label is right); the unjittered box fills in when too few survive.
+    With ``square`` each crop is first made square around its centre (the shorter side grown to
+    the longer, :func:`square_boxes`), so warping it to S x S keeps the object's aspect ratio and
+    adds real context on its narrow sides, as a detection window of that object sees it.
 
     Args:
         gt_boxes (Tensor[G, 4]): xyxy of the objects to sample from (G >= 1).
@@ -125,19 +134,38 @@ def sample_object_boxes(
     cy = (b[:, 1] + b[:, 3]) / 2 + _uniform(n_cand, -jitter, jitter, generator) * h
     nw = w * _uniform(n_cand, 1.0, context, generator)
     nh = h * _uniform(n_cand, 1.0, context, generator)
+    if square:
+        nw = nh = torch.maximum(nw, nh)
     cand = torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], dim=1).float()  # (4num, 4)
     cand = clip_boxes(cand, H, W)
     iou = pairwise_iou(cand, gt_boxes.float())  # (4num, G)
     own = iou.gather(1, idx[:, None]).squeeze(1)  # (4num,)
     ok = (own >= min_iou) & (own >= iou.max(dim=1).values) & ((cand[:, 2] - cand[:, 0]) >= 1) & (
         (cand[:, 3] - cand[:, 1]) >= 1)
+    if square:  # a square crop of a thin object has a low IoU with it by design
+        ok = (own >= iou.max(dim=1).values) & (own > 0) & ((cand[:, 2] - cand[:, 0]) >= 1) & (
+            (cand[:, 3] - cand[:, 1]) >= 1)
     keep = torch.nonzero(ok).flatten()[:num]
     boxes, which = cand[keep], idx[keep]
     if boxes.shape[0] < num:  # fall back to the exact boxes, cycling
         extra = torch.arange(num - boxes.shape[0]) % gt.shape[0]
-        boxes = torch.cat([boxes, clip_boxes(gt_boxes[extra].float(), H, W)])  # (num, 4)
+        fill = square_boxes(gt_boxes[extra].float()) if square else gt_boxes[extra].float()
+        boxes = torch.cat([boxes, clip_boxes(fill, H, W)])  # (num, 4)
         which = torch.cat([which, extra])  # (num,)
     return boxes, which.long()
+
+
+def square_boxes(boxes: Tensor) -> Tensor:
+    """Boxes grown to squares about their centres (the shorter side becomes the longer).
+
+    Args:
+        boxes (Tensor[n, 4]): xyxy.
+    Returns:
+        Tensor[n, 4] xyxy (not clipped to the image).
+    """
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2  # (n, 2)
+    half = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values / 2  # (n, 1)
+    return torch.cat([c - half, c + half], dim=1)  # (n, 4)
 
 
 def sample_background_boxes(
@@ -256,6 +284,9 @@ def crops_from_records(
     bg_max_iou: float = 0.3,
     heldout: bool = False,
     progress: bool = False,
+    square: bool = False,
+    windows: bool = False,
+    heldout_context: float = 1.0,
 ) -> CropSet:
     """Object and background crops of a VOC-layout split, each image read once.
 
@@ -272,6 +303,13 @@ def crops_from_records(
         jitter, context: object-crop jitter (:func:`sample_object_boxes`).
         bg_max_iou: background IoU bound (0.3).
         heldout: every non-difficult object exactly once, unjittered, and keep ``native`` crops.
+        square: object crops made square about the object (:func:`sample_object_boxes`); held-out
+            crops too (their ``native`` copies stay the exact boxes).
+        windows: record each object's box inside its crop (``CropSet.windows``) so a classifier
+            can pool the object's own conv5 cells while its crop shows real context around it, as
+            a detection window inside a whole image does.
+        heldout_context: held-out object crops are the exact box enlarged by this factor about its
+            centre (1.0 = the box itself); use > 1 with ``windows``.
         progress: tqdm bar.
     Returns:
         CropSet.
@@ -281,6 +319,7 @@ def crops_from_records(
     labels: list[Tensor] = []
     ids: list[str] = []
     native: list[np.ndarray] = []
+    wins: list[Tensor] = []
     n_short_bg = 0
     it = records
     if progress:
@@ -293,12 +332,15 @@ def crops_from_records(
         gt, gl = rec.boxes[keep], rec.labels[keep]
         if heldout:
             obj_boxes, obj_labels = clip_boxes(gt.float(), rec.height, rec.width), gl.long()
+            obj_of = gt.float()
         elif gt.shape[0] > 0 and objects_per_image > 0:
             obj_boxes, which = sample_object_boxes(gt, (rec.height, rec.width), objects_per_image, g, jitter,
-                                                   context)
+                                                   context, square=square)
             obj_labels = gl[which].long()
+            obj_of = gt[which].float()
         else:
             obj_boxes, obj_labels = torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.long)
+            obj_of = torch.zeros((0, 4))
         bg = sample_background_boxes(rec.boxes, (rec.height, rec.width), bg_per_image, g, bg_max_iou)
         n_short_bg += bg_per_image - bg.shape[0]
         boxes = torch.cat([obj_boxes.float(), bg])  # (n, 4)
@@ -308,7 +350,22 @@ def crops_from_records(
         if image.shape[:2] != (rec.height, rec.width):
             raise ValueError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation says "
                              f"{rec.width}x{rec.height}")
-        imgs.append(cut_crops(image, boxes, size))
+        warp_boxes = boxes
+        if heldout and obj_boxes.shape[0] and (square or heldout_context != 1.0):
+            ob = obj_boxes.float()
+            if heldout_context != 1.0:
+                c, half = (ob[:, :2] + ob[:, 2:]) / 2, (ob[:, 2:] - ob[:, :2]) * heldout_context / 2
+                ob = torch.cat([c - half, c + half], dim=1)
+            if square:
+                ob = square_boxes(ob)
+            warp_boxes = torch.cat([clip_boxes(ob, rec.height, rec.width), bg])
+        imgs.append(cut_crops(image, warp_boxes, size))
+        if windows:
+            wb = warp_boxes[: obj_boxes.shape[0]]
+            scale = size / (wb[:, 2:] - wb[:, :2]).clamp(min=1e-3).repeat(1, 2)  # (n_obj, 4)
+            ow = ((obj_of - wb[:, :2].repeat(1, 2)) * scale).clamp(0.0, float(size))  # (n_obj, 4)
+            full = torch.tensor([[0.0, 0.0, float(size), float(size)]]).expand(bg.shape[0], 4)
+            wins.append(torch.cat([ow, full]))
         labels.append(torch.cat([obj_labels, torch.full((bg.shape[0],), K, dtype=torch.long)]))
         ids += [rec.image_id] * boxes.shape[0]
         if heldout:
@@ -323,6 +380,7 @@ def crops_from_records(
         class_names=tuple(class_names),
         image_ids=ids,
         native=native if heldout else None,
+        windows=torch.cat(wins).float() if windows else None,
     )
 
 

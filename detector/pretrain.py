@@ -206,13 +206,19 @@ def train_classifier(
             idx = perm[b * batch_size:(b + 1) * batch_size]
             size = batch_size_schedule(mode, sizes, epoch, g)
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)
+            win = None if train.windows is None else train.windows[idx].clone()  # (N, 4) in S px
             if hflip:
                 flip = torch.rand(idx.shape[0], generator=g) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (N, 3, S, S)
+                if win is not None:
+                    mirrored = torch.stack([train.size - win[:, 2], win[:, 1], train.size - win[:, 0], win[:, 3]], 1)
+                    win = torch.where(flip[:, None], mirrored, win)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if win is not None:
+                win = win * (size / train.size)
             y = train.labels[idx].to(device)
-            logits = model(x.to(device))  # (N, K+1)
+            logits = model(x.to(device), win)  # (N, K+1)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"classifier loss is {loss.item()} at epoch {epoch + 1}, batch {b}; "
@@ -269,9 +275,10 @@ def evaluate_warped(model: SPPClassifier, crops: CropSet, size: int = 224, batch
     preds = []
     for i in range(0, len(crops), batch_size):
         x = preprocess_crops(crops.images[i:i + batch_size], model.input_format)  # (N, 3, S, S)
+        win = None if crops.windows is None else crops.windows[i:i + batch_size] * (size / crops.size)
         if size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        preds.append(model(x.to(device)).argmax(1).cpu())
+        preds.append(model(x.to(device), win).argmax(1).cpu())
     return _errors(torch.cat(preds), crops.labels, model.num_classes)
 
 

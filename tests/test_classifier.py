@@ -210,3 +210,89 @@ def test_image_folder_crops(tmp_path: Path):
     assert train.class_names == ("cat", "dog")
     assert len(train) == 4 and len(held) == 2 and sorted(held.labels.tolist()) == [0, 1]
     assert held.native[0].shape[1] == 50
+
+
+def test_square_boxes_and_square_object_crops():
+    from detector.crops import square_boxes
+
+    sq = square_boxes(torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 8.0, 2.0]]))
+    assert torch.equal(sq, torch.tensor([[0.0, 20.0, 40.0, 60.0], [0.0, -3.0, 8.0, 5.0]]))
+    gt = torch.tensor([[100.0, 80.0, 120.0, 140.0]])  # a thin object far from the border
+    g = torch.Generator().manual_seed(0)
+    boxes, which = sample_object_boxes(gt, (300, 300), 50, g, jitter=0.1, context=1.5, square=True)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    assert torch.allclose(wh[:, 0], wh[:, 1], atol=1e-4) and (which == 0).all()
+    assert (wh[:, 0] >= 60.0 - 1e-4).all() and (wh[:, 0] <= 90.0 + 1e-4).all()  # side = h x [1, 1.5]
+
+
+def test_context_crops_record_the_object_window():
+    img = np.zeros((200, 200, 3), np.uint8)
+    img[80:120, 90:110] = 250  # a 20 x 40 object in the middle
+    rec = ImageRecord("im0", Path("im0.jpg"), 200, 200, torch.tensor([[90.0, 80.0, 110.0, 120.0]]),
+                      torch.tensor([0]), torch.tensor([False]))
+    held = crops_from_records([rec], ("a",), lambda p: img, size=64, objects_per_image=0, bg_per_image=1, seed=0,
+                              heldout=True, windows=True, heldout_context=2.0)
+    # crop = the box doubled about its centre, so the object fills the middle half of the crop
+    assert torch.allclose(held.windows[0], torch.tensor([16.0, 16.0, 48.0, 48.0]))
+    assert torch.equal(held.windows[1], torch.tensor([0.0, 0.0, 64.0, 64.0]))  # background: whole crop
+    assert held.images[0, 20:44, 20:44].float().mean() > 240 and held.images[0, :10].float().mean() < 5
+    assert held.native[0].shape == (40, 20, 3)  # own-size copy: the exact box
+    train = crops_from_records([rec], ("a",), lambda p: img, size=64, objects_per_image=5, bg_per_image=0, seed=0,
+                               context=2.0, windows=True)
+    for im, w in zip(train.images, train.windows):  # every window covers exactly the bright object
+        x1, y1, x2, y2 = (int(round(float(v))) for v in w)
+        assert im[y1 + 1:y2 - 1, x1 + 1:x2 - 1].float().mean() > 240
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[max(0, y1 - 1):y2 + 1, max(0, x1 - 1):x2 + 1] = True
+        assert im[~inside].float().mean() < 5
+
+
+def test_window_pooling_equals_spp_of_each_projected_window():
+    from detector.projection import project_boxes
+    from detector.spp import spp_pool
+
+    model = tiny().eval()
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 96, 96) * 50
+    win = torch.tensor([[10.0, 20.0, 80.0, 90.0], [0.0, 0.0, 96.0, 96.0], [30.0, 30.0, 40.0, 41.0],
+                        [50.0, 5.0, 95.0, 60.0]])
+    with torch.no_grad():
+        got = model.pooled(x, win)
+        f = model.backbone(x)  # (4, C, 5, 5)
+        bb = model.backbone
+        cells = project_boxes(win, (96, 96), (96, 96), tuple(f.shape[-2:]), bb.stride, bb.proj_offset0,
+                              bb.proj_shrink)
+        want = torch.cat([spp_pool(f[i], cells[i:i + 1]) for i in range(4)])
+        assert torch.equal(got, want)
+        assert torch.equal(model.pooled(x, torch.tensor([[0.0, 0.0, 96.0, 96.0]] * 4)), model.pooled(x))
+    with pytest.raises(ValueError, match="windows"):
+        model.pooled(x, win[:2])
+
+
+def test_training_with_windows_learns():
+    """Class 0: a vertical bar, class 1: a horizontal bar, each somewhere in its crop with its window
+    around it; background: noise pooled whole. Mirroring keeps the classes, so hflip is on."""
+    g = torch.Generator().manual_seed(0)
+    imgs, labels, wins = [], [], []
+    for k in range(3):
+        for _ in range(8):
+            im = torch.randint(0, 60, (48, 48, 3), generator=g, dtype=torch.uint8)
+            x, y = (int(v) for v in torch.randint(0, 24, (2,), generator=g))
+            if k == 0:
+                im[y:y + 24, x + 9:x + 15] = 230
+            elif k == 1:
+                im[y + 9:y + 15, x:x + 24] = 230
+            imgs.append(im)
+            labels.append(k)
+            wins.append([x, y, x + 24, y + 24] if k < 2 else [0, 0, 48, 48])
+    crops = CropSet(images=torch.stack(imgs), labels=torch.tensor(labels), class_names=("a", "b"),
+                    windows=torch.tensor(wins, dtype=torch.float32))
+    model = tiny(num_classes=2)
+    reinit_kaiming(model, sample=preprocess_crops(crops.images[::3], model.input_format))
+    before = evaluate_warped(model, crops, size=48)["error"]
+    hist = train_classifier(model, crops, mode="multi", sizes=(40, 48), epochs=8, batch_size=8, lr=3e-3,
+                            momentum=0.9, weight_decay=0.0, seed=0, clip_grad=5.0, hflip=True, optimizer="adamw",
+                            input_std=60.0, progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"], [h["loss"] for h in hist]
+    err = evaluate_warped(model, crops, size=48)
+    assert err["n"] == len(crops) and err["error"] < min(before, 0.5), (before, err)
