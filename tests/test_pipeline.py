@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from detector.detector import CheckpointError, SPPDetector
 
@@ -130,3 +131,14 @@ def test_bad_images_are_named(tiny_run, tmp_path):
         det.detect(str(bad))
     img16 = (np.random.default_rng(0).random((64, 80)) * 65535).astype(np.uint16)
     assert det.detect(img16)["boxes"].shape[1] == 4  # 16-bit grayscale is converted
+
+
+def test_repeated_set_flags_all_apply(tiny_run, tmp_path):
+    root, cfg, _, _ = tiny_run
+    out = tmp_path / "run2"
+    r = subprocess.run([sys.executable, str(REPO / "tools/train_detector.py"), "--config", str(cfg),
+                        "--set", f"output_dir={out}", "--set", "finetune.iters=7", "svm.C=0.5",
+                        "--stop-after", "proposals"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["finetune"]["iters"] == 7 and resolved["svm"]["C"] == 0.5

@@ -22,7 +22,7 @@ log = logging.getLogger("sppnet")
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML file of overrides (configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra overrides, e.g. finetune.iters=500 features.test_scales=[688]")
 
 
