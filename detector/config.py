@@ -126,9 +126,6 @@ class PretrainConfig:
     hflip: bool = True  # mirror a random half of each batch (paper's ImageNet training flips)
     jitter: float = 0.1  # object crops: centre shift up to this fraction of the box side
     context: float = 1.3  # object crops: width and height each scaled by a factor in [1, context]
-    # Object crops made square about the object before warping (aspect kept, context on its narrow
-    # sides); False = the box itself warped to a square, as the paper's crops of ImageNet images.
-    square_crops: bool = False
     # Pool each object crop's own box (its conv5 cells, projected as a detection window) instead of
     # the whole crop; with context > 1 the crop then shows real pixels around the object, as a
     # window inside a whole image does at detection time. Held-out crops use the mean context.

@@ -38,7 +38,6 @@ from detector.boxes import clip_boxes, pairwise_iou
 __all__ = [
     "CropSet",
     "sample_object_boxes",
-    "square_boxes",
     "sample_background_boxes",
     "cut_crops",
     "cut_native",
@@ -101,7 +100,6 @@ def sample_object_boxes(
     jitter: float = 0.1,
     context: float = 1.3,
     min_iou: float = 0.5,
-    square: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Jittered object crops: each is one ground-truth box, shifted and enlarged a little.
 
@@ -109,9 +107,6 @@ def sample_object_boxes(
     by a factor in ``[1, context]`` (context around the object, as the paper's crops include some).
     A candidate is kept when its IoU with its own box is at least ``min_iou`` and larger than with
     any other box (so the label is right); the unjittered box fills in when too few survive.
-    With ``square`` each crop is first made square around its centre (the shorter side grown to
-    the longer, :func:`square_boxes`), so warping it to S x S keeps the object's aspect ratio and
-    adds real context on its narrow sides, as a detection window of that object sees it.
 
     Args:
         gt_boxes (Tensor[G, 4]): xyxy of the objects to sample from (G >= 1).
@@ -134,38 +129,19 @@ def sample_object_boxes(
     cy = (b[:, 1] + b[:, 3]) / 2 + _uniform(n_cand, -jitter, jitter, generator) * h
     nw = w * _uniform(n_cand, 1.0, context, generator)
     nh = h * _uniform(n_cand, 1.0, context, generator)
-    if square:
-        nw = nh = torch.maximum(nw, nh)
     cand = torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], dim=1).float()  # (4num, 4)
     cand = clip_boxes(cand, H, W)
     iou = pairwise_iou(cand, gt_boxes.float())  # (4num, G)
     own = iou.gather(1, idx[:, None]).squeeze(1)  # (4num,)
     ok = (own >= min_iou) & (own >= iou.max(dim=1).values) & ((cand[:, 2] - cand[:, 0]) >= 1) & (
         (cand[:, 3] - cand[:, 1]) >= 1)
-    if square:  # a square crop of a thin object has a low IoU with it by design
-        ok = (own >= iou.max(dim=1).values) & (own > 0) & ((cand[:, 2] - cand[:, 0]) >= 1) & (
-            (cand[:, 3] - cand[:, 1]) >= 1)
     keep = torch.nonzero(ok).flatten()[:num]
     boxes, which = cand[keep], idx[keep]
     if boxes.shape[0] < num:  # fall back to the exact boxes, cycling
         extra = torch.arange(num - boxes.shape[0]) % gt.shape[0]
-        fill = square_boxes(gt_boxes[extra].float()) if square else gt_boxes[extra].float()
-        boxes = torch.cat([boxes, clip_boxes(fill, H, W)])  # (num, 4)
+        boxes = torch.cat([boxes, clip_boxes(gt_boxes[extra].float(), H, W)])  # (num, 4)
         which = torch.cat([which, extra])  # (num,)
     return boxes, which.long()
-
-
-def square_boxes(boxes: Tensor) -> Tensor:
-    """Boxes grown to squares about their centres (the shorter side becomes the longer).
-
-    Args:
-        boxes (Tensor[n, 4]): xyxy.
-    Returns:
-        Tensor[n, 4] xyxy (not clipped to the image).
-    """
-    c = (boxes[:, :2] + boxes[:, 2:]) / 2  # (n, 2)
-    half = (boxes[:, 2:] - boxes[:, :2]).max(dim=1, keepdim=True).values / 2  # (n, 1)
-    return torch.cat([c - half, c + half], dim=1)  # (n, 4)
 
 
 def sample_background_boxes(
@@ -284,7 +260,6 @@ def crops_from_records(
     bg_max_iou: float = 0.3,
     heldout: bool = False,
     progress: bool = False,
-    square: bool = False,
     windows: bool = False,
     heldout_context: float = 1.0,
 ) -> CropSet:
@@ -303,8 +278,6 @@ def crops_from_records(
         jitter, context: object-crop jitter (:func:`sample_object_boxes`).
         bg_max_iou: background IoU bound (0.3).
         heldout: every non-difficult object exactly once, unjittered, and keep ``native`` crops.
-        square: object crops made square about the object (:func:`sample_object_boxes`); held-out
-            crops too (their ``native`` copies stay the exact boxes).
         windows: record each object's box inside its crop (``CropSet.windows``) so a classifier
             can pool the object's own conv5 cells while its crop shows real context around it, as
             a detection window inside a whole image does.
@@ -335,7 +308,7 @@ def crops_from_records(
             obj_of = gt.float()
         elif gt.shape[0] > 0 and objects_per_image > 0:
             obj_boxes, which = sample_object_boxes(gt, (rec.height, rec.width), objects_per_image, g, jitter,
-                                                   context, square=square)
+                                                   context)
             obj_labels = gl[which].long()
             obj_of = gt[which].float()
         else:
@@ -351,14 +324,10 @@ def crops_from_records(
             raise ValueError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotation says "
                              f"{rec.width}x{rec.height}")
         warp_boxes = boxes
-        if heldout and obj_boxes.shape[0] and (square or heldout_context != 1.0):
+        if heldout and obj_boxes.shape[0] and heldout_context != 1.0:
             ob = obj_boxes.float()
-            if heldout_context != 1.0:
-                c, half = (ob[:, :2] + ob[:, 2:]) / 2, (ob[:, 2:] - ob[:, :2]) * heldout_context / 2
-                ob = torch.cat([c - half, c + half], dim=1)
-            if square:
-                ob = square_boxes(ob)
-            warp_boxes = torch.cat([clip_boxes(ob, rec.height, rec.width), bg])
+            c, half = (ob[:, :2] + ob[:, 2:]) / 2, (ob[:, 2:] - ob[:, :2]) * heldout_context / 2
+            warp_boxes = torch.cat([clip_boxes(torch.cat([c - half, c + half], dim=1), rec.height, rec.width), bg])
         imgs.append(cut_crops(image, warp_boxes, size))
         if windows:
             wb = warp_boxes[: obj_boxes.shape[0]]

@@ -212,19 +212,6 @@ def test_image_folder_crops(tmp_path: Path):
     assert held.native[0].shape[1] == 50
 
 
-def test_square_boxes_and_square_object_crops():
-    from detector.crops import square_boxes
-
-    sq = square_boxes(torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 8.0, 2.0]]))
-    assert torch.equal(sq, torch.tensor([[0.0, 20.0, 40.0, 60.0], [0.0, -3.0, 8.0, 5.0]]))
-    gt = torch.tensor([[100.0, 80.0, 120.0, 140.0]])  # a thin object far from the border
-    g = torch.Generator().manual_seed(0)
-    boxes, which = sample_object_boxes(gt, (300, 300), 50, g, jitter=0.1, context=1.5, square=True)
-    wh = boxes[:, 2:] - boxes[:, :2]
-    assert torch.allclose(wh[:, 0], wh[:, 1], atol=1e-4) and (which == 0).all()
-    assert (wh[:, 0] >= 60.0 - 1e-4).all() and (wh[:, 0] <= 90.0 + 1e-4).all()  # side = h x [1, 1.5]
-
-
 def test_context_crops_record_the_object_window():
     img = np.zeros((200, 200, 3), np.uint8)
     img[80:120, 90:110] = 250  # a 20 x 40 object in the middle

@@ -106,10 +106,9 @@ def load_crops(cfg: Config) -> CropData:
     if not held:
         sys.exit("data error: no held-out images (set data.val_split or data.val_fraction > 0)")
     train = crops_from_records(recs, names, read_image, size, pc.crops_per_image, pc.bg_per_image, pc.seed,
-                               pc.jitter, pc.context, progress=True, square=pc.square_crops,
-                               windows=pc.pool_window)
+                               pc.jitter, pc.context, progress=True, windows=pc.pool_window)
     heldout = crops_from_records(held, names, read_image, size, 0, pc.bg_per_image, pc.seed + 1,
-                                 heldout=True, progress=True, square=pc.square_crops, windows=pc.pool_window,
+                                 heldout=True, progress=True, windows=pc.pool_window,
                                  heldout_context=(1.0 + pc.context) / 2 if pc.pool_window else 1.0)
     ids = {"train": [r.image_id for r in recs], "heldout": [r.image_id for r in held]}
     return CropData(train, heldout, ids, f"{src}: {len(held)} images", time.perf_counter() - t0)
