@@ -206,7 +206,8 @@ def train_classifier(
             idx = perm[b * batch_size:(b + 1) * batch_size]
             size = batch_size_schedule(mode, sizes, epoch, g)
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)
-            win = None if train.windows is None else train.windows[idx].clone()  # (N, 4) in S px
+            # (N, 4) in S px; the no-SPP baseline's fixed grid always pools the whole crop
+            win = None if train.windows is None or not model.spp else train.windows[idx].clone()
             if hflip:
                 flip = torch.rand(idx.shape[0], generator=g) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (N, 3, S, S)
@@ -275,7 +276,7 @@ def evaluate_warped(model: SPPClassifier, crops: CropSet, size: int = 224, batch
     preds = []
     for i in range(0, len(crops), batch_size):
         x = preprocess_crops(crops.images[i:i + batch_size], model.input_format)  # (N, 3, S, S)
-        win = None if crops.windows is None else crops.windows[i:i + batch_size] * (size / crops.size)
+        win = None if crops.windows is None or not model.spp else crops.windows[i:i + batch_size] * (size / crops.size)
         if size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         preds.append(model(x.to(device), win).argmax(1).cpu())

@@ -263,23 +263,28 @@ def test_training_with_windows_learns():
     imgs, labels, wins = [], [], []
     for k in range(3):
         for _ in range(8):
-            im = torch.randint(0, 60, (48, 48, 3), generator=g, dtype=torch.uint8)
-            x, y = (int(v) for v in torch.randint(0, 24, (2,), generator=g))
+            im = torch.randint(0, 60, (64, 64, 3), generator=g, dtype=torch.uint8)
+            x, y = (int(v) for v in torch.randint(0, 32, (2,), generator=g))
             if k == 0:
-                im[y:y + 24, x + 9:x + 15] = 230
+                im[y:y + 32, x + 12:x + 20] = 230
             elif k == 1:
-                im[y + 9:y + 15, x:x + 24] = 230
+                im[y + 12:y + 20, x:x + 32] = 230
             imgs.append(im)
             labels.append(k)
-            wins.append([x, y, x + 24, y + 24] if k < 2 else [0, 0, 48, 48])
+            wins.append([x, y, x + 32, y + 32] if k < 2 else [0, 0, 64, 64])
     crops = CropSet(images=torch.stack(imgs), labels=torch.tensor(labels), class_names=("a", "b"),
                     windows=torch.tensor(wins, dtype=torch.float32))
     model = tiny(num_classes=2)
     reinit_kaiming(model, sample=preprocess_crops(crops.images[::3], model.input_format))
-    before = evaluate_warped(model, crops, size=48)["error"]
-    hist = train_classifier(model, crops, mode="multi", sizes=(40, 48), epochs=8, batch_size=8, lr=3e-3,
+    before = evaluate_warped(model, crops, size=64)["error"]
+    hist = train_classifier(model, crops, mode="multi", sizes=(48, 64), epochs=8, batch_size=8, lr=3e-3,
                             momentum=0.9, weight_decay=0.0, seed=0, clip_grad=5.0, hflip=True, optimizer="adamw",
                             input_std=60.0, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"], [h["loss"] for h in hist]
-    err = evaluate_warped(model, crops, size=48)
+    err = evaluate_warped(model, crops, size=64)
     assert err["n"] == len(crops) and err["error"] < min(before, 0.5), (before, err)
+    # the no-SPP baseline ignores the windows (a fixed pool5 grid pools the whole crop)
+    nospp = SPPClassifier(build_backbone("zf5", width_mult=W), 2, fc_dim=32, spp=False, nospp_conv5=3)  # 64 px
+    h = train_classifier(nospp, crops, mode="nospp", sizes=(64,), epochs=1, batch_size=8, lr=1e-3, momentum=0.9,
+                         weight_decay=0.0, seed=0, optimizer="adamw", progress=False)
+    assert len(h) == 1 and evaluate_warped(nospp, crops, size=64)["n"] == len(crops)
