@@ -220,6 +220,12 @@ def table(results: dict[str, list[dict]], cfg: Config, command: str) -> str:
         f"lr {cfg.pretrain.lr} cosine, init {cfg.pretrain.init}. Seeds: "
         f"{', '.join(str(m['seed']) for m in results[next(iter(results))])}. No model selection (last epoch).",
         "",
+        (f"Crops: each object crop shows up to {cfg.pretrain.context}x its box (held-out crops "
+         f"{(1 + cfg.pretrain.context) / 2:g}x) and the SPP rows pool only the object's own window in it "
+         f"(`pretrain.pool_window`); the no-SPP row's fixed grid pools the whole crop."
+         if cfg.pretrain.pool_window else
+         f"Crops: each object crop is its box enlarged by up to {cfg.pretrain.context}x, pooled whole."),
+        "",
         f"| | top-1 err @{size} | top-1 err @own size | epochs | seeds | train s (each) |",
         "|---|---|---|---|---|---|",
     ]
