@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from detector.backbones import build_backbone
 from detector.head import FCHead
-from detector.spp import SpatialPyramidPool, spp_out_dim
+from detector.projection import project_boxes
+from detector.spp import SpatialPyramidPool, spp_out_dim, spp_pool
 
 __all__ = [
     "SPPClassifier",
@@ -161,9 +162,6 @@ class SPPClassifier(nn.Module):
             raise ValueError("window pooling needs an SPP head; a fixed pool5 grid pools the whole map")
         if windows.shape != (x.shape[0], 4):
             raise ValueError(f"windows must be Tensor[{x.shape[0]}, 4], got {tuple(windows.shape)}")
-        from detector.projection import project_boxes
-        from detector.spp import spp_pool
-
         N, C, hs, ws = fmap.shape
         h, w = x.shape[-2:]
         cells = project_boxes(windows.float().cpu(), (h, w), (h, w), (hs, ws), self.backbone.stride,

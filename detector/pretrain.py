@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detector.boxes import hflip_boxes
 from detector.classifier import SPPClassifier
 from detector.crops import CropSet
 
@@ -206,18 +207,13 @@ def train_classifier(
             idx = perm[b * batch_size:(b + 1) * batch_size]
             size = batch_size_schedule(mode, sizes, epoch, g)
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)
-            # (N, 4) in S px; the no-SPP baseline's fixed grid always pools the whole crop
-            win = None if train.windows is None or not model.spp else train.windows[idx].clone()
+            flip = None
             if hflip:
                 flip = torch.rand(idx.shape[0], generator=g) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (N, 3, S, S)
-                if win is not None:
-                    mirrored = torch.stack([train.size - win[:, 2], win[:, 1], train.size - win[:, 0], win[:, 3]], 1)
-                    win = torch.where(flip[:, None], mirrored, win)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            if win is not None:
-                win = win * (size / train.size)
+            win = _batch_windows(model, train, idx, size, flip)  # (N, 4) or None
             y = train.labels[idx].to(device)
             logits = model(x.to(device), win)  # (N, K+1)
             loss = F.cross_entropy(logits, y)
@@ -253,6 +249,21 @@ def train_classifier(
     return history
 
 
+def _batch_windows(model: SPPClassifier, crops: CropSet, idx: Tensor, size: int,
+                   flip: Tensor | None = None) -> Tensor | None:
+    """The crops' object windows for a batch at input side ``size``, mirrored where ``flip``.
+
+    Returns Tensor[N, 4] (xyxy, input pixels), or None when the set has no windows or the model
+    is the no-SPP baseline (its fixed grid always pools the whole crop).
+    """
+    if crops.windows is None or not model.spp:
+        return None
+    win = crops.windows[idx]  # (N, 4) in S px
+    if flip is not None:
+        win = torch.where(flip[:, None], hflip_boxes(win, crops.size), win)
+    return win * (size / crops.size)
+
+
 def _errors(pred: Tensor, labels: Tensor, K: int) -> dict[str, float]:
     wrong = pred != labels
     fg = labels < K
@@ -276,7 +287,7 @@ def evaluate_warped(model: SPPClassifier, crops: CropSet, size: int = 224, batch
     preds = []
     for i in range(0, len(crops), batch_size):
         x = preprocess_crops(crops.images[i:i + batch_size], model.input_format)  # (N, 3, S, S)
-        win = None if crops.windows is None or not model.spp else crops.windows[i:i + batch_size] * (size / crops.size)
+        win = _batch_windows(model, crops, torch.arange(i, min(i + batch_size, len(crops))), size)
         if size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         preds.append(model(x.to(device), win).argmax(1).cpu())
