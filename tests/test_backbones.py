@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detector import backbones as B
@@ -69,6 +70,29 @@ def test_within_channel_lrn_matches_slow_reference():
                     want[i, k, y, xx] = x[i, k, y, xx] * (1 + 5e-5 / 9 * s) ** -0.75
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got, x)  # it did something
+    # the in-place inference path gives the same numbers and leaves its input alone
+    x0 = x.clone()
+    with torch.inference_mode():
+        fast = lrn(x)
+    assert torch.equal(fast, got) and torch.equal(x, x0)
+    # the training path still differentiates
+    xg = x.clone().requires_grad_(True)
+    lrn(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_zf5_channels_last_forward_equals_default_layout():
+    """ZF-5 runs channels-last inside; its conv5 map equals the plain NCHW composition of its layers."""
+    torch.manual_seed(0)
+    m = B.ZF5(0.25).eval()
+    x = torch.randn(2, 3, 67, 91) * 60
+    with torch.no_grad():
+        got = m(x)
+        y = F.max_pool2d(m.lrn(F.relu(m.conv1(x))), 3, 2, ceil_mode=True)
+        y = F.max_pool2d(m.lrn(F.relu(m.conv2(y))), 3, 2, ceil_mode=True)
+        want = F.relu(m.conv5(F.relu(m.conv4(F.relu(m.conv3(y))))))
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rf_geometry_constants():
