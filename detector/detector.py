@@ -13,6 +13,8 @@ Checkpoint (``model.pt``): a plain dict of tensors, numbers, strings and lists, 
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,14 +160,80 @@ class SPPDetector:
         """All classes in one matmul. feats (Tensor[R, F]) -> Tensor[R, K]."""
         return torch.addmm(self.svm_bias, feats, self.svm_weight)  # (R, K)
 
-    def regress(self, boxes: torch.Tensor, pooled: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """Refined boxes for every class. boxes (Tensor[R, 4]), pooled (Tensor[R, D]) -> Tensor[R, K, 4]."""
-        R, K = boxes.shape[0], self.num_classes
+    def regress_kept(self, boxes: torch.Tensor, pooled: torch.Tensor, windows: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+        """Refine kept detections, each with its own class's regressor (spec §8: only the kept boxes).
+
+        Args:
+            boxes (Tensor[R, 4]): xyxy proposals of the image.
+            pooled (Tensor[R, D]): their pooled conv5 features.
+            windows (Tensor[N] int64): proposal row of each kept detection.
+            labels (Tensor[N] int64): class of each kept detection.
+        Returns:
+            Tensor[N, 4]: refined xyxy boxes (not clipped); the proposals when there are no regressors.
+        """
+        if self.bbox_weight is None or windows.shape[0] == 0:
+            return boxes[windows]
+        # a window kept for several classes is regressed once for all classes (U x D x 4K
+        # multiply-adds), then each detection takes its own class's 4 deltas: cheaper than
+        # gathering an [N, 4, D] weight block per detection
+        uwin, inv = torch.unique(windows, return_inverse=True)  # (U,), (N,)
+        x = pooled[uwin] * self.pool_scale  # (U, D)
+        deltas = torch.addmm(self.bbox_weight[-1], x, self.bbox_weight[:-1])  # (U, 4K)
+        cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
+        return decode(boxes[windows], deltas[inv].gather(1, cols))  # (N, 4)
+
+    def postprocess(
+        self,
+        boxes: torch.Tensor,
+        pooled: torch.Tensor,
+        scores: torch.Tensor,
+        image_size: tuple[int, int],
+        score_threshold: float | None = None,
+        timed: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scores of all windows -> detections, in the spec's order (§8-9).
+
+        Per class: keep scores above the threshold, NMS (IoU > ``nms``) on the proposals, the top
+        ``max_per_class``; then box regression of only those kept boxes from their proposal's pooled
+        features, clipping, and NMS again (the spec runs it at evaluation; here it is part of the
+        output, so the library and the evaluation see the same boxes), again at most
+        ``max_per_class``. Both SPP and R-CNN modes use this.
+
+        Args:
+            boxes (Tensor[R, 4]): xyxy proposals, original-image pixels.
+            pooled (Tensor[R, D]): their pooled conv5 features (the regressors' input).
+            scores (Tensor[R, K]): SVM scores.
+            image_size: (H, W) of the original image.
+            score_threshold: default ``self.score_thresh``.
+            timed: optional context-manager factory ``timed(stage)`` that times "nms" and "bbox".
+        Returns:
+            dict of ``boxes`` (float32 [N, 4]), ``scores`` (float32 [N]) and ``labels`` (int64 [N]),
+            by descending score, on the model's device.
+        """
+        timed = timed or (lambda stage: contextlib.nullcontext())
+        thr = self.score_thresh if score_threshold is None else float(score_threshold)
+        with timed("nms"):
+            kept = detections_from_scores(
+                boxes, scores, score_thresh=thr, nms_thresh=self.nms,
+                max_per_class=self.max_per_class, image_size=image_size, return_indices=True,
+            )
         if self.bbox_weight is None:
-            return boxes[:, None, :].expand(R, K, 4)
-        x = pooled * self.pool_scale
-        deltas = torch.addmm(self.bbox_weight[-1], x, self.bbox_weight[:-1])  # (R, 4K)
-        out = decode(boxes, deltas.view(R, K, 4))  # (R, K, 4)
+            kept.pop("window_index")
+            return kept
+        with timed("bbox"):
+            lab = kept["labels"]
+            refined = self.regress_kept(boxes, pooled, kept["window_index"], lab)  # (N, 4)
+        with timed("nms"):
+            # one "window" per kept detection, with its class's score only: the second NMS and
+            # top-k stay per class
+            n, k = lab.shape[0], self.num_classes
+            sc = torch.full((n, k), -math.inf, device=scores.device, dtype=kept["scores"].dtype)
+            sc[torch.arange(n, device=sc.device), lab] = kept["scores"]
+            out = detections_from_scores(
+                refined, sc, score_thresh=-math.inf, nms_thresh=self.nms,
+                max_per_class=self.max_per_class, image_size=image_size,
+            )
         return out
 
     # ------------------------------------------------------------------ public API
@@ -226,14 +294,8 @@ class SPPDetector:
             feats = self.fc_features(pooled)  # (R, F)
         with self._timed("svm"):
             scores = self.svm_scores(feats)  # (R, K)
-        with self._timed("bbox"):
-            refined = self.regress(boxes, pooled, (h, w))  # (R, K, 4)
-        with self._timed("nms"):
-            thr = self.score_thresh if score_threshold is None else float(score_threshold)
-            dets = detections_from_scores(
-                refined, scores, score_thresh=thr, nms_thresh=self.nms,
-                max_per_class=self.max_per_class, image_size=(h, w),
-            )
+        self.last_timings.update(bbox=0.0, nms=0.0)
+        dets = self.postprocess(boxes, pooled, scores, (h, w), score_threshold, timed=self._timed)
         return {k: v.cpu() for k, v in dets.items()}
 
     def detect_batch(

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from detector.boxes import as_boxes, xyxy_to_voc
-from detector.postprocess import detections_from_scores
 from detector.spp import SpatialPyramidPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,12 +297,7 @@ def detect_rcnn(
         feats = det.fc_features(pooled)  # (R, F)
     with tm("svm"):
         scores = det.svm_scores(feats)  # (R, K)
-    with tm("bbox"):
-        refined = det.regress(boxes, pooled, (h, w))  # (R, K, 4)
-    with tm("nms"):
-        thr = det.score_thresh if score_threshold is None else float(score_threshold)
-        dets = detections_from_scores(refined, scores, score_thresh=thr, nms_thresh=det.nms,
-                                      max_per_class=det.max_per_class, image_size=(h, w))
+    dets = det.postprocess(boxes, pooled, scores, (h, w), score_threshold, timed=tm)
     return {k: v.cpu() for k, v in dets.items()}, timings
 
 
@@ -376,6 +370,7 @@ def compare_rcnn(
     batch_size: int | None = None,
     warmup: bool = True,
     progress: bool = False,
+    svd_ranks: Sequence[int] = (),
 ) -> dict[str, Any]:
     """SPP-net vs R-CNN mode, per image, like with like (spec §10 timing definitions).
 
@@ -390,13 +385,17 @@ def compare_rcnn(
         proposals: per image Tensor[R_i, 4] xyxy.
         scale_sets: SPP scale sets to time (paper: 688 and the 5 scales).
         batch_size: R-CNN windows per conv batch.
+        svd_ranks: also time fc6/fc7 compressed by truncated SVD at these ranks
+            (:meth:`FCHead.compress_svd`), on the same pooled features in both modes, so the conv
+            passes are not repeated; reported under ``svd``.
     Returns:
         dict with ``images``, ``proposals`` (R per image), ``threads``, ``device``, ``image_sizes``;
         ``spp`` = {label: {"conv"|"pool"|"fc"|"conv_time"|"fc_time"|"total": stats}} per scale set;
         ``rcnn`` = {"crop"|"conv"|"pool"|"fc"|"conv_time"|"fc_time"|"total": stats}; and
         ``speedup`` = {label: {"conv": x, "overall": x}} from the medians. conv_time = conv (SPP) or
         crop + conv (R-CNN); fc_time = pool + fc; total = conv_time + fc_time. Stats are dicts of
-        median / min / max / values, in seconds.
+        median / min / max / values, in seconds. ``svd`` = {rank: {"spp": {label: {"fc"|"fc_time"|
+        "total": stats}}, "rcnn": {...}, "speedup": {label: {"overall": x}}}} when ``svd_ranks``.
     """
     from detector.regions import pool_regions
 
@@ -407,11 +406,23 @@ def compare_rcnn(
     boxes_list = [as_boxes(p, f"proposals[{i}]").to(det.device) for i, p in enumerate(proposals)]
     bs = int(batch_size or default_batch_size(det.device))
     labels = [_scale_label(s) for s in scale_sets]
+    svd_heads = {int(r): det.head.compress_svd(int(r)).to(det.device).eval() for r in svd_ranks}
+    svd_t: dict[int, dict[str, list[float]]] = {r: {lab: [] for lab in labels + ["rcnn"]} for r in svd_heads}
+
+    def time_svd(key: str, pooled: torch.Tensor) -> None:
+        for r, head in svd_heads.items():
+            t_svd: dict[str, float] = {}
+            with _Timer(t_svd, det.device)("fc"):
+                head.features(pooled) * det.feature_scale  # (R, F)
+            svd_t[r][key].append(t_svd["fc"])
+
     if warmup:
         for scales in scale_sets:
             pyr = det.compute_pyramid(images[0], scales)
             det.fc_features(pool_regions(pyr, boxes_list[0][:bs], det.levels, det.proj))
         det.fc_features(rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs))
+        for head in svd_heads.values():
+            head.features(rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs))
     spp_t: dict[str, dict[str, list[float]]] = {lab: {"conv": [], "pool": [], "fc": []} for lab in labels}
     rc_t: dict[str, list[float]] = {"crop": [], "conv": [], "pool": [], "fc": []}
     it = range(len(images))
@@ -430,6 +441,7 @@ def compare_rcnn(
                 pooled = pool_regions(pyr, boxes, det.levels, det.proj)  # (R, D)
             with tm("fc"):
                 det.fc_features(pooled)  # (R, F)
+            time_svd(lab, pooled)
             del pyr, pooled
             for k, v in t.items():
                 spp_t[lab][k].append(v)
@@ -438,6 +450,7 @@ def compare_rcnn(
         tm = _Timer(t, det.device)
         with tm("fc"):
             det.fc_features(pooled)  # (R, F)
+        time_svd("rcnn", pooled)
         del pooled
         for k in rc_t:
             rc_t[k].append(t.get(k, 0.0))
@@ -461,7 +474,20 @@ def compare_rcnn(
         }
         for lab in labels
     }
+    svd: dict[int, dict[str, Any]] = {}
+    for r, per in svd_t.items():
+        def with_fc(d: dict[str, list[float]], fc: list[float], rcnn: bool) -> dict[str, Any]:
+            n = len(fc)
+            conv = [d["conv"][j] + (d["crop"][j] if rcnn else 0.0) for j in range(n)]
+            fct = [d["pool"][j] + fc[j] for j in range(n)]
+            return {"fc": _stats(fc), "fc_time": _stats(fct), "total": _stats([a + b for a, b in zip(conv, fct)])}
+
+        sp = {lab: with_fc(spp_t[lab], per[lab], False) for lab in labels}
+        rc = with_fc(rc_t, per["rcnn"], True)
+        svd[r] = {"spp": sp, "rcnn": rc,
+                  "speedup": {lab: {"overall": rc["total"]["median"] / sp[lab]["total"]["median"]} for lab in labels}}
     return {
+        "svd": svd,
         "images": len(images),
         "proposals": [int(b.shape[0]) for b in boxes_list],
         "image_sizes": [list(im.shape[:2]) for im in images],
@@ -493,6 +519,13 @@ def format_comparison(cmp: dict[str, Any]) -> str:
         rows.append(f"| {name} | " + " | ".join(spp_cells) + f" | {cell(cmp['rcnn'][key])} |")
     rows.append("| speedup, conv only | " + " | ".join(f"{cmp['speedup'][lab]['conv']:.1f}x" for lab in labels) + " | – |")
     rows.append("| speedup, overall | " + " | ".join(f"{cmp['speedup'][lab]['overall']:.1f}x" for lab in labels) + " | – |")
+    for r, sv in cmp.get("svd", {}).items():
+        rows.append(f"| fc time, fc6/fc7 SVD rank {r} (pool + fc) | "
+                    + " | ".join(cell(sv["spp"][lab]["fc_time"]) for lab in labels) + f" | {cell(sv['rcnn']['fc_time'])} |")
+        rows.append(f"| total, SVD rank {r} | "
+                    + " | ".join(cell(sv["spp"][lab]["total"]) for lab in labels) + f" | {cell(sv['rcnn']['total'])} |")
+        rows.append(f"| speedup, overall, SVD rank {r} | "
+                    + " | ".join(f"{sv['speedup'][lab]['overall']:.1f}x" for lab in labels) + " | – |")
     n_props = cmp["proposals"]
     foot = (f"{cmp['images']} images, {statistics.median(n_props):.0f} proposals per image (median), "
             f"{cmp['threads']} threads, device {cmp['device']}, R-CNN batch {cmp['batch_size']}; proposals excluded.")
