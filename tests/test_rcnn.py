@@ -204,6 +204,26 @@ def test_compare_rcnn_table(tiny_det, image):
                                                            + s["fc"]["values"][j])
     table = format_comparison(cmp)
     assert "speedup, conv only" in table and "R-CNN" in table and table.count("\n|") >= 7
+    assert cmp["svd"] == {}
+
+
+def test_compare_rcnn_svd_rows_reuse_the_conv_times(tiny_det, image):
+    """With svd_ranks, the compressed fc is timed on the same pooled features; its totals are the same
+    conv (+ crop) and pool times plus the compressed fc time."""
+    from detector.rcnn import compare_rcnn, format_comparison
+
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
+    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,),), warmup=False, svd_ranks=(4,))
+    sv = cmp["svd"][4]
+    lab = "1-sc (96)"
+    s, r = cmp["spp"][lab], cmp["rcnn"]
+    for j in range(2):
+        assert sv["spp"][lab]["total"]["values"][j] == pytest.approx(
+            s["conv"]["values"][j] + s["pool"]["values"][j] + sv["spp"][lab]["fc"]["values"][j])
+        assert sv["rcnn"]["total"]["values"][j] == pytest.approx(
+            r["crop"]["values"][j] + r["conv"]["values"][j] + r["pool"]["values"][j] + sv["rcnn"]["fc"]["values"][j])
+    assert sv["speedup"][lab]["overall"] == pytest.approx(sv["rcnn"]["total"]["median"] / sv["spp"][lab]["total"]["median"])
+    assert "speedup, overall, SVD rank 4" in format_comparison(cmp)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

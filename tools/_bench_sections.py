@@ -49,16 +49,22 @@ def _inputs(n_images: int, n_props: int, seed: int = 0) -> tuple[list[tuple[str,
 # ---------------------------------------------------------------------------------------------- rcnn
 
 
-def section_rcnn(n_images: int = 2, n_props: int = 2000, width_mult: float = 1.0) -> tuple[str, dict[str, float]]:
-    """SPP-net (1 and 5 scales) vs R-CNN mode with one random ZF-5 (spec §10-11)."""
+def section_rcnn(n_images: int = 2, n_props: int = 2000, width_mult: float = 1.0,
+                 svd_ranks: Sequence[int] = (512,)) -> tuple[str, dict[str, float]]:
+    """SPP-net (1 and 5 scales) vs R-CNN mode with one random ZF-5 (spec §10-11); fc6/fc7 also timed
+    compressed to ``svd_ranks`` in both modes (on a CPU the dense 4096-wide fc6/fc7 costs more than
+    SPP-net's conv)."""
     det = random_detector(width_mult=width_mult, fc_dim=4096, seed=0)
     photos, props, n_ss = _inputs(n_images, n_props)
-    cmp = compare_rcnn(det, [im for _, im in photos], props, scale_sets=((688,), FIVE_SCALES), progress=True)
+    cmp = compare_rcnn(det, [im for _, im in photos], props, scale_sets=((688,), FIVE_SCALES), progress=True,
+                       svd_ranks=svd_ranks)
     ratios = {}
     for lab, sp in cmp["speedup"].items():
         key = lab.split(" ")[0].replace("-", "_")
         ratios[f"rcnn_conv_speedup_{key}"] = sp["conv"]
         ratios[f"rcnn_overall_speedup_{key}"] = sp["overall"]
+        for r, sv in cmp["svd"].items():
+            ratios[f"rcnn_overall_speedup_svd{r}_{key}"] = sv["speedup"][lab]["overall"]
     md = (f"Random full-width ZF-5 (width {width_mult}) with fc6/fc7 4096 and 20 random SVMs (timing does not "
           f"depend on weights); {n_images} real photos resized to 500x375 ({', '.join(n for n, _ in photos)}); "
           f"{n_props} proposals per image (selective search 'fast+' gave {n_ss}, padded with random boxes). "
