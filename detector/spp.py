@@ -60,13 +60,16 @@ __all__ = [
 ]
 
 # Gathered corner bytes per chunk of windows (4 rows of C values per bin of the finest level; the
-# chunk's 6x6 result is a quarter of it). Small chunks keep the gather buffer and the per-chunk
-# results in cache, but every chunk costs ~18 ATen calls, and with several threads each parallel
-# call can wait for a descheduled thread (the shared 2-core test machine: at a load average of ~3,
-# 2-thread medians were 0.79 s with 4 MiB chunks vs 0.52 s with 16 MiB ones). Quiet-machine
-# figures are in the module docstring.
+# chunk's 6x6 result is a quarter of it). At one thread, 4 MiB (28 windows, ~18 ATen calls each)
+# balanced cache use against per-call overhead (1-8 MiB were within noise of each other). With
+# several threads every parallel ATen call waits for its slowest thread, and on the shared 2-core
+# test machine a thread descheduled by another process costs milliseconds per call, so the time
+# grows with the number of calls: at a load average of 3-4 the 2-thread medians were 4.6 / 2.7 /
+# 1.45 / 0.90 s for 4 / 8 / 16 / 32 MiB chunks. 32 MiB (9 chunks, as many parallel calls as the
+# former 8 MiB-of-results setting) keeps that failure mode no worse than before, at a price when
+# the machine is quiet: at a load average of ~1.4, 2-thread medians were 0.105 s (4 MiB) vs 0.135 s.
 _CHUNK_BYTES_ONE_THREAD = 4 << 20
-_CHUNK_BYTES = 16 << 20  # with more than one intra-op thread
+_CHUNK_BYTES = 32 << 20  # with more than one intra-op thread
 _CHUNK_BYTES_CUDA = 32 << 20
 
 
