@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.spp import SpatialPyramidPool, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
+from detector.spp import (SpatialPyramidPool, free_spp_workspace, spp_bins, spp_out_dim, spp_pool,
+                          spp_pool_roi_pool)
 
 
 def reference_spp(fmap: torch.Tensor, windows: torch.Tensor, levels) -> torch.Tensor:
@@ -103,6 +104,81 @@ def test_spp_pool_dtypes_and_empty():
     assert half.dtype == torch.float16 and torch.equal(half, reference_spp(fmap.half().float(), windows, (1, 2, 3, 6)).half())
     empty = spp_pool(fmap, torch.zeros((0, 4), dtype=torch.int64))
     assert empty.shape == (0, 4 * 50)
+
+
+def test_spp_pool_workspace_reuse_is_not_aliased():
+    """Scratch buffers are reused across calls: results stay correct when shapes, dtypes and level
+    sets change between calls, and a later call never changes an earlier call's output."""
+    g = torch.Generator().manual_seed(7)
+    free_spp_workspace()
+    cases = [((8, 23, 31), (1, 2, 3, 6), torch.float32), ((3, 7, 9), (1, 2, 3, 6), torch.float32),
+             ((5, 40, 12), (5, 3, 1), torch.float32), ((4, 11, 13), (1, 2, 3, 6), torch.float64),
+             ((8, 23, 31), (1, 2, 3, 6), torch.float32)]
+    outs, wants = [], []
+    for shape, levels, dtype in cases:
+        fmap = torch.randn(*shape, generator=g, dtype=dtype)
+        windows = random_windows(shape[1], shape[2], 30, g)
+        want = reference_spp(fmap, windows, levels)
+        got = spp_pool(fmap, windows, levels)
+        assert torch.equal(got, want)
+        outs.append(got)
+        wants.append(want)
+    for got, want in zip(outs, wants):  # earlier outputs unchanged by the later calls
+        assert torch.equal(got, want)
+    free_spp_workspace()
+    assert torch.equal(spp_pool(fmap, windows, levels), wants[-1])
+
+
+def test_spp_pool_workspace_inside_and_outside_inference_mode():
+    # buffers made during inference mode must still be writable outside it, and the reverse
+    g = torch.Generator().manual_seed(8)
+    fmap = torch.randn(4, 9, 11, generator=g)
+    windows = random_windows(9, 11, 10, g)
+    want = reference_spp(fmap, windows, (1, 2, 3, 6))
+    free_spp_workspace()
+    with torch.inference_mode():
+        assert torch.equal(spp_pool(fmap, windows), want)
+    assert torch.equal(spp_pool(fmap, windows), want)
+    with torch.inference_mode():
+        assert torch.equal(spp_pool(fmap, windows), want)
+
+
+def test_spp_pool_threads_use_separate_workspaces():
+    import threading
+
+    g = torch.Generator().manual_seed(9)
+    jobs = []
+    for shape in [(6, 20, 25), (3, 31, 17), (5, 9, 40), (4, 26, 26)]:
+        fmap = torch.randn(*shape, generator=g)
+        windows = random_windows(shape[1], shape[2], 40, g)
+        jobs.append((fmap, windows, reference_spp(fmap, windows, (1, 2, 3, 6))))
+    ok = []
+
+    def work(fmap: torch.Tensor, windows: torch.Tensor, want: torch.Tensor) -> None:
+        ok.append(all(torch.equal(spp_pool(fmap, windows), want) for _ in range(5)))
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ok == [True] * len(jobs)
+
+
+def test_spp_pool_many_chunks_and_cap(monkeypatch):
+    # tiny chunk and workspace limits: many chunks with a short last one, and uncached buffers
+    import detector.spp as spp_mod
+
+    g = torch.Generator().manual_seed(10)
+    fmap = torch.randn(3, 13, 17, generator=g)
+    windows = random_windows(13, 17, 41, g)
+    want = reference_spp(fmap, windows, (1, 2, 3, 6))
+    for chunk_bytes, cap in [(1, 1 << 30), (3 * 36 * 4 * 3 * 4 * 2, 1 << 30), (1 << 20, 0)]:
+        monkeypatch.setattr(spp_mod, "_CHUNK_BYTES_ONE_THREAD", chunk_bytes)
+        monkeypatch.setattr(spp_mod, "_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(spp_mod, "_WORKSPACE_CAP_BYTES", cap)
+        assert torch.equal(spp_pool(fmap, windows), want), (chunk_bytes, cap)
+        assert torch.equal(spp_pool(fmap.clone().requires_grad_(), windows).detach(), want)
 
 
 def test_spp_pool_rejects_bad_windows():
