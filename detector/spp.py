@@ -24,11 +24,14 @@ divides a finer level ``m`` is the max over ``m/n x m/n`` blocks of the finer le
 chunk of windows: one ``index_select`` of all four corner rows of every 6x6 bin, one ``amax`` over
 the corners, three max pools, and one copy per level into the channel-major output. (4) The table
 and the chunk buffers live in a per-thread workspace reused across calls (:class:`_Workspace`):
-fresh, the ~38 MB table of the benchmark case was page-faulted on every call.
+fresh, the ~38 MB table of the benchmark case was page-faulted on every call. (5) The output, which
+must be fresh since it is returned, and the workspace are advised to use 2 MiB huge pages
+(:func:`_empty_large`): a 102 MB output took ~60-80 ms of 4 KiB page faults to write, ~16-20 ms with
+huge pages (``torch.empty(2000, 12800).fill_(0)``, one thread).
 
 Where the time goes (benchmark case: 2000 windows on a [256, 42, 56] float32 map, one thread, the
-shared 2-core test machine): the fresh 102 MB output alone costs ~60 ms to page-fault and write
-(``torch.empty(2000, 12800).fill_(0)``), and it must be fresh since it is returned; the corner
+shared 2-core test machine, before (5)): the fresh 102 MB output alone cost ~60 ms to page-fault and
+write; the corner
 gathers (~295 MB of 1 KB rows out of the ~38 MB table) ~20 ms; the corner max ~10 ms; the max pools
 ~8 ms; the channel-major (transposing) copies ~10 ms beyond a plain write; table and corner rows
 ~5 ms. ``tools/benchmark.py --only spp`` measures it against one ``torchvision.ops.roi_pool`` call
@@ -39,9 +42,12 @@ output when the map requires grad, and the backward scatters the output gradient
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import itertools
 import math
+import sys
 import threading
 from typing import Sequence
 
@@ -78,6 +84,53 @@ def _chunk_bytes(t: Tensor) -> int:
     if t.is_cuda:
         return _CHUNK_BYTES_CUDA
     return _CHUNK_BYTES_ONE_THREAD if torch.get_num_threads() == 1 else _CHUNK_BYTES
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc ``madvise`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _empty_large(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.empty`` whose pages the kernel backs with 2 MiB huge pages where it can.
+
+    A large CPU tensor is a fresh ``mmap`` on every call, and its first write takes one page fault per
+    4 KiB page: for the 102 MB output of 2000 windows x 12800 that was ~60-80 ms of ~140 ms (1 thread,
+    this VM; ``torch.empty(2000, 12800).fill_(0)``: 81 ms, 16 ms after ``madvise(MADV_HUGEPAGE)``).
+    So, on Linux CPU tensors of 4 MiB and more, the 2 MiB-aligned interior of the buffer is advised
+    MADV_HUGEPAGE before anything is written (what PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` does for every
+    allocation, here only for spp_pool's own buffers). Where THP is off or madvise fails, nothing changes.
+    """
+    t = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    n = t.numel() * t.element_size()
+    if t.is_cuda or n < 2 * _HUGE_PAGE:
+        return t
+    fn = _madvise()
+    if fn is not None:
+        a = t.data_ptr()
+        lo = -(-a // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (a + n) // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) == 0:  # advice only: a failure leaves 4 KiB pages
+            # fault the huge pages in from this thread, one element each (the kernel zeroes each
+            # 2 MiB page once): left to a multi-threaded first write, threads faulting the same huge
+            # page wait on each other (2 threads: 0.23-0.28 s instead of 0.11 s, measured)
+            step = _HUGE_PAGE // t.element_size()
+            t.view(-1)[(lo - a) // t.element_size()::step].zero_()
+    return t
 
 
 def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
@@ -193,7 +246,7 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     if buf is None or buf.numel() < numel:
         _workspace.buffers.pop(key, None)  # drop the old one before allocating the larger one
         with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            buf = _empty_large((numel,), torch.empty(0, device=device), dtype)
         _workspace.buffers[key] = buf
     return buf[:numel]
 
@@ -274,8 +327,8 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
     c, h, w = fmap.shape
     r = windows.shape[0]
     d = spp_out_dim(c, levels)
-    out = fmap.new_empty((r, d))  # (R, D)
-    arg = torch.empty((r, d), dtype=torch.int64, device=fmap.device) if with_index else None
+    out = _empty_large((r, d), fmap)  # (R, D)
+    arg = _empty_large((r, d), fmap, torch.int64) if with_index else None
     if r == 0:
         return out, arg
     roots, parent = _plan(levels)
