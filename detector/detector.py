@@ -62,6 +62,9 @@ class SPPDetector:
         max_size: cap on the resized longer side (0 = none).
         target_side: window side (px) the per-window scale choice aims at (spec §5: 208).
         nms, max_per_class, score_thresh: spec §9 post-processing.
+        svd_rank: the truncated-SVD rank of fc6/fc7 this model is meant to run with (config
+            ``test.svd_rank``; 0 = dense). Stored in the checkpoint and applied by :meth:`load`;
+            the head given here is used as it is. After loading it is the rank the head runs at.
         proposal_options: keyword arguments of :func:`proposals.selective_search` (mode,
             min_size, max_boxes, and the "fast+" grid settings) used when ``detect`` is called
             without proposals; the training run's settings are stored in the checkpoint.
@@ -85,6 +88,7 @@ class SPPDetector:
         nms: float = 0.3,
         max_per_class: int = 100,
         score_thresh: float = -1.5,
+        svd_rank: int = 0,
         proposal_options: dict | None = None,
         arch: str = "zf5",
         width_mult: float = 1.0,
@@ -113,6 +117,7 @@ class SPPDetector:
         self.nms = float(nms)
         self.max_per_class = int(max_per_class)
         self.score_thresh = float(score_thresh)
+        self.svd_rank = int(svd_rank)
         self.proposal_options = dict(proposal_options or {})
         self.arch = arch
         self.width_mult = float(width_mult)
@@ -316,12 +321,21 @@ class SPPDetector:
         """Replace fc6/fc7 by truncated-SVD factors of the given rank (in place); returns self."""
         if rank > 0:
             self.head = self.head.compress_svd(rank).to(self.device).eval()
+            self.svd_rank = int(rank)
         return self
 
     # ------------------------------------------------------------------ checkpoint
 
     def state(self) -> dict[str, Any]:
-        """The checkpoint dict (tensors, numbers, strings, lists only)."""
+        """The checkpoint dict (tensors, numbers, strings, lists only).
+
+        Raises:
+            ValueError: fc6/fc7 are SVD-compressed (the checkpoint holds the dense layers; set
+                ``svd_rank`` and :meth:`load` compresses them).
+        """
+        if not (isinstance(self.head.fc6, nn.Linear) and isinstance(self.head.fc7, nn.Linear)):
+            raise ValueError("SPPDetector.save: fc6/fc7 are SVD-compressed; save the dense model with "
+                             "svd_rank set (SPPDetector.load applies it)")
         return {
             "format": CHECKPOINT_FORMAT,
             "arch": self.arch,
@@ -343,6 +357,7 @@ class SPPDetector:
             "nms": self.nms,
             "max_per_class": self.max_per_class,
             "score_thresh": self.score_thresh,
+            "svd_rank": self.svd_rank,
             "proposal_options": self.proposal_options,
             "meta": self.meta,
         }
@@ -362,7 +377,7 @@ class SPPDetector:
         path: str | Path,
         device: str | torch.device = "cpu",
         scales: Sequence[int] | None = None,
-        svd_rank: int = 0,
+        svd_rank: int | None = None,
     ) -> "SPPDetector":
         """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``).
 
@@ -370,7 +385,9 @@ class SPPDetector:
             path: ``model.pt``.
             device: "cpu", "cuda", ...
             scales: override the test scales stored in the checkpoint.
-            svd_rank: compress fc6/fc7 to this rank after loading (0 = off).
+            svd_rank: compress fc6/fc7 to this rank after loading (0 = dense); None = the rank
+                stored with the model (its training config's ``test.svd_rank``), so the library call
+                scores like ``tools/test_net.py``.
         Raises:
             CheckpointError: missing file, a file that would need to run code to load, or not
                 an SPPDetector checkpoint.
@@ -396,10 +413,12 @@ class SPPDetector:
             feature_scale=st["feature_scale"], bbox_weight=st["bbox_weight"], pool_scale=st["pool_scale"],
             class_names=st["class_names"], scales=scales or st["scales"], levels=st["levels"],
             max_size=st["max_size"], target_side=st.get("target_side", 208.0), nms=st["nms"], max_per_class=st["max_per_class"],
-            score_thresh=st["score_thresh"], proposal_options=st["proposal_options"],
+            score_thresh=st["score_thresh"], svd_rank=st.get("svd_rank", 0), proposal_options=st["proposal_options"],
             arch=st["arch"], width_mult=st["width_mult"], meta=st.get("meta", {}), device=device,
         )
-        return det.compress_fc(svd_rank)
+        rank = det.svd_rank if svd_rank is None else int(svd_rank)
+        det.svd_rank = 0  # the head is dense until compress_fc
+        return det.compress_fc(rank)
 
 
 def _empty_detections(device: torch.device) -> dict[str, torch.Tensor]:

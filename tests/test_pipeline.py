@@ -100,6 +100,27 @@ def test_library_call_and_checkpoint_round_trip(tiny_run, tmp_path):
     assert det.detect(arr, proposals=torch.zeros((0, 4)))["boxes"].shape == (0, 4)
 
 
+def test_checkpoint_carries_its_svd_rank(tmp_path):
+    """A model saved with svd_rank loads compressed by default (as test_net runs it), dense on request;
+    a compressed model refuses to be saved (its checkpoint would not load back)."""
+    from detector.head import LowRankLinear
+    from detector.rcnn import random_boxes, random_detector
+
+    det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
+    det.svd_rank = 8
+    det.save(tmp_path / "m.pt")
+    low = SPPDetector.load(tmp_path / "m.pt")
+    assert isinstance(low.head.fc6, LowRankLinear) and low.head.fc6.down.out_features == 8
+    assert low.svd_rank == 8
+    dense = SPPDetector.load(tmp_path / "m.pt", svd_rank=0)
+    assert isinstance(dense.head.fc6, torch.nn.Linear) and dense.svd_rank == 0
+    img = np.full((80, 100, 3), 120, np.uint8)
+    props = random_boxes(80, 100, 30, torch.Generator().manual_seed(0))
+    assert low.detect(img, proposals=props)["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="SVD-compressed"):
+        low.save(tmp_path / "again.pt")
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this checkpoint ran code",))

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names=class_names, scales=fc.test_scales, levels=fc.levels, max_size=fc.max_size,
         target_side=fc.target_side,
         nms=cfg.test.nms, max_per_class=cfg.test.max_per_class, score_thresh=cfg.test.score_thresh,
-        proposal_options=C.proposal_options(cfg), arch=bc.arch, width_mult=bc.width_mult,
+        svd_rank=cfg.test.svd_rank, proposal_options=C.proposal_options(cfg), arch=bc.arch, width_mult=bc.width_mult,
         meta={"config": C.config_to_dict(cfg), "stage_seconds": timings},
     )
     path = det.save(out / "model.pt")
