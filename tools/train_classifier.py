@@ -250,7 +250,8 @@ def table(results: dict[str, list[dict]], cfg: Config, command: str) -> str:
         "Several seeds are needed before a difference between rows here means anything; mean ± sample std "
         "over seeds is shown when there is more than one.",
         "",
-        f"Command: `{command}` (2 CPU cores shared with other jobs, so the seconds are noisy).",
+        f"Command: `{command}`. Ran on: {_where(cfg.device)}; other jobs on the same machine make the "
+        f"seconds noisy.",
         SECTION[1],
     ]
     return "\n".join(lines) + "\n"
@@ -265,6 +266,13 @@ def write_section(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     _write_text(path, text if text.endswith("\n") else text + "\n")
+
+
+def _where(device: str) -> str:
+    """Where the table was made, for its footer: device, CPU cores, torch version."""
+    dev = torch.device(device)
+    gpu = f", GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" and torch.cuda.is_available() else ""
+    return f"device {dev.type}{gpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
