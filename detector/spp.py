@@ -31,10 +31,9 @@ huge pages (``torch.empty(2000, 12800).fill_(0)``, one thread).
 
 Where the time goes (benchmark case: 2000 windows on a [256, 42, 56] float32 map, one thread, the
 shared 2-core test machine, before (5)): the fresh 102 MB output alone cost ~60 ms to page-fault and
-write; the corner
-gathers (~295 MB of 1 KB rows out of the ~38 MB table) ~20 ms; the corner max ~10 ms; the max pools
-~8 ms; the channel-major (transposing) copies ~10 ms beyond a plain write; table and corner rows
-~5 ms. ``tools/benchmark.py --only spp`` measures it against one ``torchvision.ops.roi_pool`` call
+write; the corner gathers (~295 MB of 1 KB rows out of the ~38 MB table) ~20 ms; the corner max
+~10 ms; the max pools ~8 ms; the channel-major (transposing) copies ~10 ms beyond a plain write;
+table and corner rows ~5 ms. ``tools/benchmark.py --only spp`` measures it against one ``torchvision.ops.roi_pool`` call
 per level (:func:`spp_pool_roi_pool`); figures are in BENCHMARKS.md.
 
 Gradients: :func:`spp_pool` is an ``autograd.Function``; the forward records the argmax cell of every
@@ -45,7 +44,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import itertools
 import math
 import sys
 import threading
@@ -201,17 +199,6 @@ def _plan(levels: tuple[int, ...]) -> tuple[list[int], dict[int, int]]:
     return roots, parent
 
 
-def _log2_floor(x: Tensor) -> Tensor:
-    """floor(log2(x)) for positive int64 x, exactly."""
-    k = torch.zeros_like(x)
-    y = x.clone()
-    for shift in (32, 16, 8, 4, 2, 1):
-        big = y >= (1 << shift)
-        k += big.to(torch.int64) * shift
-        y = torch.where(big, y >> shift, y)
-    return k
-
-
 class _Workspace(threading.local):
     """Per-thread scratch buffers of the CPU forward, reused across calls (like a cuDNN workspace).
 
@@ -333,29 +320,29 @@ def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_in
         return out, arg
     roots, parent = _plan(levels)
     # largest bin side read from the table (root levels only), per axis: ceil(w/n) + 1 cells
-    widths = windows[:, 2] - windows[:, 0] + 1
-    heights = windows[:, 3] - windows[:, 1] + 1
     min_root = min(roots)
-    kx_max = int(_log2_floor(1 - torch.div(-widths.max(), min_root, rounding_mode="floor")).item())
-    ky_max = int(_log2_floor(1 - torch.div(-heights.max(), min_root, rounding_mode="floor")).item())
+    w_max = int((windows[:, 2] - windows[:, 0]).max()) + 1
+    h_max = int((windows[:, 3] - windows[:, 1]).max()) + 1
+    kx_max = (-(-w_max // min_root) + 1).bit_length() - 1  # floor(log2(ceil(w/n) + 1))
+    ky_max = (-(-h_max // min_root) + 1).bit_length() - 1
     kx_max = min(kx_max, max(0, w.bit_length() - 1))
     ky_max = min(ky_max, max(0, h.bit_length() - 1))
     table, index = _sparse_table(fmap, kx_max, ky_max, with_index)
     rows = {m: _corner_rows(windows, m, h, w, ky_max + 1) for m in roots}  # (R*m*m*4) each
     # (level, its (R, C, n, n) channel-major block of the output), in concatenation order
     blocks: list[tuple[int, Tensor]] = []
+    arg_blocks: list[Tensor] = []  # the same blocks of ``arg``
     off = 0
     for n in levels:
         blocks.append((n, out[:, off:off + c * n * n].view(r, c, n, n)))
+        if arg is not None:
+            arg_blocks.append(arg[:, off:off + c * n * n].view(r, c, n, n))
         off += c * n * n
     order = sorted(parent, reverse=True)  # finest derived level first: its parent is ready
     if index is None:
         _fill_values(table, rows, roots, order, parent, blocks, r, c)
         return out, None
 
-    assert arg is not None
-    arg_blocks = [arg[:, o - c * n * n:o].view(r, c, n, n)
-                  for n, o in zip(levels, itertools.accumulate(c * n * n for n in levels))]
     chunk = max(1, _chunk_bytes(table) // (max(roots) ** 2 * 4 * c * fmap.element_size()))
     channel_base = (torch.arange(c, device=fmap.device) * (h * w)).view(1, c, 1, 1)
     for s in range(0, r, chunk):
