@@ -394,8 +394,8 @@ def compare_rcnn(
         ``rcnn`` = {"crop"|"conv"|"pool"|"fc"|"conv_time"|"fc_time"|"total": stats}; and
         ``speedup`` = {label: {"conv": x, "overall": x}} from the medians. conv_time = conv (SPP) or
         crop + conv (R-CNN); fc_time = pool + fc; total = conv_time + fc_time. Stats are dicts of
-        median / min / max / values, in seconds. ``svd`` = {rank: {"spp": {label: {"fc"|"fc_time"|
-        "total": stats}}, "rcnn": {...}, "speedup": {label: {"overall": x}}}} when ``svd_ranks``.
+        median / min / max / values, in seconds. ``svd`` = {rank: {"spp": {label: stats as above with
+        "fc" the compressed head's}, "rcnn": {...}, "speedup": {label: {"overall": x}}}} when ``svd_ranks``.
     """
     from detector.regions import pool_regions
 
@@ -420,9 +420,10 @@ def compare_rcnn(
         for scales in scale_sets:
             pyr = det.compute_pyramid(images[0], scales)
             det.fc_features(pool_regions(pyr, boxes_list[0][:bs], det.levels, det.proj))
-        det.fc_features(rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs))
+        warm = rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs)  # (bs, D)
+        det.fc_features(warm)
         for head in svd_heads.values():
-            head.features(rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs))
+            head.features(warm)
     spp_t: dict[str, dict[str, list[float]]] = {lab: {"conv": [], "pool": [], "fc": []} for lab in labels}
     rc_t: dict[str, list[float]] = {"crop": [], "conv": [], "pool": [], "fc": []}
     it = range(len(images))
@@ -455,7 +456,11 @@ def compare_rcnn(
         for k in rc_t:
             rc_t[k].append(t.get(k, 0.0))
 
-    def derived(d: dict[str, list[float]], rcnn: bool) -> dict[str, Any]:
+    def derived(d: dict[str, list[float]], rcnn: bool, fc_only: list[float] | None = None) -> dict[str, Any]:
+        """Stats of every stage plus conv_time, fc_time and total; ``fc_only`` replaces d["fc"]
+        (the SVD rows: same conv and pool times, another fc)."""
+        if fc_only is not None:
+            d = {**d, "fc": fc_only}
         n = len(d["conv"])
         conv = [d["conv"][j] + (d["crop"][j] if rcnn else 0.0) for j in range(n)]
         fc = [d["pool"][j] + d["fc"][j] for j in range(n)]
@@ -476,14 +481,8 @@ def compare_rcnn(
     }
     svd: dict[int, dict[str, Any]] = {}
     for r, per in svd_t.items():
-        def with_fc(d: dict[str, list[float]], fc: list[float], rcnn: bool) -> dict[str, Any]:
-            n = len(fc)
-            conv = [d["conv"][j] + (d["crop"][j] if rcnn else 0.0) for j in range(n)]
-            fct = [d["pool"][j] + fc[j] for j in range(n)]
-            return {"fc": _stats(fc), "fc_time": _stats(fct), "total": _stats([a + b for a, b in zip(conv, fct)])}
-
-        sp = {lab: with_fc(spp_t[lab], per[lab], False) for lab in labels}
-        rc = with_fc(rc_t, per["rcnn"], True)
+        sp = {lab: derived(spp_t[lab], False, per[lab]) for lab in labels}
+        rc = derived(rc_t, True, per["rcnn"])
         svd[r] = {"spp": sp, "rcnn": rc,
                   "speedup": {lab: {"overall": rc["total"]["median"] / sp[lab]["total"]["median"]} for lab in labels}}
     return {
