@@ -21,6 +21,11 @@ Three trunks, all with a total stride of 16 and the same public attributes:
 ``proj_shrink`` (float)
     Pixels each window edge moves inwards before rounding to a cell (spec §3: 6.5, kept for every
     trunk as the spec advises for re-implementations with other paddings).
+``tail_units`` (int) and ``forward_prefix(x, n)`` / ``forward_tail(x, n)`` / ``tail_modules(n)``
+    A split of the trunk into a frozen prefix and its last ``n`` stride-16 units (ZF-5: conv5,
+    conv4-5 or conv3-5; VGG-16: up to conv5_1-5_3; ResNet-50 C4: up to the last 5 blocks of
+    layer3), with ``forward_tail(forward_prefix(x, n), n) == forward(x)``. Fine-tuning conv layers
+    on detection windows (``finetune.conv_layers``) caches the prefix and trains the tail.
 ``geometry`` (tuple of :class:`Layer`)
     Kernel / stride / padding / ceil-mode of every spatial layer on the longest path; used by
     :func:`conv5_size`, :func:`rf_geometry` and :func:`rf_size` (ZF-5: 139 px as in the paper, its
@@ -215,12 +220,32 @@ class ZF5(nn.Module):
         # channels-last runs the convs, LRNs and pools ~1.6x faster on CPU (full ZF-5 at 688x917,
         # 2 threads: 0.39 vs 0.87 s with the in-place LRN; tools/benchmark.py --only detect); the
         # conv5 map is handed back in the default layout
+        return self.forward_tail(self.forward_prefix(x, 3), 3)  # (N, C, Hs, Ws)
+
+    tail_units = 3  # conv3, conv4, conv5 (stride 16, no pooling between them)
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` convs (ReLU has no parameters): [conv5], [conv4, conv5] or [conv3..conv5]."""
+        _check_tail(self, n)
+        return [self.conv3, self.conv4, self.conv5][3 - n:]
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        """conv1 .. the unit before the last ``n``: Tensor[N, 3, H, W] -> Tensor[N, C', Hs, Ws]."""
+        _check_tail(self, n)
+        # channels-last runs the convs, LRNs and pools ~1.6x faster on CPU (full ZF-5 at 688x917,
+        # 2 threads: 0.39 vs 0.87 s with the in-place LRN; tools/benchmark.py --only detect)
         x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(self.lrn(F.relu(self.conv1(x))), 3, 2, ceil_mode=True)
         x = F.max_pool2d(self.lrn(F.relu(self.conv2(x))), 3, 2, ceil_mode=True)
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        return F.relu(self.conv5(x)).contiguous()  # (N, C, Hs, Ws)
+        for conv in [self.conv3, self.conv4, self.conv5][: 3 - n]:
+            x = F.relu(conv(x))
+        return x
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        """The last ``n`` convs with ReLU on a prefix map; the conv5 map in the default layout."""
+        for conv in self.tail_modules(n):
+            x = F.relu(conv(x))
+        return x.contiguous()  # (N, C, Hs, Ws)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +296,21 @@ class VGG16Conv5(nn.Module):
             raise ValueError(f"VGG16Conv5 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
         return self.features(x)  # (N, 512, Hs, Ws)
 
+    tail_units = 3  # conv5_1 .. conv5_3 (after pool4, stride 16)
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` convs of conv5_x (their ReLUs have no parameters)."""
+        _check_tail(self, n)
+        return list(self.features[30 - 2 * n:30:2])
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.features[: 30 - 2 * n](x)
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.features[30 - 2 * n:30](x)  # (N, 512, Hs, Ws)
+
 
 def _resnet_c4_geometry() -> tuple[Layer, ...]:
     # conv1 7/2/3, maxpool 3/2/1, then the 3x3 conv of every bottleneck (1x1 convs change nothing):
@@ -311,6 +351,49 @@ class ResNet50C4(nn.Module):
             raise ValueError(f"ResNet50C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))  # (N, 1024, Hs, Ws)
+
+    tail_units = 5  # the last 5 bottlenecks of layer3 (its first one has stride 2)
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` bottleneck blocks of layer3 (their BatchNorms keep running statistics
+        when the trunk is in ``eval()``, as detection fine-tuning usually freezes them)."""
+        _check_tail(self, n)
+        return list(self.layer3[6 - n:])
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        return self.layer3[: 6 - n](x)
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.layer3[6 - n:](x)  # (N, 1024, Hs, Ws)
+
+
+class TrunkPrefix(nn.Module):
+    """A trunk without its last ``n`` units, as a module (what the cache runs when conv layers are
+    fine-tuned). Shares the trunk's parameters.
+
+    Input: Tensor[N, 3, H, W] in the trunk's ``input_format``. Output: Tensor[N, C', Hs, Ws], the
+    input of the tail (stride 16 for every supported split).
+    """
+
+    def __init__(self, trunk: nn.Module, n: int) -> None:
+        super().__init__()
+        _check_tail(trunk, n)
+        self.trunk, self.n = trunk, int(n)
+        self.input_format, self.stride = trunk.input_format, trunk.stride
+        self.width_mult = float(getattr(trunk, "width_mult", 1.0))
+        convs = [m for t in trunk.tail_modules(n) for m in t.modules() if isinstance(m, nn.Conv2d)]
+        self.out_channels = int(convs[0].in_channels) if convs else int(trunk.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trunk.forward_prefix(x, self.n)
+
+
+def _check_tail(trunk: nn.Module, n: int) -> None:
+    if not (isinstance(n, int) and 0 <= n <= trunk.tail_units):
+        raise ValueError(f"{type(trunk).__name__}: the tail has 0..{trunk.tail_units} units, got {n!r}")
 
 
 # ----------------------------------------------------------------------------------------------

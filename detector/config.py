@@ -181,6 +181,14 @@ class FinetuneConfig:
     chunk_iters: int = 100
     chunk_images: int = 64
     seed: int = 0
+    # Deviation option (0 = the spec: fc layers only). N > 0 also fine-tunes the trunk's last N
+    # stride-16 conv units (ZF-5: 1..3 = conv5, conv4-5, conv3-5; VGG-16: up to conv5_1-5_3) on the
+    # detection windows, as Fast R-CNN does: the cache then holds the maps before those units and
+    # every batch runs them with gradients on `images_per_batch` images (batch_size /
+    # images_per_batch windows each, one random scale per image). The tuned units go into model.pt.
+    conv_layers: int = 0
+    conv_lr_mult: float = 1.0  # the tuned conv units learn at lr x this
+    images_per_batch: int = 2  # used only with conv_layers > 0
 
 
 @dataclass(frozen=True)

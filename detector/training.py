@@ -40,6 +40,7 @@ __all__ = [
     "make_items",
     "split_train_val",
     "finetune_head",
+    "finetune_head_and_tail",
     "feature_norm_scales",
     "train_svms",
     "train_box_regressors",
@@ -335,6 +336,180 @@ def finetune_head(
                 break
     bar.close()
     head.load_state_dict(best_state)
+    head.eval()
+    return head, history
+
+
+def finetune_head_and_tail(
+    head: FCHead,
+    trunk: torch.nn.Module,
+    n_tail: int,
+    train_items: Sequence[TrainItem],
+    val_items: Sequence[TrainItem],
+    load_prefix: Callable[[TrainItem], Conv5Pyramid],
+    levels: Sequence[int],
+    proj: ProjectionParams,
+    num_classes: int,
+    iters: int,
+    lr: float,
+    lr_steps: Sequence[int],
+    tail_lr_mult: float = 1.0,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    images_per_batch: int = 2,
+    fg_fraction: float = 0.25,
+    fg_iou: float = 0.5,
+    bg_low: float = 0.1,
+    bg_high: float = 0.5,
+    random_scale: bool = True,
+    val_every: int = 2000,
+    val_batches: int = 50,
+    seed: int = 0,
+    resume_state: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[FCHead, dict]:
+    """Fine-tune the trunk's last ``n_tail`` conv units together with fc6, fc7 and the (K+1)-way
+    classifier on SPP-pooled windows (a deviation from spec §6, which tunes the fc layers only;
+    Fast R-CNN's finding that tuning conv layers on detection windows pays).
+
+    ``load_prefix`` gives an item's cached maps *before* the tail (``trunk.forward_prefix``);
+    each iteration runs the tail with gradients on ``images_per_batch`` images and pools
+    ``batch_size / images_per_batch`` windows from each (``fg_fraction`` foreground at IoU >=
+    ``fg_iou``, the rest background in [bg_low, bg_high); background fills when foreground is
+    short), gradients flowing through ``spp_pool`` into the tail. One random scale per image when
+    ``random_scale`` (the tail runs on one map instead of all), else the spec §5 choice per window.
+    SGD with momentum, weight decay, bias learning rate x2, the tail at ``lr * tail_lr_mult``, x0.1
+    at each of ``lr_steps``. Every ``val_every`` iterations the window error on fixed windows of
+    ``val_items`` (spec §5 scales, the tuned tail) is measured and the best head and tail are kept.
+    The trunk stays in ``eval()`` (BatchNorm statistics frozen); its tail is updated in place.
+
+    Args:
+        head: FCHead with K + 1 outputs (background = K).
+        trunk: the backbone (``tail_modules``, ``forward_tail``); its tail is trained in place.
+        n_tail: number of tail units (1 .. ``trunk.tail_units``).
+        resume_state / save_state: resume dict written by ``save_state`` every ``val_every`` iterations.
+    Returns:
+        (best head, history dict); the trunk holds the best tail.
+    """
+    device = torch.device(device)
+    if not 1 <= n_tail <= trunk.tail_units:
+        raise ValueError(f"n_tail must be in 1..{trunk.tail_units}, got {n_tail}")
+    if images_per_batch < 1 or batch_size < images_per_batch:
+        raise ValueError(f"need 1 <= images_per_batch <= batch_size, got {images_per_batch}, {batch_size}")
+    head = head.to(device).train()
+    trunk.to(device).eval()
+    tail = torch.nn.ModuleList(trunk.tail_modules(n_tail))  # shares the trunk's parameters
+    groups, base_lrs = [], []
+    for module, mult in ((head, 1.0), (tail, float(tail_lr_mult))):
+        named = list(module.named_parameters())
+        groups += [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay},
+                   {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+        base_lrs += [lr * mult, 2 * lr * mult]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    labels = [_item_labels(it, num_classes, fg_iou, bg_low, bg_high) for it in train_items]
+    usable = [i for i, lab in enumerate(labels) if bool((lab >= 0).any())]
+    if not usable:
+        raise ValueError("fine-tuning: no training image has a labelled window")
+
+    def tuned(item: TrainItem) -> Conv5Pyramid:
+        pre = load_prefix(item)
+        with torch.no_grad():
+            fmaps = [trunk.forward_tail(f.to(device).float().unsqueeze(0), n_tail)[0] for f in pre.fmaps]
+        return Conv5Pyramid(fmaps=fmaps, scaled_sizes=pre.scaled_sizes, image_size=pre.image_size)
+
+    val_sel, val_labels = None, None
+    if val_items:
+        gv = torch.Generator().manual_seed(seed + 7919)
+        vlabels = [_item_labels(it, num_classes, fg_iou, bg_low, bg_high) for it in val_items]
+        val_sel, _, _ = _chunk_batches(vlabels, list(range(len(val_items))), num_classes, val_batches,
+                                       batch_size, fg_fraction, gv)
+        val_labels = torch.tensor([int(vlabels[i][j]) for i, j in val_sel], dtype=torch.int64)
+
+    def evaluate() -> float:
+        if val_sel is None:
+            return math.nan
+        head.eval()
+        with torch.no_grad():
+            feats = _pool_selection(val_items, val_sel, tuned, levels, proj, False, torch.Generator())
+            logits = head(feats.to(device))
+        head.train()
+        return float((logits.argmax(1).cpu() != val_labels).float().mean())
+
+    history: dict = {"iter": [], "loss": [], "val_iter": [], "val_error": [], "best_iter": 0, "best_val_error": None}
+    start, best_err = 0, math.inf
+    best_state = (copy.deepcopy(head.state_dict()), copy.deepcopy(tail.state_dict()))
+    if resume_state is not None:
+        head.load_state_dict(resume_state["head"])
+        tail.load_state_dict(resume_state["tail"])
+        opt.load_state_dict(resume_state["optimizer"])
+        best_state, best_err = (resume_state["best_head"], resume_state["best_tail"]), resume_state["best_err"]
+        history, start = resume_state["history"], int(resume_state["iter"])
+        log.info("fine-tuning resumes at iteration %d", start)
+
+    per_image = batch_size // images_per_batch
+    n_fg = int(round(per_image * fg_fraction))
+    bar = tqdm(total=iters, initial=start, desc=f"fine-tune conv tail ({n_tail}) + fc", disable=not progress,
+               unit="it")
+    for it in range(start, iters):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + it)  # per iteration: a resume replays the draw
+        factor = 0.1 ** sum(it >= s for s in lr_steps)
+        for grp, base in zip(opt.param_groups, base_lrs):
+            grp["lr"] = base * factor
+        feats, ys = [], []
+        for pick in torch.randint(len(usable), (images_per_batch,), generator=g).tolist():
+            idx = usable[pick]
+            item, lab = train_items[idx], labels[idx]
+            fg = torch.nonzero((lab >= 0) & (lab < num_classes)).flatten()
+            bg = torch.nonzero(lab == num_classes).flatten()
+            fg = fg[torch.randperm(len(fg), generator=g)[:n_fg]]
+            bg = bg[torch.randperm(len(bg), generator=g)[: per_image - len(fg)]]
+            sel = torch.cat([fg, bg])  # (m,)
+            pre = load_prefix(item)
+            s_all = range(len(pre.fmaps))
+            if random_scale:
+                s_all = [int(torch.randint(len(pre.fmaps), (1,), generator=g))]
+            fmaps = [None] * len(pre.fmaps)
+            for s in s_all:  # the tail with gradients, only where windows are pooled
+                fmaps[s] = trunk.forward_tail(pre.fmaps[s].to(device).float().unsqueeze(0), n_tail)[0]
+            if random_scale:
+                pyr = Conv5Pyramid([fmaps[s_all[0]]], [pre.scaled_sizes[s_all[0]]], pre.image_size)
+                scale_index = torch.zeros(len(sel), dtype=torch.int64)
+            else:
+                pyr = Conv5Pyramid(fmaps, pre.scaled_sizes, pre.image_size)
+                scale_index = None
+            feats.append(pool_regions(pyr, _candidates(item)[sel], levels, proj, scale_index))  # (m, D)
+            ys.append(lab[sel])
+        loss = F_.cross_entropy(head(torch.cat(feats)), torch.cat(ys).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = it + 1
+        bar.update(1)
+        if done % 20 == 0 or done == iters:
+            history["iter"].append(done)
+            history["loss"].append(float(loss.detach()))
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if (val_every and done % val_every == 0) or done == iters:
+            err = evaluate()
+            history["val_iter"].append(done)
+            history["val_error"].append(err)
+            if val_sel is None or err < best_err:
+                best_err = err if val_sel is not None else math.nan
+                best_state = (copy.deepcopy(head.state_dict()), copy.deepcopy(tail.state_dict()))
+                history["best_iter"] = done
+                history["best_val_error"] = None if val_sel is None else err
+            log.info("iter %d: loss %.4f, val error %s", done, float(loss.detach()),
+                     "n/a" if val_sel is None else f"{err:.4f}")
+            if save_state is not None and done < iters:
+                save_state({"head": head.state_dict(), "tail": tail.state_dict(), "optimizer": opt.state_dict(),
+                            "best_head": best_state[0], "best_tail": best_state[1], "best_err": best_err,
+                            "history": history, "iter": done})
+    bar.close()
+    head.load_state_dict(best_state[0])
+    tail.load_state_dict(best_state[1])
     head.eval()
     return head, history
 

@@ -163,3 +163,35 @@ def test_repeated_set_flags_all_apply(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["finetune"]["iters"] == 7 and resolved["svm"]["C"] == 0.5
+
+
+def test_conv_fine_tuning_stage_runs_and_lands_in_the_checkpoint(tiny_run, tmp_path):
+    """finetune.conv_layers=2: the cache holds conv3 maps, conv4/conv5 are tuned with the fc layers
+    and model.pt carries them (conv1-conv3 stay the pre-trained ones); a rerun reuses every stage."""
+    import shutil
+
+    root, cfg, _, _ = tiny_run
+    out = tmp_path / "conv_ft"
+    shutil.copytree(root / "run", out, ignore=shutil.ignore_patterns("conv5_cache", "finetune", "svm", "bbox",
+                                                                        "model.pt"))
+    cmd = [sys.executable, str(REPO / "tools/train_detector.py"), "--config", str(cfg), "--set",
+           f"output_dir={out}", "finetune.conv_layers=2", "finetune.images_per_batch=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fine-tuning the last 2 conv unit(s)" in r.stderr
+    det = SPPDetector.load(out / "model.pt")
+    pre = torch.load(out / "pretrain" / "classifier.pt", weights_only=True)["backbone"]
+    got = det.backbone.state_dict()
+    for name in ("conv1.weight", "conv2.weight", "conv3.weight"):
+        torch.testing.assert_close(got[name], pre[name], rtol=0, atol=0)
+    for name in ("conv4.weight", "conv5.weight"):
+        assert not torch.equal(got[name], pre[name]), name
+    cached = next((out / "conv5_cache").glob("*.pt"))
+    assert torch.load(cached, weights_only=True)["fmaps"][0].shape[0] == det.backbone.conv3.out_channels
+    img = sorted((root / "digits" / "JPEGImages").glob("*.jpg"))[0]
+    assert det.detect(str(img))["boxes"].shape[1] == 4
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and "fine-tune conv tail" not in again.stderr and " 0 built" in again.stderr
+    bad = subprocess.run(cmd[:-2] + ["finetune.conv_layers=4"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert bad.returncode != 0 and "finetune.conv_layers must be in 0..3" in bad.stderr

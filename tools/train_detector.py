@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import _common as C
-from detector.backbones import build_backbone
+from detector.backbones import TrunkPrefix, build_backbone
 from detector.cache import Conv5Cache, weights_hash
 from detector.config import save_config
 from detector.detector import SPPDetector
@@ -28,7 +28,7 @@ from detector.head import FCHead
 from detector.regions import Conv5Pyramid, ProjectionParams
 from detector.spp import spp_out_dim
 from detector.training import (
-    TrainItem, feature_norm_scales, finetune_head, make_items, split_train_val, train_box_regressors, train_svms,
+    TrainItem, feature_norm_scales, finetune_head, finetune_head_and_tail, make_items, split_train_val, train_box_regressors, train_svms,
 )
 from detector.voc import load_voc_split
 
@@ -98,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- conv5 cache
     t0 = time.perf_counter()
     fc = cfg.features
+    ftc = cfg.finetune
+    n_tail = ftc.conv_layers
+    if not (isinstance(n_tail, int) and 0 <= n_tail <= backbone.tail_units):
+        sys.exit(f"config error: finetune.conv_layers must be in 0..{backbone.tail_units} for backbone "
+                 f"'{bc.arch}', got {n_tail!r}")
     cache_dir = Path(fc.cache_dir) if fc.cache_dir else out / "conv5_cache"
-    cache = Conv5Cache(cache_dir, backbone=backbone, scales=fc.train_scales, max_size=fc.max_size,
-                       device=cfg.device)
+    # with conv fine-tuning the cache holds the maps before the tuned units (the tail runs on them)
+    cache = Conv5Cache(cache_dir, key={"prefix_of_tail": n_tail} if n_tail else None,
+                       backbone=TrunkPrefix(backbone, n_tail) if n_tail else backbone,
+                       scales=fc.train_scales, max_size=fc.max_size, device=cfg.device)
     ft_items = make_items(ft_recs, props, flips=dc.use_flipped)
     val_items = make_items(val_recs, props, flips=False)
     svm_items = make_items(train_recs, props, flips=False)
@@ -110,13 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     if stage_done("cache", t0):
         return 0
 
-    def load_pyramid(item: TrainItem) -> Conv5Pyramid:
+    def load_cached(item: TrainItem) -> Conv5Pyramid:
         fmaps, sizes = cache.get(item.record.image_id, item.flipped)
         return Conv5Pyramid(fmaps=fmaps, scaled_sizes=sizes, image_size=(item.record.height, item.record.width))
 
+    def load_pyramid(item: TrainItem) -> Conv5Pyramid:
+        """conv5 maps of a training item: cached, or the (tuned) tail run on the cached prefix."""
+        pyr = load_cached(item)
+        if n_tail:
+            with torch.inference_mode():
+                pyr.fmaps = [backbone.forward_tail(f.to(cfg.device).float().unsqueeze(0), n_tail)[0]
+                             for f in pyr.fmaps]  # (C, Hs, Ws) each
+        return pyr
+
     # ---------------------------------------------------------------- fine-tuning
     t0 = time.perf_counter()
-    ftc = cfg.finetune
     D = spp_out_dim(backbone.out_channels, fc.levels)
     base_key = C.digest(cache.key, class_names, [r.image_id for r in train_recs], n_props, fc.levels,
                         fc.target_side)
@@ -129,18 +144,34 @@ def main(argv: list[str] | None = None) -> int:
             _init_fc_from_classifier(head, Path(weights), class_names)
         state_path = out / "finetune" / "resume.pt"
         resume = C.load_if_valid(state_path, ft_key)
-        head, hist = finetune_head(
-            head, ft_items, val_items, load_pyramid, fc.levels, proj, K,
-            iters=ftc.iters, lr=ftc.lr, lr_steps=ftc.lr_steps, momentum=ftc.momentum,
-            weight_decay=ftc.weight_decay, batch_size=ftc.batch_size, fg_fraction=ftc.fg_fraction,
-            fg_iou=ftc.fg_iou, bg_low=ftc.bg_iou_low, bg_high=ftc.bg_iou_high, random_scale=ftc.random_scale,
-            val_every=ftc.val_every, val_batches=ftc.val_batches, chunk_iters=ftc.chunk_iters,
-            chunk_images=ftc.chunk_images, seed=ftc.seed,
-            resume_state=None if resume is None else resume["state"],
-            save_state=lambda st: C.atomic_save({"key": ft_key, "state": st}, state_path),
-            device=cfg.device,
-        )
-        C.atomic_save({"key": ft_key, "head": head.state_dict(), "history": hist}, ft_path)
+        if n_tail:
+            log.info("fine-tuning the last %d conv unit(s) of the trunk with fc6/fc7 (finetune.conv_layers)",
+                     n_tail)
+            head, hist = finetune_head_and_tail(
+                head, backbone, n_tail, ft_items, val_items, load_cached, fc.levels, proj, K,
+                iters=ftc.iters, lr=ftc.lr, lr_steps=ftc.lr_steps, tail_lr_mult=ftc.conv_lr_mult,
+                momentum=ftc.momentum, weight_decay=ftc.weight_decay, batch_size=ftc.batch_size,
+                images_per_batch=ftc.images_per_batch, fg_fraction=ftc.fg_fraction, fg_iou=ftc.fg_iou,
+                bg_low=ftc.bg_iou_low, bg_high=ftc.bg_iou_high, random_scale=ftc.random_scale,
+                val_every=ftc.val_every, val_batches=ftc.val_batches, seed=ftc.seed,
+                resume_state=None if resume is None else resume["state"],
+                save_state=lambda st: C.atomic_save({"key": ft_key, "state": st}, state_path),
+                device=cfg.device,
+            )
+        else:
+            head, hist = finetune_head(
+                head, ft_items, val_items, load_pyramid, fc.levels, proj, K,
+                iters=ftc.iters, lr=ftc.lr, lr_steps=ftc.lr_steps, momentum=ftc.momentum,
+                weight_decay=ftc.weight_decay, batch_size=ftc.batch_size, fg_fraction=ftc.fg_fraction,
+                fg_iou=ftc.fg_iou, bg_low=ftc.bg_iou_low, bg_high=ftc.bg_iou_high, random_scale=ftc.random_scale,
+                val_every=ftc.val_every, val_batches=ftc.val_batches, chunk_iters=ftc.chunk_iters,
+                chunk_images=ftc.chunk_images, seed=ftc.seed,
+                resume_state=None if resume is None else resume["state"],
+                save_state=lambda st: C.atomic_save({"key": ft_key, "state": st}, state_path),
+                device=cfg.device,
+            )
+        tail_state = torch.nn.ModuleList(backbone.tail_modules(n_tail)).state_dict() if n_tail else None
+        C.atomic_save({"key": ft_key, "head": head.state_dict(), "tail": tail_state, "history": hist}, ft_path)
         state_path.unlink(missing_ok=True)
         done = C.load_if_valid(ft_path, ft_key)
         log.info("fine-tuning: best validation error %s at iteration %s", hist.get("best_val_error"),
@@ -148,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     head = FCHead(D, fc_dim=cfg.head.fc_dim, num_classes=K, dropout=cfg.head.dropout)
     head.load_state_dict(done["head"])
     head.eval()
+    if n_tail:  # the tuned conv units replace the pre-trained ones (model.pt saves them)
+        torch.nn.ModuleList(backbone.tail_modules(n_tail)).load_state_dict(done["tail"])
     if stage_done("finetune", t0):
         return 0
 
