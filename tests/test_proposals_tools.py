@@ -55,6 +55,9 @@ def test_compute_then_recall(tmp_path, capsys):
     res = json.loads((tmp_path / "rec" / "recall.json").read_text())
     assert res["num_gt"] == 2 and res["rows"][-1]["k"] == "all"
     assert res["rows"][-1]["recall@0.5"] == 1.0  # solid rectangles on a flat background
+    # one class: its row (every proposal) is the overall "all" row
+    assert [(c["class"], c["objects"]) for c in res["per_class"]] == [("cell", 2)]
+    assert all(res["per_class"][0][k] == res["rows"][-1][k] for k in ("recall@0.5", "recall@0.7", "AR"))
     assert (tmp_path / "rec" / "recall.png").stat().st_size > 1000
 
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        records, _ = load_voc_split(args.data_root, args.split, log_summary=False)
+        records, class_names = load_voc_split(args.data_root, args.split, log_summary=False)
         props = load_proposals(args.proposals, [r.image_id for r in records], allow_extra=args.allow_extra)
     except (VOCDataError, ProposalFileError) as e:
         sys.exit(f"error: {e}")
@@ -48,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'top k':>8} {'recall@0.5':>11} {'recall@0.7':>11} {'AR':>7}")
     for row in res["rows"]:
         print(f"{row['k']!s:>8} {row['recall@0.5']:11.4f} {row['recall@0.7']:11.4f} {row['AR']:7.4f}")
+    # per class, every proposal: the cap on each class's detection recall (and AP)
+    res["per_class"] = []
+    w = max([5] + [len(c) for c in class_names])
+    print(f"{'class':<{w}} {'objects':>8} {'recall@0.5':>11} {'recall@0.7':>11} {'AR':>7}   (all proposals)")
+    for k, name in enumerate(class_names):
+        gk = [r.boxes[(~r.difficult) & (r.labels == k)].numpy() for r in records]
+        row = proposal_recall(plist, gk, top_ks=())["rows"][-1]
+        n_k = sum(len(g) for g in gk)
+        res["per_class"].append({"class": name, "objects": n_k, **{c: row[c] for c in ("recall@0.5", "recall@0.7", "AR")}})
+        print(f"{name:<{w}} {n_k:>8d} {row['recall@0.5']:11.4f} {row['recall@0.7']:11.4f} {row['AR']:7.4f}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         ks = sorted({int(k) for k in np.unique(np.geomspace(1, max(2, max(len(p) for p in plist)), 40).astype(int))})
