@@ -191,6 +191,19 @@ def _chunk_batches(
     return fg_sel + bg_sel, len(fg_sel), len(bg_sel)
 
 
+def _sgd(modules: Sequence[tuple[torch.nn.Module, float]], lr: float, momentum: float,
+         weight_decay: float) -> tuple[torch.optim.SGD, list[float]]:
+    """SGD over (module, lr multiplier) pairs: weights at ``lr * mult`` with weight decay, biases at
+    twice that without (spec §6). Returns the optimizer and each group's base learning rate."""
+    groups, base_lrs = [], []
+    for module, mult in modules:
+        named = list(module.named_parameters())
+        groups += [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay},
+                   {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+        base_lrs += [lr * mult, 2 * lr * mult]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum), base_lrs
+
+
 def finetune_head(
     head: FCHead,
     train_items: Sequence[TrainItem],
@@ -237,14 +250,7 @@ def finetune_head(
     """
     device = torch.device(device)
     head = head.to(device).train()
-    params_w = [p for n, p in head.named_parameters() if not n.endswith("bias")]
-    params_b = [p for n, p in head.named_parameters() if n.endswith("bias")]
-    opt = torch.optim.SGD(
-        [{"params": params_w, "lr": lr, "weight_decay": weight_decay},
-         {"params": params_b, "lr": 2 * lr, "weight_decay": 0.0}],
-        lr=lr, momentum=momentum,
-    )
-    base_lrs = [lr, 2 * lr]
+    opt, base_lrs = _sgd([(head, 1.0)], lr, momentum, weight_decay)
     labels = [_item_labels(it, num_classes, fg_iou, bg_low, bg_high) for it in train_items]
 
     # fixed validation batches at the spec §5 scale
@@ -402,13 +408,7 @@ def finetune_head_and_tail(
     head = head.to(device).train()
     trunk.to(device).eval()
     tail = torch.nn.ModuleList(trunk.tail_modules(n_tail))  # shares the trunk's parameters
-    groups, base_lrs = [], []
-    for module, mult in ((head, 1.0), (tail, float(tail_lr_mult))):
-        named = list(module.named_parameters())
-        groups += [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": weight_decay},
-                   {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
-        base_lrs += [lr * mult, 2 * lr * mult]
-    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    opt, base_lrs = _sgd([(head, 1.0), (tail, float(tail_lr_mult))], lr, momentum, weight_decay)
     labels = [_item_labels(it, num_classes, fg_iou, bg_low, bg_high) for it in train_items]
     usable = [i for i, lab in enumerate(labels) if bool((lab >= 0).any())]
     if not usable:
@@ -468,18 +468,13 @@ def finetune_head_and_tail(
             bg = bg[torch.randperm(len(bg), generator=g)[: per_image - len(fg)]]
             sel = torch.cat([fg, bg])  # (m,)
             pre = load_prefix(item)
-            s_all = range(len(pre.fmaps))
-            if random_scale:
-                s_all = [int(torch.randint(len(pre.fmaps), (1,), generator=g))]
-            fmaps = [None] * len(pre.fmaps)
-            for s in s_all:  # the tail with gradients, only where windows are pooled
-                fmaps[s] = trunk.forward_tail(pre.fmaps[s].to(device).float().unsqueeze(0), n_tail)[0]
-            if random_scale:
-                pyr = Conv5Pyramid([fmaps[s_all[0]]], [pre.scaled_sizes[s_all[0]]], pre.image_size)
-                scale_index = torch.zeros(len(sel), dtype=torch.int64)
-            else:
-                pyr = Conv5Pyramid(fmaps, pre.scaled_sizes, pre.image_size)
-                scale_index = None
+            # the tail with gradients only on the maps the windows are pooled from
+            scales = ([int(torch.randint(len(pre.fmaps), (1,), generator=g))] if random_scale
+                      else list(range(len(pre.fmaps))))
+            pyr = Conv5Pyramid(
+                [trunk.forward_tail(pre.fmaps[s].to(device).float().unsqueeze(0), n_tail)[0] for s in scales],
+                [pre.scaled_sizes[s] for s in scales], pre.image_size)
+            scale_index = torch.zeros(len(sel), dtype=torch.int64) if random_scale else None
             feats.append(pool_regions(pyr, _candidates(item)[sel], levels, proj, scale_index))  # (m, D)
             ys.append(lab[sel])
         loss = F_.cross_entropy(head(torch.cat(feats)), torch.cat(ys).to(device))
