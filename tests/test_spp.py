@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.spp import SpatialPyramidPool, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
+from detector.spp import SpatialPyramidPool, _SPPFunction, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
 
 
 def reference_spp(fmap: torch.Tensor, windows: torch.Tensor, levels) -> torch.Tensor:
@@ -58,8 +58,10 @@ def test_spp_pool_equals_reference(shape, levels):
     got = spp_pool(fmap, windows, levels)
     assert got.shape == (windows.shape[0], spp_out_dim(shape[0], levels))
     assert torch.equal(got, want)
-    # the path that records argmax cells (used when the map needs gradients) gives the same values
+    # the training path (map needs gradients: roi_pool on the root levels + max pools) and the
+    # sparse table that records argmax cells (its fallback) give the same values
     assert torch.equal(spp_pool(fmap.clone().requires_grad_(), windows, levels).detach(), want)
+    assert torch.equal(_SPPFunction.apply(fmap.clone().requires_grad_(), windows, tuple(levels)).detach(), want)
 
 
 def test_spp_pool_layout_is_channel_major_in_level_order():
@@ -93,6 +95,10 @@ def test_spp_pool_gradient_counts_argmax_hits():
     ref = fmap.detach().clone().requires_grad_()
     reference_spp(ref, windows, (1, 2, 3, 6)).sum().backward()
     assert torch.equal(fmap.grad, ref.grad)
+    # the argmax-recording sparse table (the fallback for levels roi_pool cannot bin exactly)
+    table = fmap.detach().clone().requires_grad_()
+    _SPPFunction.apply(table, windows, (1, 2, 3, 6)).sum().backward()
+    assert torch.equal(table.grad, ref.grad)
 
 
 def test_spp_pool_dtypes_and_empty():
