@@ -235,16 +235,18 @@ class ZF5(nn.Module):
         # channels-last runs the convs, LRNs and pools ~1.6x faster on CPU (full ZF-5 at 688x917,
         # 2 threads: 0.39 vs 0.87 s with the in-place LRN; tools/benchmark.py --only detect)
         x = x.contiguous(memory_format=torch.channels_last)
-        x = F.max_pool2d(self.lrn(F.relu(self.conv1(x))), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.lrn(F.relu(self.conv2(x))), 3, 2, ceil_mode=True)
+        # ReLU in place on the fresh conv outputs (a conv's backward needs its input, not its
+        # output, so autograd allows it; torchvision's VGG does the same): no map-sized allocation
+        x = F.max_pool2d(self.lrn(F.relu_(self.conv1(x))), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.lrn(F.relu_(self.conv2(x))), 3, 2, ceil_mode=True)
         for conv in [self.conv3, self.conv4, self.conv5][: 3 - n]:
-            x = F.relu(conv(x))
+            x = F.relu_(conv(x))
         return x
 
     def forward_tail(self, x: Tensor, n: int) -> Tensor:
         """The last ``n`` convs with ReLU on a prefix map; the conv5 map in the default layout."""
         for conv in self.tail_modules(n):
-            x = F.relu(conv(x))
+            x = F.relu_(conv(x))
         return x.contiguous()  # (N, C, Hs, Ws)
 
 

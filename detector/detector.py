@@ -159,7 +159,9 @@ class SPPDetector:
 
     def fc_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc7 features scaled for the SVMs. pooled (Tensor[R, D]) -> Tensor[R, F]."""
-        return self.head.features(pooled) * self.feature_scale  # (R, F)
+        f = self.head.features(pooled)  # (R, F)
+        # in place when no graph needs the unscaled values (detection): no second [R, F] buffer
+        return f * self.feature_scale if f.requires_grad else f.mul_(self.feature_scale)
 
     def svm_scores(self, feats: torch.Tensor) -> torch.Tensor:
         """All classes in one matmul. feats (Tensor[R, F]) -> Tensor[R, K]."""
@@ -183,8 +185,9 @@ class SPPDetector:
         # multiply-adds), then each detection takes its own class's 4 deltas: cheaper than
         # gathering an [N, 4, D] weight block per detection
         uwin, inv = torch.unique(windows, return_inverse=True)  # (U,), (N,)
-        x = pooled[uwin] * self.pool_scale  # (U, D)
-        deltas = torch.addmm(self.bbox_weight[-1], x, self.bbox_weight[:-1])  # (U, 4K)
+        # the features' scale goes into the matmul's alpha: no second [U, D] copy
+        deltas = torch.addmm(self.bbox_weight[-1], pooled[uwin], self.bbox_weight[:-1],
+                             alpha=self.pool_scale)  # (U, 4K)
         cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
         return decode(boxes[windows], deltas[inv].gather(1, cols))  # (N, 4)
 
