@@ -6,7 +6,9 @@ import torch
 from torchvision.ops import nms as tv_nms
 
 from detector.boxes import pairwise_iou, voc_to_xyxy
-from detector.postprocess import detections_from_scores, nms, topk_per_class
+from torchvision.ops import batched_nms
+
+from detector.postprocess import detections_from_scores, nms, nms_per_label, nms_top_per_label, topk_per_class
 
 
 def _slow_greedy_nms(boxes, scores, thresh):
@@ -86,6 +88,66 @@ def test_top_k_per_class_and_threshold():
     # strict threshold: a score equal to the threshold is dropped
     out2 = detections_from_scores(boxes[:1], torch.tensor([[-1.5, -1.4]]))
     assert out2["labels"].tolist() == [1]
+
+
+@pytest.mark.parametrize("n_lab", [1, 5, 20])
+def test_nms_per_label_equals_torchvision_batched_nms(n_lab):
+    """Same kept boxes in the same order as torchvision's batched_nms, including labels with no
+    candidates (gaps in the label values) and both of batched_nms's CPU paths (<= and > 1000 boxes)."""
+    g = torch.Generator().manual_seed(n_lab)
+    for n in (7, 400, 2500):
+        boxes = _random_boxes(g, n, size=300)
+        scores = torch.randperm(n, generator=g).float() / n  # distinct: the order of ties is unspecified
+        labels = torch.randint(0, n_lab, (n,), generator=g) * 2  # only even labels occur
+        for thresh in (0.3, 0.7):
+            got = nms_per_label(boxes, scores, labels, thresh)
+            assert got.tolist() == batched_nms(boxes, scores, labels, thresh).tolist()
+    assert nms_per_label(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.3).numel() == 0
+
+
+def _full_nms_topk(boxes, scores, labels, thresh, k):
+    """Reference: NMS on every candidate of every label, then the k best kept per label."""
+    keep = batched_nms(boxes, scores, labels, thresh)
+    return keep[topk_per_class(labels[keep], k)]
+
+
+@pytest.mark.parametrize("case", ["uniform", "clustered", "one_label_few_boxes"])
+def test_nms_top_per_label_equals_full_nms(case):
+    """NMS on each label's best candidates first keeps exactly what NMS on all candidates keeps
+    (k best per label), also when the first round's candidates crowd one object and the label
+    needs wider rounds (clustered)."""
+    g = torch.Generator().manual_seed(3)
+    n, n_lab, k = 1500, 5, 20
+    boxes = _random_boxes(g, n, size=400)
+    labels = torch.randint(0, n_lab, (n,), generator=g)
+    scores = torch.randperm(n, generator=g).float() / n  # distinct (the order of ties is unspecified)
+    if case == "clustered":
+        # 600 jittered windows on one object hold every label's best scores: the first 2k
+        # candidates of a label keep one or two boxes, so it needs a second and third round
+        jitter = torch.randint(-3, 4, (600, 4), generator=g).float()
+        boxes[:600] = torch.tensor([100.0, 100.0, 180.0, 170.0]) + jitter
+        scores[:600] += 10.0
+    if case == "one_label_few_boxes":
+        labels = torch.zeros(n, dtype=torch.int64)
+        labels[:7] = 3  # a label with fewer candidates than a round takes
+    for thresh in (0.3, 0.5):
+        got = nms_top_per_label(boxes, scores, labels, thresh, k, first=2 * k)
+        got = got[topk_per_class(labels[got], k)]
+        assert got.tolist() == _full_nms_topk(boxes, scores, labels, thresh, k).tolist()
+
+
+def test_nms_top_per_label_widens_until_k_kept():
+    """A label whose best candidates are all copies of one box keeps 1 box in round one; the call
+    widens until 5 boxes are kept, equal to the full NMS."""
+    dup = torch.tensor([[0.0, 0.0, 50.0, 50.0]]).repeat(40, 1)  # 40 copies, best scores
+    far = torch.stack([torch.arange(10.0) * 100 + 200, torch.zeros(10), torch.arange(10.0) * 100 + 250,
+                       torch.full((10,), 50.0)], 1)  # 10 disjoint boxes, lower scores
+    boxes = torch.cat([dup, far])
+    scores = torch.cat([torch.linspace(10, 9, 40), torch.linspace(5, 4, 10)])
+    labels = torch.zeros(50, dtype=torch.int64)
+    got = nms_top_per_label(boxes, scores, labels, 0.3, k=5, first=4)
+    assert got[:5].tolist() == [0, 40, 41, 42, 43]
+    assert got[:5].tolist() == _full_nms_topk(boxes, scores, labels, 0.3, 5).tolist()
 
 
 def test_topk_per_class_mask():

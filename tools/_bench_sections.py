@@ -22,6 +22,7 @@ import torch
 import _common as C
 import _timing_inputs as TI
 from detector.rcnn import compare_rcnn, format_comparison, random_detector
+from detector.regions import pool_regions
 
 log = logging.getLogger("benchmark")
 
@@ -131,6 +132,39 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
         s = _stats(run_spp(d))
         rows.append((f"SPP-net ZF-5, 1 scale, fc6/fc7 SVD rank {r}", s))
         ratios[f"detect_spp_svd{r}_s_per_image"] = s["median"]
+    # per-class NMS + top-k of one image's candidates (every window x class above -1.5: the random
+    # SVMs pass them all, the worst case): the project's path vs torchvision's batched_nms
+    from torchvision.ops import batched_nms
+
+    from detector.postprocess import nms_per_label, nms_top_per_label, topk_per_class
+
+    sc = det.svm_scores(det.fc_features(pool_regions(det.compute_pyramid(photos[0][1]), props[0], det.levels,
+                                                     det.proj)))  # (R, K)
+    win, lab = torch.nonzero(sc > det.score_thresh, as_tuple=True)
+    cb, cs = props[0][win].float(), sc[win, lab].float()
+    kpc = det.max_per_class
+
+    def topk(keep_fn):
+        return lambda b, s_: (lambda kp: kp[topk_per_class(lab[kp], kpc)])(keep_fn(b, s_))
+
+    nms_impls = (
+        (f"best {8 * kpc} candidates per class first, then wider (`nms_top_per_label`, the project's)",
+         topk(lambda b, s_: nms_top_per_label(b, s_, lab, det.nms, kpc))),
+        ("all candidates, per-class slices (`nms_per_label`)", topk(lambda b, s_: nms_per_label(b, s_, lab, det.nms))),
+        ("all candidates, `torchvision.ops.batched_nms`", topk(lambda b, s_: batched_nms(b, s_, lab, det.nms))),
+    )
+    nms_rows = []
+    for name, fn in nms_impls:
+        fn(cb, cs)  # warm-up
+        nms_rows.append((name, _stats(_time(lambda: fn(cb, cs), 9))))
+    # windows that project onto the same conv5 cells get equal scores, and torchvision's kernel orders
+    # ties unstably: the results are compared on the scores' ranks (ties broken by index)
+    ranks = torch.empty_like(cs)
+    ranks[torch.argsort(cs, stable=True)] = torch.arange(cs.shape[0], dtype=cs.dtype)
+    outs = [fn(cb, ranks).tolist() for _, fn in nms_impls]
+    same = all(o == outs[0] for o in outs)
+    n_tied = int(cs.shape[0] - torch.unique(torch.stack([cs, lab.to(cs.dtype)], 1), dim=0).shape[0])
+    ratios["nms_batched_over_project"] = nms_rows[2][1]["median"] / nms_rows[0][1]["median"]
     ims = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for _, im in photos]  # (3, H, W) each
     for name in ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn"):
         torch.manual_seed(0)
@@ -145,6 +179,11 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
     lines += ["", "SPP-net stage breakdown (full-width ZF-5, 688, no SVD), seconds per image:", "",
               "| stage | median [min-max] |", "|---|---|"]
     lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items() if k != "proposals"]
+    lines += ["", f"Per-class NMS and top {kpc} of the first image's {cb.shape[0]} (window, class) candidates "
+              f"({det.num_classes} classes, IoU {det.nms}; {n_tied} candidates tie with another of their class), "
+              f"9 calls each; same detections in the same order with ties broken by index: "
+              f"{'yes' if same else 'NO'}:", "", "| implementation | ms, median [min-max] |", "|---|---|"]
+    lines += [f"| {n} | {_fmt({k: v * 1000 for k, v in s.items()}, 1)} |" for n, s in nms_rows]
     md = (f"{n_images} photos resized to 500x375, {n_props} proposals per image (given, so proposal time is "
           f"excluded), random weights everywhere, {torch.get_num_threads()} threads.\n\n" + "\n".join(lines))
     return md, ratios
