@@ -213,7 +213,8 @@ def reinit_kaiming(model: nn.Module, sample: Tensor | None = None, input_std: fl
             if m is last:
                 continue
             out: list[Tensor] = []
-            h = m.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
+            # a copy: ZF-5 applies its ReLUs in place on the conv outputs after the hook has run
+            h = m.register_forward_hook(lambda _m, _i, o: out.append(o.detach().clone()))
             model(sample)
             h.remove()
             std = float(out[0].std()) if out else 0.0
