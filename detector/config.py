@@ -230,6 +230,10 @@ class TestConfig:
     nms: float = 0.3  # per-class greedy NMS threshold (spec §9)
     max_per_class: int = 100  # kept per class and image
     score_thresh: float = -1.5  # SVM scores below this are dropped before NMS (spec §9)
+    # "svm" (spec §7) or "svm+softmax": deviation option, the SVM margin plus the log-probability
+    # of the class under the fine-tuned (K+1)-way classifier (an ensemble of the two scorers the
+    # pipeline trains anyway; Fast R-CNN later scored with the softmax alone)
+    score: str = "svm"
     svd_rank: int = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
 
 

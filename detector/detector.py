@@ -62,6 +62,9 @@ class SPPDetector:
         max_size: cap on the resized longer side (0 = none).
         target_side: window side (px) the per-window scale choice aims at (spec §5: 208).
         nms, max_per_class, score_thresh: spec §9 post-processing.
+        score: ``"svm"`` (spec §7: the SVM margin) or ``"svm+softmax"`` (deviation option: the SVM
+            margin plus the log-probability of the class under the fine-tuned (K+1)-way
+            ``cls_score`` layer, which ``head`` must then have; see ``TestConfig.score``).
         svd_rank: the truncated-SVD rank of fc6/fc7 this model is meant to run with (config
             ``test.svd_rank``; 0 = dense). Stored in the checkpoint and applied by :meth:`load`;
             the head given here is used as it is. After loading it is the rank the head runs at.
@@ -88,6 +91,7 @@ class SPPDetector:
         nms: float = 0.3,
         max_per_class: int = 100,
         score_thresh: float = -1.5,
+        score: str = "svm",
         svd_rank: int = 0,
         proposal_options: dict | None = None,
         arch: str = "zf5",
@@ -117,6 +121,8 @@ class SPPDetector:
         self.nms = float(nms)
         self.max_per_class = int(max_per_class)
         self.score_thresh = float(score_thresh)
+        self.score = score
+        self._check_score()
         self.svd_rank = int(svd_rank)
         self.proposal_options = dict(proposal_options or {})
         self.arch = arch
@@ -157,15 +163,39 @@ class SPPDetector:
             image_size=(h, w),
         )
 
+    SCORES = ("svm", "svm+softmax")
+
+    def _check_score(self) -> None:
+        if self.score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}, got {self.score!r}")
+        if self.score == "svm+softmax" and getattr(self.head, "cls_score", None) is None:
+            raise ValueError("score 'svm+softmax' needs the fine-tuned cls_score layer, which this head lacks")
+
     def fc_features(self, pooled: torch.Tensor) -> torch.Tensor:
-        """fc7 features scaled for the SVMs. pooled (Tensor[R, D]) -> Tensor[R, F]."""
-        f = self.head.features(pooled)  # (R, F)
-        # in place when no graph needs the unscaled values (detection): no second [R, F] buffer
-        return f * self.feature_scale if f.requires_grad else f.mul_(self.feature_scale)
+        """fc7 features (unscaled; :meth:`svm_scores` applies ``feature_scale``).
+
+        pooled (Tensor[R, D]) -> Tensor[R, F].
+        """
+        return self.head.features(pooled)  # (R, F)
 
     def svm_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """All classes in one matmul. feats (Tensor[R, F]) -> Tensor[R, K]."""
-        return torch.addmm(self.svm_bias, feats, self.svm_weight)  # (R, K)
+        """Class scores of all windows, all classes in one matmul each (see ``score``).
+
+        The SVMs see fc7 scaled by ``feature_scale`` (spec §7); the scale is the matmul's alpha.
+        With ``score == "svm+softmax"`` the fine-tuned classifier's log-probability of each class
+        (log-softmax over the K+1 logits, background last) is added.
+
+        Args:
+            feats (Tensor[R, F]): fc7 features from :meth:`fc_features`.
+        Returns:
+            Tensor[R, K].
+        """
+        self._check_score()
+        scores = torch.addmm(self.svm_bias, feats, self.svm_weight, alpha=self.feature_scale)  # (R, K)
+        if self.score == "svm+softmax":
+            logp = torch.log_softmax(self.head.cls_score(feats), dim=1)  # (R, K + 1)
+            scores += logp[:, : self.num_classes]
+        return scores
 
     def regress_kept(self, boxes: torch.Tensor, pooled: torch.Tensor, windows: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
@@ -360,6 +390,7 @@ class SPPDetector:
             "nms": self.nms,
             "max_per_class": self.max_per_class,
             "score_thresh": self.score_thresh,
+            "score": self.score,
             "svd_rank": self.svd_rank,
             "proposal_options": self.proposal_options,
             "meta": self.meta,
@@ -409,14 +440,17 @@ class SPPDetector:
             raise CheckpointError(f"{path}: not an SPPDetector checkpoint (format {st.get('format') if isinstance(st, dict) else type(st).__name__})")
         backbone = build_backbone(st["arch"], width_mult=st["width_mult"], weights="none")
         backbone.load_state_dict(st["backbone"])
-        head = FCHead(st["head_in_dim"], fc_dim=st["head_fc_dim"], num_classes=None)
+        # the fine-tuned (K+1)-way classifier is kept when the checkpoint has it ("svm+softmax" scores)
+        has_cls = "cls_score.weight" in st["head"]
+        head = FCHead(st["head_in_dim"], fc_dim=st["head_fc_dim"],
+                      num_classes=len(st["class_names"]) if has_cls else None)
         head.load_state_dict(st["head"], strict=False)
         det = cls(
             backbone=backbone, head=head, svm_weight=st["svm_weight"], svm_bias=st["svm_bias"],
             feature_scale=st["feature_scale"], bbox_weight=st["bbox_weight"], pool_scale=st["pool_scale"],
             class_names=st["class_names"], scales=scales or st["scales"], levels=st["levels"],
             max_size=st["max_size"], target_side=st.get("target_side", 208.0), nms=st["nms"], max_per_class=st["max_per_class"],
-            score_thresh=st["score_thresh"], svd_rank=st.get("svd_rank", 0), proposal_options=st["proposal_options"],
+            score_thresh=st["score_thresh"], score=st.get("score", "svm"), svd_rank=st.get("svd_rank", 0), proposal_options=st["proposal_options"],
             arch=st["arch"], width_mult=st["width_mult"], meta=st.get("meta", {}), device=device,
         )
         rank = det.svd_rank if svd_rank is None else int(svd_rank)
@@ -445,5 +479,10 @@ def build_detector(cfg: Any, checkpoint: str | Path, device: str | None = None) 
     det.nms = cfg.test.nms
     det.max_per_class = cfg.test.max_per_class
     det.score_thresh = cfg.test.score_thresh
+    det.score = cfg.test.score
+    try:
+        det._check_score()
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: test.score: {e}") from None
     det.max_size = cfg.features.max_size
     return det

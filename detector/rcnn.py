@@ -413,7 +413,7 @@ def compare_rcnn(
         for r, head in svd_heads.items():
             t_svd: dict[str, float] = {}
             with _Timer(t_svd, det.device)("fc"):
-                head.features(pooled) * det.feature_scale  # (R, F)
+                head.features(pooled)  # (R, F)
             svd_t[r][key].append(t_svd["fc"])
 
     if warmup:

@@ -121,6 +121,45 @@ def test_checkpoint_carries_its_svd_rank(tmp_path):
         low.save(tmp_path / "again.pt")
 
 
+def test_svm_plus_softmax_scores_and_checkpoint(tmp_path):
+    """score 'svm+softmax' adds the fine-tuned classifier's log-probability to the SVM margin
+    (checked against the two terms computed by hand from the weights), survives the checkpoint, and
+    is refused for a head without cls_score."""
+    from detector.head import FCHead
+    from detector.rcnn import random_detector
+
+    det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
+    det.feature_scale = 2.5
+    head = FCHead(det.head.in_dim, fc_dim=32, num_classes=3).eval()
+    head.load_state_dict(det.head.state_dict(), strict=False)  # fc6/fc7 as before, a random cls_score
+    det.head = head
+    pooled = torch.rand(7, det.head.in_dim)  # (R, D)
+    with torch.inference_mode():
+        f = det.fc_features(pooled)  # (R, F)
+        svm = det.svm_scores(f)
+        ref_svm = (det.head.fc7(torch.relu(det.head.fc6(pooled))).relu() * 2.5) @ det.svm_weight + det.svm_bias
+        torch.testing.assert_close(svm, ref_svm)
+        det.score = "svm+softmax"
+        both = det.svm_scores(f)
+        logits = f @ head.cls_score.weight.T + head.cls_score.bias  # (R, K + 1), background last
+        ref_logp = logits - torch.logsumexp(logits, 1, keepdim=True)
+        torch.testing.assert_close(both, ref_svm + ref_logp[:, :3])
+    det.save(tmp_path / "m.pt")
+    back = SPPDetector.load(tmp_path / "m.pt")
+    assert back.score == "svm+softmax" and back.head.cls_score is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(back.svm_scores(back.fc_features(pooled)), both)
+    plain = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
+    plain.score = "svm+softmax"  # its head has no cls_score
+    with pytest.raises(ValueError, match="cls_score"):
+        plain.svm_scores(torch.rand(2, 32))
+    with pytest.raises(ValueError, match="score must be one of"):
+        random_detector(width_mult=0.125, fc_dim=32, num_classes=3).__class__(
+            backbone=plain.backbone, head=plain.head, svm_weight=plain.svm_weight, svm_bias=plain.svm_bias,
+            feature_scale=1.0, bbox_weight=None, pool_scale=1.0, class_names=["a", "b", "c"], scales=(96,),
+            score="softmax")
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this checkpoint ran code",))

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop after this stage (its output is kept)")
     args = p.parse_args(argv)
     cfg = C.load_cfg_or_exit(args)
+    if cfg.test.score not in SPPDetector.SCORES:  # checked before hours of training, not after
+        sys.exit(f"config error: test.score must be one of {SPPDetector.SCORES}, got {cfg.test.score!r}")
     out = Path(cfg.output_dir)
     C.setup_logging(out, "train_log.txt")
     C.setup_torch(cfg)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names=class_names, scales=fc.test_scales, levels=fc.levels, max_size=fc.max_size,
         target_side=fc.target_side,
         nms=cfg.test.nms, max_per_class=cfg.test.max_per_class, score_thresh=cfg.test.score_thresh,
+        score=cfg.test.score,
         svd_rank=cfg.test.svd_rank, proposal_options=C.proposal_options(cfg), arch=bc.arch, width_mult=bc.width_mult,
         meta={"config": C.config_to_dict(cfg), "stage_seconds": timings},
     )
