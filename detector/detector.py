@@ -303,9 +303,9 @@ class SPPDetector:
                 [32, 10000] px; an unreadable or out-of-range image raises ``ImageError`` naming it.
             proposals (Tensor[R, 4] | None): xyxy boxes in original-image pixels; None = run
                 selective search on the image (the proposal time is then in ``last_timings``).
-            score_threshold: keep detections with an SVM score above this (default: the
-                detector's ``score_thresh``, -1.5 as in spec §9; SVM scores are margins, 0 is
-                the decision boundary).
+            score_threshold: keep detections scoring above this (default: the detector's
+                ``score_thresh``, -1.5 as in spec §9; SVM scores are margins, 0 is the decision
+                boundary; with ``score == "svm+softmax"`` the class's log-probability is added).
         Returns:
             dict with ``boxes`` (float32 Tensor[N, 4], xyxy, 0-based continuous pixels of the
             original image), ``scores`` (float32 Tensor[N]) and ``labels`` (int64 Tensor[N],
