@@ -121,8 +121,7 @@ class SPPDetector:
         self.nms = float(nms)
         self.max_per_class = int(max_per_class)
         self.score_thresh = float(score_thresh)
-        self.score = score
-        self._check_score()
+        self.score = score  # validated by the property's setter
         self.svd_rank = int(svd_rank)
         self.proposal_options = dict(proposal_options or {})
         self.arch = arch
@@ -165,11 +164,18 @@ class SPPDetector:
 
     SCORES = ("svm", "svm+softmax")
 
-    def _check_score(self) -> None:
-        if self.score not in self.SCORES:
-            raise ValueError(f"score must be one of {self.SCORES}, got {self.score!r}")
-        if self.score == "svm+softmax" and getattr(self.head, "cls_score", None) is None:
+    @property
+    def score(self) -> str:
+        """``"svm"`` or ``"svm+softmax"`` (see the class docstring); checked when set."""
+        return self._score
+
+    @score.setter
+    def score(self, value: str) -> None:
+        if value not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}, got {value!r}")
+        if value == "svm+softmax" and getattr(self.head, "cls_score", None) is None:
             raise ValueError("score 'svm+softmax' needs the fine-tuned cls_score layer, which this head lacks")
+        self._score = value
 
     def fc_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc7 features (unscaled; :meth:`svm_scores` applies ``feature_scale``).
@@ -190,7 +196,6 @@ class SPPDetector:
         Returns:
             Tensor[R, K].
         """
-        self._check_score()
         scores = torch.addmm(self.svm_bias, feats, self.svm_weight, alpha=self.feature_scale)  # (R, K)
         if self.score == "svm+softmax":
             logp = torch.log_softmax(self.head.cls_score(feats), dim=1)  # (R, K + 1)
@@ -479,9 +484,8 @@ def build_detector(cfg: Any, checkpoint: str | Path, device: str | None = None) 
     det.nms = cfg.test.nms
     det.max_per_class = cfg.test.max_per_class
     det.score_thresh = cfg.test.score_thresh
-    det.score = cfg.test.score
     try:
-        det._check_score()
+        det.score = cfg.test.score
     except ValueError as e:
         raise CheckpointError(f"{checkpoint}: test.score: {e}") from None
     det.max_size = cfg.features.max_size

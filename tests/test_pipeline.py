@@ -150,14 +150,13 @@ def test_svm_plus_softmax_scores_and_checkpoint(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(back.svm_scores(back.fc_features(pooled)), both)
     plain = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
-    plain.score = "svm+softmax"  # its head has no cls_score
     with pytest.raises(ValueError, match="cls_score"):
-        plain.svm_scores(torch.rand(2, 32))
+        plain.score = "svm+softmax"  # its head has no cls_score
+    assert plain.score == "svm"
     with pytest.raises(ValueError, match="score must be one of"):
-        random_detector(width_mult=0.125, fc_dim=32, num_classes=3).__class__(
-            backbone=plain.backbone, head=plain.head, svm_weight=plain.svm_weight, svm_bias=plain.svm_bias,
-            feature_scale=1.0, bbox_weight=None, pool_scale=1.0, class_names=["a", "b", "c"], scales=(96,),
-            score="softmax")
+        SPPDetector(backbone=plain.backbone, head=plain.head, svm_weight=plain.svm_weight,
+                    svm_bias=plain.svm_bias, feature_scale=1.0, bbox_weight=None, pool_scale=1.0,
+                    class_names=["a", "b", "c"], scales=(96,), score="softmax")
 
 
 class _Evil:

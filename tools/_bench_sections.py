@@ -144,14 +144,17 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
     cb, cs = props[0][win].float(), sc[win, lab].float()
     kpc = det.max_per_class
 
-    def topk(keep_fn):
-        return lambda b, s_: (lambda kp: kp[topk_per_class(lab[kp], kpc)])(keep_fn(b, s_))
+    def nms_topk(keep_fn):  # keep_fn(boxes, scores, labels, iou) -> kept indices by score
+        def run(b, s_):
+            kp = keep_fn(b, s_, lab, det.nms)
+            return kp[topk_per_class(lab[kp], kpc)]
+        return run
 
     nms_impls = (
         (f"best {8 * kpc} candidates per class first, then wider (`nms_top_per_label`, the project's)",
-         topk(lambda b, s_: nms_top_per_label(b, s_, lab, det.nms, kpc))),
-        ("all candidates, per-class slices (`nms_per_label`)", topk(lambda b, s_: nms_per_label(b, s_, lab, det.nms))),
-        ("all candidates, `torchvision.ops.batched_nms`", topk(lambda b, s_: batched_nms(b, s_, lab, det.nms))),
+         nms_topk(lambda b, s_, l, t: nms_top_per_label(b, s_, l, t, kpc))),
+        ("all candidates, per-class slices (`nms_per_label`)", nms_topk(nms_per_label)),
+        ("all candidates, `torchvision.ops.batched_nms`", nms_topk(batched_nms)),
     )
     nms_rows = []
     for name, fn in nms_impls:
