@@ -235,6 +235,9 @@ class TestConfig:
     # pipeline trains anyway; Fast R-CNN later scored with the softmax alone)
     score: str = "svm"
     svd_rank: int = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
+    # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
+    # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
+    target_side: float = 0.0
 
 
 @dataclass(frozen=True)

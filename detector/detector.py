@@ -127,7 +127,7 @@ class SPPDetector:
         self.arch = arch
         self.width_mult = float(width_mult)
         self.meta = dict(meta or {})
-        self.proj = ProjectionParams.of(self.backbone, target_side)
+        self.target_side = target_side  # sets self.proj; checked by the property's setter
         self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ building blocks
@@ -163,6 +163,19 @@ class SPPDetector:
         )
 
     SCORES = ("svm", "svm+softmax")
+
+    @property
+    def target_side(self) -> float:
+        """Window side (px) the per-window scale choice aims at (``proj.target_side``); settable
+        at test time (config ``test.target_side``) without retraining."""
+        return self.proj.target_side
+
+    @target_side.setter
+    def target_side(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"target_side must be a positive number of pixels, got {value!r}")
+        self.proj = ProjectionParams.of(self.backbone, value)
 
     @property
     def score(self) -> str:
@@ -489,4 +502,9 @@ def build_detector(cfg: Any, checkpoint: str | Path, device: str | None = None) 
     except ValueError as e:
         raise CheckpointError(f"{checkpoint}: test.score: {e}") from None
     det.max_size = cfg.features.max_size
+    if cfg.test.target_side:
+        try:
+            det.target_side = cfg.test.target_side
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint}: test.target_side: {e}") from None
     return det

@@ -159,6 +159,56 @@ def test_svm_plus_softmax_scores_and_checkpoint(tmp_path):
                     class_names=["a", "b", "c"], scales=(96,), score="softmax")
 
 
+def test_test_time_target_side(tmp_path):
+    """target_side (the per-window scale choice's aim) can be set at test time: the detector then
+    pools each window at the scale select_scales picks for that aim (hand-computed: a 40x40 box in a
+    100x100 image, scales 96/192: aim 40 -> s* = 100 -> 96; aim 200 -> s* = 500 -> 192), it equals
+    a detector built with that value, survives the checkpoint, is applied by build_detector from
+    test.target_side (0 keeps the checkpoint's) and is refused when not positive."""
+    import dataclasses
+
+    from detector.config import Config, TestConfig
+    from detector.detector import build_detector
+    from detector.projection import select_scales
+    from detector.rcnn import random_detector
+
+    box = torch.tensor([[30.0, 30.0, 70.0, 70.0]])  # 40 x 40
+    assert select_scales(box, (100, 100), [96, 192], target_side=40).tolist() == [0]
+    assert select_scales(box, (100, 100), [96, 192], target_side=200).tolist() == [1]
+
+    img = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+    det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96, 192))
+    det.score_thresh, det.nms = -1e9, 1.0  # keep the one window's scores whatever they are
+    det.bbox_weight = None
+    outs = {}
+    for t in (40.0, 200.0):
+        det.target_side = t
+        assert det.target_side == t and det.proj.target_side == t
+        outs[t] = det.detect(img, proposals=box)
+        ref = SPPDetector(backbone=det.backbone, head=det.head, svm_weight=det.svm_weight,
+                          svm_bias=det.svm_bias, feature_scale=det.feature_scale, bbox_weight=None,
+                          pool_scale=det.pool_scale, class_names=det.class_names, scales=(96, 192),
+                          target_side=t, nms=1.0, score_thresh=-1e9)
+        r = ref.detect(img, proposals=box)
+        torch.testing.assert_close(outs[t]["scores"], r["scores"])
+    assert not torch.allclose(outs[40.0]["scores"], outs[200.0]["scores"])  # another scale's conv5
+
+    det.target_side = 40.0
+    det.save(tmp_path / "m.pt")
+    assert SPPDetector.load(tmp_path / "m.pt").target_side == 40.0
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, test_scales=(96, 192)))
+    assert build_detector(cfg, tmp_path / "m.pt").target_side == 40.0  # 0: the checkpoint's value
+    cfg = dataclasses.replace(cfg, test=TestConfig(target_side=200.0))
+    assert build_detector(cfg, tmp_path / "m.pt").target_side == 200.0
+    with pytest.raises(CheckpointError, match=r"m\.pt: test\.target_side"):
+        build_detector(dataclasses.replace(cfg, test=TestConfig(target_side=-5.0)), tmp_path / "m.pt")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="target_side must be a positive"):
+            det.target_side = bad
+    assert det.target_side == 40.0
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this checkpoint ran code",))
@@ -201,6 +251,19 @@ def test_repeated_set_flags_all_apply(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["finetune"]["iters"] == 7 and resolved["svm"]["C"] == 0.5
+
+
+def test_bad_test_settings_stop_training_before_it_starts(tiny_run, tmp_path):
+    """test.score and test.target_side are checked before any stage runs (not after training)."""
+    _, cfg, _, _ = tiny_run
+    for i, (flag, msg) in enumerate([("test.score=softmax", "test.score must be one of"),
+                                     ("test.target_side=-3", "test.target_side must be >= 0")]):
+        out = tmp_path / f"bad{i}"
+        r = subprocess.run([sys.executable, str(REPO / "tools/train_detector.py"), "--config", str(cfg),
+                            "--set", f"output_dir={out}", flag], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_conv_fine_tuning_stage_runs_and_lands_in_the_checkpoint(tiny_run, tmp_path):

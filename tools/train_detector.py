@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.load_cfg_or_exit(args)
     if cfg.test.score not in SPPDetector.SCORES:  # checked before hours of training, not after
         sys.exit(f"config error: test.score must be one of {SPPDetector.SCORES}, got {cfg.test.score!r}")
+    if not cfg.test.target_side >= 0:
+        sys.exit(f"config error: test.target_side must be >= 0 px (0 = features.target_side), got {cfg.test.target_side!r}")
     out = Path(cfg.output_dir)
     C.setup_logging(out, "train_log.txt")
     C.setup_torch(cfg)
