@@ -1,6 +1,7 @@
 """End to end: a tiny train + test run through the real tools, checkpoint safety, library call."""
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import subprocess
@@ -65,6 +66,58 @@ def test_train_and_test_end_to_end(tiny_run):
     assert len(list((out / "results").glob("comp4_det_test_*.txt"))) == 10
     for stage in ("conv", "pool", "fc", "svm", "bbox", "nms", "proposals"):
         assert re.search(rf"^{stage}\s+\d", test.stdout, re.M), stage
+
+
+def test_held_out_validation_scoring(tiny_run):
+    """test_net.py --held-out scores exactly the trainval images held out from fine-tuning (2 of 12
+    at val_fraction 0.2), with the training run's cached proposals (nothing recomputed), and its
+    mAP equals evaluate() of the library detector on those images and proposals."""
+    from detector.config import load_config
+    from detector.detector import build_detector
+    from detector.evaluation import evaluate
+    from detector.training import split_train_val
+    from detector.voc import load_voc_split
+    from proposals import load_proposals
+
+    root, cfg_path, _, _ = tiny_run
+    run = root / "run"
+    before = sorted((run / "proposals").iterdir())
+    r = subprocess.run([sys.executable, str(REPO / "tools/test_net.py"), "--config", str(cfg_path),
+                        "--held-out", "--time-proposals", "0"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "computing" not in r.stderr and sorted((run / "proposals").iterdir()) == before
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    recs, names = load_voc_split(root / "digits", "trainval", digits, raw_boxes=True)
+    _, held = split_train_val(recs, 0.2, 0)
+    assert len(held) == 2
+    report = json.loads((run / "test_heldout" / "eval.json").read_text())
+    assert report["images"] == 2
+    assert sum(c["n_gt"] + c["n_difficult"] for c in report["classes"]) == sum(len(h.labels) for h in held)
+
+    cfg = load_config(cfg_path)
+    det = build_detector(cfg, run / "model.pt")
+    cache = [f for f in before if f.name.startswith("trainval-")]
+    assert len(cache) == 1
+    props = load_proposals(cache[0], [h.image_id for h in held], allow_extra=True)
+    dets = {h.image_id: det.detect(str(h.path), proposals=props[h.image_id]) for h in held}
+    ref = evaluate(held, names, dets).mAP
+    got = float(r.stdout.strip().splitlines()[-1].split()[1])
+    assert (np.isnan(ref) and np.isnan(got)) or abs(got - ref) < 1e-6, (got, ref)
+
+    # elsewhere (no training proposal cache there): only the 2 held-out images get proposals
+    other = root / "elsewhere"
+    r2 = subprocess.run([sys.executable, str(REPO / "tools/test_net.py"), "--config", str(cfg_path),
+                         "--held-out", "--time-proposals", "0", "--checkpoint", str(run / "model.pt"),
+                         "--set", f"output_dir={other}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "computing selective_search proposals for 2 trainval-heldout images" in r2.stderr
+    assert [f.name.split("-")[:2] for f in (other / "proposals").glob("*.npz")] == [["trainval", "heldout"]]
+    assert abs(float(r2.stdout.strip().splitlines()[-1].split()[1]) - got) < 1e-6 or np.isnan(got)
+
+    bad = subprocess.run([sys.executable, str(REPO / "tools/test_net.py"), "--config", str(cfg_path),
+                          "--held-out", "--split", "test"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode != 0 and "--held-out" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_second_run_reuses_every_stage(tiny_run):

@@ -94,6 +94,48 @@ def proposal_options(cfg: Config) -> dict:
             "grid_aspect_ratios": tuple(pc.grid_aspect_ratios)}
 
 
+def training_records(cfg: Config, raw_boxes: bool = False, class_names: Sequence[str] | None = None
+                     ) -> tuple[list, list, list, list[str]]:
+    """The training split as ``train_detector.py`` divides it: ``(train, fine_tune, held_out, classes)``.
+
+    ``train`` is ``data.train_split`` (its first ``data.max_train_images`` when set); ``held_out`` is
+    ``data.val_split`` when set, else ``data.val_fraction`` of ``train`` chosen with ``seed``
+    (``detector.training.split_train_val``), never fine-tuned on; ``fine_tune`` is the rest.
+    ``raw_boxes`` loads the annotations as the evaluation reads them and ``class_names`` (default
+    ``data.classes``, else every name in the split) sets the label ids (``load_voc_split``).
+    """
+    from detector.training import split_train_val
+    from detector.voc import load_voc_split
+
+    dc = cfg.data
+    train, classes = load_voc_split(dc.root, dc.train_split, class_names or dc.classes or None,
+                                   raw_boxes=raw_boxes)
+    if dc.max_train_images:
+        train = train[: dc.max_train_images]
+    if dc.val_split:
+        held, _ = load_voc_split(dc.root, dc.val_split, classes, raw_boxes=raw_boxes)
+        held_ids = {r.image_id for r in held}
+        fine_tune = [r for r in train if r.image_id not in held_ids]
+    else:
+        fine_tune, held = split_train_val(train, dc.val_fraction, cfg.seed)
+    return list(train), list(fine_tune), list(held), list(classes)
+
+
+def records_with_proposals(train: Sequence, held_out: Sequence) -> dict:
+    """``{image_id: record}`` of every image whose proposals the training run computes, in the order
+    that keys its proposal cache (``split_proposals`` of ``data.train_split``)."""
+    return {r.image_id: r for r in list(train) + list(held_out)}
+
+
+def proposal_cache_path(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path]], out_dir: Path) -> Path:
+    """Where ``split_proposals`` caches computed proposals: keyed by the proposal settings and the
+    image list (ids and paths, in order)."""
+    pc = cfg.proposals
+    key = digest(pc.method, proposal_options(cfg), pc.edge_model, [i for i, _ in ids_paths],
+                 [str(p) for _, p in ids_paths])
+    return out_dir / "proposals" / f"{split}-{key}.npz"
+
+
 def split_proposals(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path]], out_dir: Path,
                     file: str = "") -> dict[str, np.ndarray]:
     """Proposals of one split: loaded from ``file`` (method "file") or computed and cached.
@@ -112,8 +154,7 @@ def split_proposals(cfg: Config, split: str, ids_paths: Sequence[tuple[str, Path
         return load_proposals(file, ids)
     if pc.method not in ("selective_search", "edge_boxes"):
         sys.exit(f"config error: proposals.method must be selective_search, edge_boxes or file, got '{pc.method}'")
-    key = digest(pc.method, proposal_options(cfg), pc.edge_model, ids, [str(p) for _, p in ids_paths])
-    out = out_dir / "proposals" / f"{split}-{key}.npz"
+    out = proposal_cache_path(cfg, split, ids_paths, out_dir)
     if out.is_file():
         try:
             return load_proposals(out, ids)

@@ -1,12 +1,17 @@
 """Test a trained SPP-net detector on a VOC-layout split: VOC mAP, COCO figures, timing.
 
     python tools/test_net.py --config configs/digits_zf5.yaml [--checkpoint runs/.../model.pt]
-        [--split test] [--set key=value ...] [--compare-rcnn N]
+        [--split test | --held-out] [--set key=value ...] [--compare-rcnn N]
 
 Test-time windows come only from the proposal method run on each image (never from the
 annotations). Writes comp4 result files, eval.json, pr_curves.png and timing.json under
 ``<output_dir>/test_<split>/``, prints the timing table, the per-class table, the COCO figures
 and, last, the line ``mAP: 0.xxxxxx``.
+
+``--held-out`` scores the training images that ``train_detector.py`` held out from fine-tuning
+(``data.val_split``, or ``data.val_fraction`` of ``data.train_split`` with ``seed``), with the
+training run's cached proposals, under ``<output_dir>/test_heldout/``: the place to choose test
+settings (``test.*``, ``features.test_scales``) by ``--set`` without looking at the test split.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     C.add_config_args(p)
     p.add_argument("--checkpoint", help="model.pt (default: <output_dir>/model.pt)")
     p.add_argument("--split", help="split to score (default: data.test_split)")
+    p.add_argument("--held-out", action="store_true",
+                   help="score the training images held out from fine-tuning (validation), not a split")
     p.add_argument("--metric", choices=["07", "area"], default="07", help="VOC07 11-point (default) or area AP")
     p.add_argument("--time-proposals", type=int, default=10,
                    help="run selective search live on this many images to time it (the boxes used for "
@@ -56,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="rcnn: score every window by warping it to 227x227 (spec §10), same model")
     args = p.parse_args(argv)
     cfg = C.load_cfg_or_exit(args)
-    split = args.split or cfg.data.test_split
+    if args.held_out and args.split:
+        p.error("--held-out scores the held-out training images; it takes no --split")
+    split = "heldout" if args.held_out else (args.split or cfg.data.test_split)
     out = Path(cfg.output_dir) / (f"test_{split}" + ("_rcnn" if args.mode == "rcnn" else ""))
     C.setup_logging(out, "test_log.txt")
     C.setup_torch(cfg)
@@ -67,13 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         sys.exit(f"error: {e}")
 
-    records, class_names = load_voc_split(cfg.data.root, split, det.class_names, raw_boxes=True)
-    if cfg.data.max_test_images and len(records) > cfg.data.max_test_images:
-        log.warning("scoring only the first %d of %d %s images (data.max_test_images)",
-                    cfg.data.max_test_images, len(records), split)
-        records = records[: cfg.data.max_test_images]
-    props = C.split_proposals(cfg, split, [(r.image_id, r.path) for r in records], Path(cfg.output_dir),
-                              cfg.proposals.test_file)
+    if args.held_out:
+        train_recs, _, records, class_names = C.training_records(cfg, raw_boxes=True,
+                                                                 class_names=det.class_names)
+        if not records:
+            sys.exit("error: --held-out: no images are held out (set data.val_split or data.val_fraction > 0)")
+        log.info("scoring the %d training images held out from fine-tuning (%s)", len(records),
+                 f"data.val_split '{cfg.data.val_split}'" if cfg.data.val_split else
+                 f"{cfg.data.val_fraction:.0%} of '{cfg.data.train_split}', seed {cfg.seed}")
+        # the training run's proposals (same image list, so the same cache key); when that cache is
+        # not here, only the held-out images' proposals are computed
+        everything = [(r.image_id, r.path) for r in C.records_with_proposals(train_recs, records).values()]
+        trained = C.proposal_cache_path(cfg, cfg.data.train_split, everything, Path(cfg.output_dir))
+        if cfg.proposals.method == "file" or trained.is_file():
+            props = C.split_proposals(cfg, cfg.data.train_split, everything, Path(cfg.output_dir),
+                                      cfg.proposals.train_file)
+        else:
+            props = C.split_proposals(cfg, f"{cfg.data.train_split}-heldout",
+                                      [(r.image_id, r.path) for r in records], Path(cfg.output_dir))
+    else:
+        records, class_names = load_voc_split(cfg.data.root, split, det.class_names, raw_boxes=True)
+        if cfg.data.max_test_images and len(records) > cfg.data.max_test_images:
+            log.warning("scoring only the first %d of %d %s images (data.max_test_images)",
+                        cfg.data.max_test_images, len(records), split)
+            records = records[: cfg.data.max_test_images]
+        props = C.split_proposals(cfg, split, [(r.image_id, r.path) for r in records], Path(cfg.output_dir),
+                                  cfg.proposals.test_file)
 
     # ---------------------------------------------------------------- detection
     stage_times: dict[str, list[float]] = {k: [] for k in STAGES}

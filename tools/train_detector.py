@@ -28,9 +28,8 @@ from detector.head import FCHead
 from detector.regions import Conv5Pyramid, ProjectionParams
 from detector.spp import spp_out_dim
 from detector.training import (
-    TrainItem, feature_norm_scales, finetune_head, finetune_head_and_tail, make_items, split_train_val, train_box_regressors, train_svms,
+    TrainItem, feature_norm_scales, finetune_head, finetune_head_and_tail, make_items, train_box_regressors, train_svms,
 )
-from detector.voc import load_voc_split
 
 log = logging.getLogger("train_detector")
 
@@ -60,19 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- data
     dc = cfg.data
-    classes = dc.classes or None
-    train_recs, class_names = load_voc_split(dc.root, dc.train_split, classes)
-    if dc.max_train_images:
-        train_recs = train_recs[: dc.max_train_images]
-    if dc.val_split:
-        val_recs, _ = load_voc_split(dc.root, dc.val_split, class_names)
-        ft_recs = [r for r in train_recs if r.image_id not in {v.image_id for v in val_recs}]
-    else:
-        ft_recs, val_recs = split_train_val(train_recs, dc.val_fraction, cfg.seed)
+    train_recs, ft_recs, val_recs, class_names = C.training_records(cfg)
     K = len(class_names)
     log.info("%d classes; %d training images (%d for fine-tuning, %d held out for validation)",
              K, len(train_recs), len(ft_recs), len(val_recs))
-    all_recs = {r.image_id: r for r in list(train_recs) + list(val_recs)}
+    all_recs = C.records_with_proposals(train_recs, val_recs)
 
     # ---------------------------------------------------------------- proposals
     t0 = time.perf_counter()
