@@ -153,6 +153,41 @@ def test_library_call_and_checkpoint_round_trip(tiny_run, tmp_path):
     assert det.detect(arr, proposals=torch.zeros((0, 4)))["boxes"].shape == (0, 4)
 
 
+def test_readme_library_example_runs_as_written(tiny_run, tmp_path):
+    """The README's python block, unchanged, against the tiny model placed where the README expects
+    the demo model and image (run from a directory laid out like the repository after make demo)."""
+    import ast
+    import os
+    import shutil
+
+    root, _, _, _ = tiny_run
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"^```python\n(.*?)^```", readme, re.M | re.S)
+    assert block, "README.md has no ```python block"
+    code = block.group(1)
+    paths = re.findall(r'"((?:runs|data)/[^"]+)"', code)
+    assert any(p.endswith("model.pt") for p in paths), paths
+    for rel in paths:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        src = (root / "run" / "model.pt" if rel.endswith(".pt")
+               else sorted((root / "digits" / "JPEGImages").glob("*.jpg"))[0])
+        shutil.copy(src, tmp_path / rel)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = res.stdout.strip().splitlines()
+    timings = ast.literal_eval(lines[-1])
+    assert set(timings) == {"proposals", "conv", "pool", "fc", "svm", "bbox", "nms"}
+    classes = SPPDetector.load(root / "run" / "model.pt").class_names
+    thr = float(re.search(r"score_threshold=(-?[\d.]+)", code).group(1))
+    for line in lines[:-1]:
+        name, score, box = line.split(" ", 2)
+        assert name in classes and float(score) >= thr, line
+        x1, y1, x2, y2 = ast.literal_eval(box)
+        assert x1 <= x2 and y1 <= y2, line
+
+
 def test_checkpoint_carries_its_svd_rank(tmp_path):
     """A model saved with svd_rank loads compressed by default (as test_net runs it), dense on request;
     a compressed model refuses to be saved (its checkpoint would not load back)."""
