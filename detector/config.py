@@ -397,13 +397,6 @@ def config_to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
-def config_hash(cfg_section: Any) -> str:
-    """Stable short hash of a config section (for cache keys)."""
-    import hashlib
-
-    return hashlib.sha1(json.dumps(config_to_dict(cfg_section), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def save_config(cfg: Config, out_dir: str | Path, argv: list[str] | None = None) -> Path:
     """Write the resolved config as ``resolved_config.yaml`` in ``out_dir`` (argv as a comment line).
 
