@@ -324,6 +324,67 @@ def _merge(base: Any, overrides: dict, where: str) -> Any:
     return dataclasses.replace(base, **changes)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding the same key twice.
+
+    PyYAML keeps the last of two equal keys without a word, so a setting written twice (a pasted
+    block, a merge conflict) would silently take whichever came last.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, str] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(f"duplicate key '{key}' at {where} (first at {seen[key]})")
+                seen[key] = where
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+def _read_yaml(p: Path) -> dict:
+    """The top-level mapping of the YAML file ``p``; every failure is a ConfigError naming ``p``."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML config: byte {e.start} is not UTF-8 text") from None
+    try:
+        loader = _StrictLoader(text)  # reads the whole text: control characters fail here
+        try:
+            node = loader.get_single_node()
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except _DuplicateKeyError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.reader.ReaderError as e:
+        raise ConfigError(f"{p}: not a YAML config: character #x{e.character:04x} at position {e.position} "
+                          f"is not allowed in YAML text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:  # no document, only comments, or a bare `---` / `~`
+        raise ConfigError(f"{p}: is empty (a config file holds at least one setting; use {{}} for none)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.sub=value")
@@ -332,7 +393,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
     return key.split("."), value
@@ -359,21 +420,18 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     Args:
         path: YAML file (None = defaults only).
         overrides: strings such as ``"finetune.iters=500"`` or ``"features.test_scales=[480,688]"``;
-            values are parsed as YAML.
+            values are parsed as YAML. They apply in order after the file, so a key given twice
+            (in the file and an override, or in two overrides) takes the last value: that is how
+            a command line changes a setting. Inside one YAML file or value a repeated key is an
+            error instead (PyYAML would keep the last one silently).
     Raises:
-        ConfigError: unknown key, wrong type, unreadable file; the message names the key or file.
+        ConfigError: unknown key, wrong type, unreadable, empty or non-UTF-8 file, repeated key;
+            the message names the key or file.
     """
     cfg = Config()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+        data = _read_yaml(p)
         try:
             cfg = config_from_dict(data, cfg)
         except ConfigError as e:

@@ -40,3 +40,40 @@ def test_bad_file_is_named(tmp_path: Path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [("finetune:\n  iters: 5\n  lr: 0.1\n  iters: 7\n", r"duplicate key 'iters' at line 4, column 3 \(first at line 2"),
+     ("svm: {C: 1}\nsvm: {bias: 1}\n", "duplicate key 'svm' at line 2"),
+     ("svm: {C: 1, C: 2}\n", "duplicate key 'C' at line 1, column 13"),
+     ("", "is empty"),
+     ("# only a comment\n\n", "is empty"),
+     ("- 1\n- 2\n", "top level must be a mapping"),
+     ("svm: [\n", "not valid YAML")],
+)
+def test_bad_yaml_files_are_named(tmp_path: Path, text: str, match: str):
+    p = tmp_path / "x.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=f"x.yaml: {match}"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("data", [bytes(range(256)), b"\x00\x01\x02 binary", "svm: {C: 1} # é".encode("latin-1")])
+def test_binary_or_non_utf8_file_is_named(tmp_path: Path, data: bytes):
+    p = tmp_path / "model.pt"
+    p.write_bytes(data)
+    with pytest.raises(ConfigError, match="model.pt: not a YAML config"):
+        load_config(p)
+
+
+def test_merge_keys_and_repeated_overrides_are_allowed(tmp_path: Path):
+    """A YAML merge (`<<: *anchor`) is meant to be overridden, and --set values apply in order
+    after the file, the last one winning (that is how a command line changes a setting)."""
+    p = tmp_path / "x.yaml"
+    p.write_text("svm: {C: 2}\n")
+    assert load_config(p, ["svm.C=3", "svm.C=4"]).svm.C == 4.0
+    p.write_text("finetune: {<<: {iters: 3, lr: 0.5}, iters: 4}\n")
+    assert (load_config(p).finetune.iters, load_config(p).finetune.lr) == (4, 0.5)
+    with pytest.raises(ConfigError, match="override 'finetune=.*duplicate key 'iters'"):
+        load_config(None, ["finetune={iters: 3, iters: 4}"])
