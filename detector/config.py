@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import yaml
 
@@ -45,6 +45,9 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # devkit order (VOCinit.m); foreground ids 0..19 follow it
 
 
+Arch = Literal["zf5", "vgg16", "resnet50"]  # detector.backbones.ARCHS
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema (unknown key, wrong type)."""
 
@@ -71,12 +74,12 @@ class ProposalConfig:
     # "selective_search": computed by proposals.selective_search for every image (cached);
     # "file": loaded from train_file / test_file (.mat R-CNN, .pkl detectron2, .npz);
     # "edge_boxes": OpenCV EdgeBoxes with the structured-edge model `edge_model`.
-    method: str = "selective_search"
+    method: Literal["selective_search", "edge_boxes", "file"] = "selective_search"
     # "fast+" (default): OpenCV fast selective search on a copy with longer side `ss_side`, unioned
     # with a multi-scale grid of windows (proposals/selective_search.py; BCCD test recall@0.5 0.978
     # at ~0.58 CPU s/image vs 0.77 at 1.7 s for plain "fast"); "fast": OpenCV fast as-is (closest to
     # spec §9); "quality": OpenCV quality.
-    mode: str = "fast+"
+    mode: Literal["fast+", "fast", "quality"] = "fast+"  # proposals.selective_search.MODES
     min_size: int = 20  # boxes with a side under this many pixels are dropped (spec §9)
     max_boxes: int = 2000  # per image, after deduplication; 0 = all (paper: about 2000, §9)
     train_file: str = ""  # proposal file for the training split when method == "file"
@@ -92,7 +95,7 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    arch: str = "zf5"  # "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3)
+    arch: Arch = "zf5"  # "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3)
     width_mult: float = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local
@@ -105,7 +108,8 @@ class PretrainConfig:
     """Multi-size SPP classifier on crops of the training split (spec §1, paper §3)."""
 
     enabled: bool = False  # train the backbone as a classifier first (machines without ImageNet weights)
-    mode: str = "multi"  # "single" (224), "multi" (180/224 alternating by epoch), "random" ([180, 224]), "nospp"
+    # "single" (224), "multi" (180/224 alternating by epoch), "random" ([180, 224]), "nospp"
+    mode: Literal["single", "multi", "random", "nospp"] = "multi"
     sizes: tuple[int, ...] = (180, 224)  # input sizes for multi-size training (paper §3.2)
     epochs: int = 6
     batch_size: int = 64
@@ -122,7 +126,7 @@ class PretrainConfig:
     # trunk's own init (ZF-5: N(0, 0.01^2), biases 0/1, spec §1, meant for a 90-epoch ImageNet
     # schedule); "kaiming" = He et al. 2015 fan-in init, biases 0, conv1 divided by the crops' pixel
     # std (short CPU schedules without batch norm learn much faster from it).
-    init: str = "spec"
+    init: Literal["spec", "kaiming"] = "spec"
     hflip: bool = True  # mirror a random half of each batch (paper's ImageNet training flips)
     jitter: float = 0.1  # object crops: centre shift up to this fraction of the box side
     context: float = 1.3  # object crops: width and height each scaled by a factor in [1, context]
@@ -135,7 +139,7 @@ class PretrainConfig:
     val_max_images: int = 0  # held-out images evaluated (0 = all); caps evaluation time
     # "sgd" (momentum SGD, the paper's) or "adamw": from scratch on a CPU budget (a few hundred
     # steps) SGD without batch norm stays at the class prior (measured on digits), AdamW learns.
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     eval_min_side: int = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
 
 
@@ -233,7 +237,7 @@ class TestConfig:
     # "svm" (spec §7) or "svm+softmax": deviation option, the SVM margin plus the log-probability
     # of the class under the fine-tuned (K+1)-way classifier (an ensemble of the two scorers the
     # pipeline trains anyway; Fast R-CNN later scored with the softmax alone)
-    score: str = "svm"
+    score: Literal["svm", "svm+softmax"] = "svm"
     svd_rank: int = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
     # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
     # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
@@ -276,6 +280,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:  # string choices
+        choices = typing.get_args(tp)
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         for a in typing.get_args(tp):
             try:

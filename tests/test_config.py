@@ -77,3 +77,36 @@ def test_merge_keys_and_repeated_overrides_are_allowed(tmp_path: Path):
     assert (load_config(p).finetune.iters, load_config(p).finetune.lr) == (4, 0.5)
     with pytest.raises(ConfigError, match="override 'finetune=.*duplicate key 'iters'"):
         load_config(None, ["finetune={iters: 3, iters: 4}"])
+
+
+@pytest.mark.parametrize(
+    "key, choices",
+    [("backbone.arch", "'zf5', 'vgg16', 'resnet50'"),
+     ("proposals.method", "'selective_search', 'edge_boxes', 'file'"),
+     ("proposals.mode", "'fast\\+', 'fast', 'quality'"),
+     ("pretrain.mode", "'single', 'multi', 'random', 'nospp'"),
+     ("pretrain.init", "'spec', 'kaiming'"),
+     ("pretrain.optimizer", "'sgd', 'adamw'"),
+     ("test.score", "'svm', 'svm\\+softmax'")],
+)
+def test_string_choices_are_checked_at_load(key: str, choices: str):
+    for bad in ("nope", "1", "[svm]"):
+        with pytest.raises(ConfigError, match=f"^{key} must be one of {choices}, got "):
+            load_config(None, [f"{key}={bad}"])
+
+
+def test_choices_match_the_library():
+    """The config's choices are the ones the code that receives them accepts."""
+    import typing
+
+    import proposals
+    from detector import backbones, config, pretrain
+    from detector.detector import SPPDetector
+
+    def choices(cls, name):
+        return typing.get_args(typing.get_type_hints(cls)[name])
+
+    assert choices(config.BackboneConfig, "arch") == backbones.ARCHS
+    assert choices(config.ProposalConfig, "mode") == proposals.MODES
+    assert choices(config.PretrainConfig, "mode") == pretrain.MODES
+    assert choices(config.TestConfig, "score") == SPPDetector.SCORES
