@@ -2,7 +2,9 @@
 
 The defaults are the paper's / the released code's values (``../shared/spec/SPP_NET_SPEC.md``, cited
 by section). A YAML file in ``configs/`` holds one experiment's overrides only; :func:`load_config`
-rejects unknown keys and values of the wrong type and returns a frozen :class:`Config`.
+rejects unknown keys and values of the wrong type, then checks every value against the rule declared
+with its field (range, choices, agreement with other fields) and reports all broken rules at once,
+before any work starts. It returns a frozen :class:`Config`.
 
 Only ``tools/`` and :func:`detector.detector.build_detector` read a Config; library code takes
 explicit arguments.
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
 import yaml
 
@@ -36,6 +40,7 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "config_from_dict",
+    "check_config",
 ]
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -47,26 +52,100 @@ VOC_CLASSES: tuple[str, ...] = (
 
 Arch = Literal["zf5", "vgg16", "resnet50"]  # detector.backbones.ARCHS
 
+# Stride-16 conv units at the end of each trunk that finetune.conv_layers may tune: the
+# ``tail_units`` of the trunk classes in detector/backbones.py, repeated here so that loading a
+# config needs no torch (tests/test_config.py checks that the two agree).
+TAIL_UNITS: dict[str, int] = {"zf5": 3, "vgg16": 3, "resnet50": 5}
+# Smallest input side (px) that leaves each trunk a non-empty conv5 map
+# (detector.backbones.conv5_size; tests/test_config.py checks it). Scales and crop sizes under it fail.
+MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "vgg16": 16, "resnet50": 1}
+
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema (unknown key, wrong type)."""
+    """A config file or override that does not fit the schema: unknown key, wrong type, a value
+    outside its range or choices, or values that contradict each other. The message names every
+    such key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# value rules
+#
+# A field's own rule sits in its annotation, ``Annotated[type, rule]``; a rule that relates several
+# fields is in its section's ``problems()``. :func:`check_config` runs both after the merge and
+# reports every broken rule at once. Every float must also be finite, except in fields marked
+# MINUS_INF_OK, where -inf means "no threshold" (test.score_thresh) or "never" (svm.evict_thresh).
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``ok(value)`` tells whether a value is allowed; ``text`` completes "<key> must be ..."."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+MINUS_INF_OK = "-inf allowed"  # annotation marker (see above)
+
+
+def at_least(lo: float, note: str = "") -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}" + (f" ({note})" if note else ""))
+
+
+def above(lo: float) -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}")
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    def ok(v: float) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return Rule(ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+NON_EMPTY = Rule(lambda v: len(v) > 0, "non-empty")
+DISTINCT = Rule(lambda v: len(set(v)) == len(v), "free of repeats")
+INCREASING = Rule(lambda v: all(a < b for a, b in zip(v, v[1:])), "strictly increasing")
+DEVICE = Rule(lambda v: re.fullmatch(r"cpu|cuda|cuda:\d+|auto", v) is not None,
+              "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available, else CPU)")
+
+PosInt = Annotated[int, at_least(1)]
+Count = Annotated[int, at_least(0)]  # where 0 is special ("all", "off"), the field's comment says so
+Seed = Annotated[int, between(0, 2**32 - 1)]  # the range numpy's legacy seeding takes (tools/_common.py)
+PosFloat = Annotated[float, above(0)]
+NonNegFloat = Annotated[float, at_least(0)]
+Frac = Annotated[float, between(0, 1, hi_open=True)]  # [0, 1): probabilities, momenta, IoUs that exclude 1
+PosFrac = Annotated[float, between(0, 1, lo_open=True)]  # (0, 1]: fractions and IoUs that exclude 0
+Sides = Annotated[tuple[PosInt, ...], NON_EMPTY]  # pixel sides; at least one
+Levels = Annotated[tuple[PosInt, ...], NON_EMPTY]  # SPP pyramid levels n (n x n bins each)
+Text = Annotated[str, NON_EMPTY]
+# (key, value, what is allowed), reported as "<key> must be <allowed>, got <value>"
+Problem = tuple[str, Any, str]
+# A broken relation: a Problem and the other keys it compares with. It is not reported when one of
+# those keys already breaks its own rule (that value is the trouble).
+Relation = tuple[str, Any, str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/digits"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt
-    train_split: str = "trainval"  # images used for training (fine-tuning, SVMs, box regression)
+    root: Text = "data/digits"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt
+    train_split: Text = "trainval"  # images used for training (fine-tuning, SVMs, box regression)
     # Held-out split for every model selection (never the test split; spec §6 selected on VOC07
     # test, we do not). "" = hold out `val_fraction` of the training split, chosen with `seed`.
     val_split: str = ""
-    val_fraction: float = 0.1  # used only when val_split is ""
-    test_split: str = "test"  # split scored by tools/test_net.py
+    val_fraction: Frac = 0.1  # used only when val_split is ""; 0 = none held out
+    test_split: Text = "test"  # split scored by tools/test_net.py
     # Foreground class names in id order. () = every name found in the training annotations,
     # sorted (stable for a given data set). VOC configs list the devkit's 20 classes.
-    classes: tuple[str, ...] = ()
-    max_train_images: int = 0  # 0 = all; >0 keeps the first N training ids (CPU-sized runs)
-    max_test_images: int = 0  # 0 = all; >0 scores the first N test ids (stated in the output)
+    classes: Annotated[tuple[Text, ...], DISTINCT] = ()
+    max_train_images: Count = 0  # 0 = all; >0 keeps the first N training ids (CPU-sized runs)
+    max_test_images: Count = 0  # 0 = all; >0 scores the first N test ids (stated in the output)
     use_flipped: bool = True  # horizontally flipped copies join fine-tuning (spec §2, §6)
+
+    def problems(self) -> list[Relation]:
+        if self.val_split and self.val_split in (self.train_split, self.test_split):
+            return [("val_split", self.val_split, "'' or a split other than train_split and test_split",
+                     ("train_split", "test_split"))]
+        return []
 
 
 @dataclass(frozen=True)
@@ -80,27 +159,47 @@ class ProposalConfig:
     # at ~0.58 CPU s/image vs 0.77 at 1.7 s for plain "fast"); "fast": OpenCV fast as-is (closest to
     # spec §9); "quality": OpenCV quality.
     mode: Literal["fast+", "fast", "quality"] = "fast+"  # proposals.selective_search.MODES
-    min_size: int = 20  # boxes with a side under this many pixels are dropped (spec §9)
-    max_boxes: int = 2000  # per image, after deduplication; 0 = all (paper: about 2000, §9)
-    train_file: str = ""  # proposal file for the training split when method == "file"
-    test_file: str = ""  # proposal file for the test split when method == "file"
-    edge_model: str = ""  # model.yml.gz for EdgeBoxes
-    workers: int = 2  # parallel processes for computing proposals
+    min_size: Count = 20  # boxes with a side under this many pixels are dropped (spec §9); 0 = none
+    max_boxes: Count = 2000  # per image, after deduplication; 0 = all (paper: about 2000, §9)
+    # Proposal files for the training / test split when method == "file". At least one must be set;
+    # each tool asks for the one of the split it reads (a test-only run needs no train_file).
+    train_file: str = ""
+    test_file: str = ""
+    edge_model: str = ""  # model.yml.gz for EdgeBoxes (required when method == "edge_boxes")
+    workers: PosInt = 2  # parallel processes for computing proposals (1 = in the calling process)
     # "fast+" only (proposals.selective_search keyword arguments of the same names):
-    ss_side: int = 320  # px, longer side of the image copy selective search runs on (never upscaled)
-    grid_min: float = 32.0  # px, smallest grid window side (at least min_size is used)
-    grid_stride: float = 0.5  # grid spacing as a fraction of the window side
-    grid_aspect_ratios: tuple[float, ...] = (1.0,)  # width/height of grid windows
+    ss_side: PosInt = 320  # px, longer side of the image copy selective search runs on (never upscaled)
+    grid_min: PosFloat = 32.0  # px, smallest grid window side (at least min_size is used)
+    grid_stride: PosFloat = 0.5  # grid spacing as a fraction of the window side
+    grid_aspect_ratios: Annotated[tuple[PosFloat, ...], NON_EMPTY] = (1.0,)  # width/height of grid windows
+
+    def problems(self) -> list[Relation]:
+        if self.method == "file" and not (self.train_file or self.test_file):
+            return [("train_file", self.train_file, "a proposal file (or test_file, for testing only) when "
+                     "method is 'file'", ())]
+        if self.method == "edge_boxes" and not self.edge_model:
+            return [("edge_model", self.edge_model, "the path of model.yml.gz when method is 'edge_boxes'", ())]
+        return []
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     arch: Arch = "zf5"  # "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3)
-    width_mult: float = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
+    width_mult: PosFloat = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local
     # state_dict file loaded with weights_only=True.
-    weights: str = "none"
+    weights: Text = "none"
+
+    def problems(self) -> list[Relation]:
+        out: list[Relation] = []
+        if self.arch != "zf5" and self.width_mult != 1.0:
+            out.append(("width_mult", self.width_mult,
+                        f"1.0 for arch {self.arch!r} (only zf5 has CPU-sized variants)", ()))
+        if self.arch == "zf5" and self.weights == "imagenet":  # detector.backbones._TORCHVISION_WEIGHTS
+            out.append(("weights", self.weights,
+                        "'none' or a state_dict file for arch 'zf5' (torchvision has no ImageNet ZF-5)", ()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -110,110 +209,142 @@ class PretrainConfig:
     enabled: bool = False  # train the backbone as a classifier first (machines without ImageNet weights)
     # "single" (224), "multi" (180/224 alternating by epoch), "random" ([180, 224]), "nospp"
     mode: Literal["single", "multi", "random", "nospp"] = "multi"
-    sizes: tuple[int, ...] = (180, 224)  # input sizes for multi-size training (paper §3.2)
-    epochs: int = 6
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    fc_dim: int = 1024  # fc6/fc7 width of the classifier head
-    levels: tuple[int, ...] = (1, 2, 3, 6)  # pyramid of the classifier's SPP layer
-    crops_per_image: int = 8  # object crops taken per training image
-    bg_per_image: int = 2  # background crops (IoU < 0.3 with every object) per image
-    max_images: int = 0  # 0 = all training images
-    seed: int = 0
+    sizes: Sides = (180, 224)  # input sizes for multi-size training (paper §3.2)
+    epochs: PosInt = 6
+    batch_size: PosInt = 64
+    lr: PosFloat = 0.01
+    momentum: Frac = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    fc_dim: PosInt = 1024  # fc6/fc7 width of the classifier head
+    levels: Levels = (1, 2, 3, 6)  # pyramid of the classifier's SPP layer
+    crops_per_image: PosInt = 8  # object crops taken per training image
+    bg_per_image: Count = 2  # background crops (IoU < 0.3 with every object) per image
+    max_images: Count = 0  # 0 = all training images
+    seed: Seed = 0
     # Weight init of a trunk trained from scratch (backbone.weights == "none"): "spec" keeps the
     # trunk's own init (ZF-5: N(0, 0.01^2), biases 0/1, spec §1, meant for a 90-epoch ImageNet
     # schedule); "kaiming" = He et al. 2015 fan-in init, biases 0, conv1 divided by the crops' pixel
     # std (short CPU schedules without batch norm learn much faster from it).
     init: Literal["spec", "kaiming"] = "spec"
     hflip: bool = True  # mirror a random half of each batch (paper's ImageNet training flips)
-    jitter: float = 0.1  # object crops: centre shift up to this fraction of the box side
-    context: float = 1.3  # object crops: width and height each scaled by a factor in [1, context]
+    jitter: NonNegFloat = 0.1  # object crops: centre shift up to this fraction of the box side
+    # object crops: width and height each scaled by a factor in [1, context]
+    context: Annotated[float, at_least(1)] = 1.3
     # Pool each object crop's own box (its conv5 cells, projected as a detection window) instead of
     # the whole crop; with context > 1 the crop then shows real pixels around the object, as a
     # window inside a whole image does at detection time. Held-out crops use the mean context.
     pool_window: bool = False
-    warmup_iters: int = 0  # linear lr warm-up iterations before the cosine decay (0 = none)
-    clip_grad: float = 0.0  # clip the global gradient L2 norm to this per step (0 = off; no-BN nets from scratch)
-    val_max_images: int = 0  # held-out images evaluated (0 = all); caps evaluation time
+    warmup_iters: Count = 0  # linear lr warm-up iterations before the cosine decay (0 = none)
+    # clip the global gradient L2 norm to this per step (0 = off; no-BN nets from scratch)
+    clip_grad: NonNegFloat = 0.0
+    val_max_images: Count = 0  # held-out images evaluated (0 = all); caps evaluation time
     # "sgd" (momentum SGD, the paper's) or "adamw": from scratch on a CPU budget (a few hundred
     # steps) SGD without batch norm stays at the class prior (measured on digits), AdamW learns.
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    eval_min_side: int = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
+    eval_min_side: PosInt = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     # Shorter-side scales of the image pyramid (spec §2; the code's 874 is the paper's 864).
-    train_scales: tuple[int, ...] = (480, 576, 688, 864, 1200)
-    test_scales: tuple[int, ...] = (688,)  # 1-scale testing at 688 (paper §4.2); list 5 for 5-scale
-    max_size: int = 0  # cap on the resized longer side, 0 = none (the paper has no cap, §2)
-    levels: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, in fc6's concatenation order (spec §4)
+    train_scales: Sides = (480, 576, 688, 864, 1200)
+    test_scales: Sides = (688,)  # 1-scale testing at 688 (paper §4.2); list 5 for 5-scale
+    # Cap on the resized longer side, 0 = none (the paper has no cap, §2). A cap under a scale
+    # would resize every image at that scale to the cap, so it must be at least the largest scale.
+    max_size: Count = 0
+    levels: Levels = (1, 2, 3, 6)  # SPP levels, in fc6's concatenation order (spec §4)
     # Window side (px) the per-window scale choice aims at (spec §5: 13 cells x 16 = 208, the
     # pre-training crop's conv5). A trunk pre-trained on smaller crops aims at their size.
-    target_side: float = 208.0
+    target_side: PosFloat = 208.0
     cache_dir: str = ""  # conv5 cache folder; "" = <output_dir>/conv5_cache
+
+    def problems(self) -> list[Relation]:
+        largest = max(self.train_scales + self.test_scales, default=0)
+        if 0 < self.max_size < largest:
+            return [("max_size", self.max_size, f"0 (no cap) or >= the largest scale ({largest})",
+                     ("train_scales", "test_scales"))]
+        return []
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    fc_dim: int = 4096  # fc6 and fc7 width (spec §1)
-    dropout: float = 0.5  # dropout after fc6 and fc7 during fine-tuning only (spec §6)
+    fc_dim: PosInt = 4096  # fc6 and fc7 width (spec §1)
+    dropout: Frac = 0.5  # dropout after fc6 and fc7 during fine-tuning only (spec §6)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """fc6/fc7 + (K+1)-way classifier on SPP features of windows (spec §6)."""
 
-    iters: int = 200000  # spec §6 (code): 200k mini-batches
-    lr: float = 1e-3
-    lr_steps: tuple[int, ...] = (30000, 60000)  # ×0.1 after each (code's "vstep")
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128  # windows per mini-batch, drawn from many images
-    fg_fraction: float = 0.25  # 32 fg + 96 bg
-    fg_iou: float = 0.5  # foreground: IoU >= 0.5 with a ground-truth box
-    bg_iou_low: float = 0.1  # background: IoU in [bg_iou_low, bg_iou_high)
-    bg_iou_high: float = 0.5
+    iters: PosInt = 200000  # spec §6 (code): 200k mini-batches
+    lr: PosFloat = 1e-3
+    # ×0.1 after each (code's "vstep"); steps past `iters` are never reached
+    lr_steps: Annotated[tuple[Count, ...], INCREASING] = (30000, 60000)
+    momentum: Frac = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    batch_size: PosInt = 128  # windows per mini-batch, drawn from many images
+    fg_fraction: PosFrac = 0.25  # 32 fg + 96 bg
+    # Window labels by IoU with the ground truth, 0 <= bg_iou_low < bg_iou_high <= fg_iou <= 1
+    fg_iou: PosFrac = 0.5  # foreground: IoU >= 0.5 with a ground-truth box
+    bg_iou_low: Frac = 0.1  # background: IoU in [bg_iou_low, bg_iou_high)
+    bg_iou_high: PosFrac = 0.5
     random_scale: bool = True  # a uniformly random scale per training window (spec §5)
-    val_every: int = 2000  # validate on the held-out split every N iterations, keep the best
-    val_batches: int = 50  # fixed validation batches
+    # validate on the held-out split every N iterations, keep the best (0 = only after the last one)
+    val_every: Count = 2000
+    val_batches: PosInt = 50  # fixed validation batches
     # Sampler granularity (spec §6 builds batches for 500 iterations from enough images to hold 10x
     # the windows they need): every `chunk_iters` iterations, `chunk_images` random images are
     # pooled once and their windows drawn into the next `chunk_iters` batches.
-    chunk_iters: int = 100
-    chunk_images: int = 64
-    seed: int = 0
+    chunk_iters: PosInt = 100
+    chunk_images: PosInt = 64
+    seed: Seed = 0
     # Deviation option (0 = the spec: fc layers only). N > 0 also fine-tunes the trunk's last N
     # stride-16 conv units (ZF-5: 1..3 = conv5, conv4-5, conv3-5; VGG-16: up to conv5_1-5_3) on the
     # detection windows, as Fast R-CNN does: the cache then holds the maps before those units and
     # every batch runs them with gradients on `images_per_batch` images (batch_size /
     # images_per_batch windows each, one random scale per image). The tuned units go into model.pt.
-    conv_layers: int = 0
-    conv_lr_mult: float = 1.0  # the tuned conv units learn at lr x this
-    images_per_batch: int = 2  # used only with conv_layers > 0
+    # At most TAIL_UNITS[backbone.arch].
+    conv_layers: Count = 0
+    conv_lr_mult: NonNegFloat = 1.0  # the tuned conv units learn at lr x this (0 = they stay as pre-trained)
+    images_per_batch: PosInt = 2  # used only with conv_layers > 0; at most batch_size then
+
+    def problems(self) -> list[Relation]:
+        out: list[Relation] = []
+        if not self.bg_iou_low < self.bg_iou_high:
+            out.append(("bg_iou_low", self.bg_iou_low, f"< bg_iou_high ({self.bg_iou_high})", ("bg_iou_high",)))
+        if not self.bg_iou_high <= self.fg_iou:
+            out.append(("bg_iou_high", self.bg_iou_high, f"<= fg_iou ({self.fg_iou})", ("fg_iou",)))
+        if self.conv_layers > 0 and self.images_per_batch > self.batch_size:
+            out.append(("images_per_batch", self.images_per_batch,
+                        f"<= batch_size ({self.batch_size}) when conv_layers > 0", ("batch_size",)))
+        return out
 
 
 @dataclass(frozen=True)
 class SVMConfig:
     """Per-class linear SVMs with hard-negative mining (spec §7)."""
 
-    C: float = 0.001  # liblinear -c
-    pos_weight: float = 2.0  # liblinear -w1
-    bias: float = 10.0  # liblinear -B
-    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every GT of the class
+    C: PosFloat = 0.001  # liblinear -c
+    pos_weight: PosFloat = 2.0  # liblinear -w1
+    bias: PosFloat = 10.0  # liblinear -B
+    neg_iou: PosFrac = 0.3  # negatives: IoU < 0.3 with every GT of the class
     hard_thresh: float = -1.0001  # a negative is hard when it scores above this
-    evict_thresh: float = -1.2  # cached easy negatives scoring below this are dropped after a retrain
-    retrain_every: int = 2000  # retrain a class once this many new hard negatives accumulate
-    feature_norm: float = 20.0  # features are scaled to this mean L2 norm
-    stats_images: int = 200  # images for the feature-norm statistic
-    stats_rois: int = 200  # windows per image for the statistic
-    max_images: int = 0  # 0 = every training image (no flips)
+    # cached easy negatives scoring below this are dropped after a retrain; < hard_thresh (-inf = never)
+    evict_thresh: Annotated[float, MINUS_INF_OK] = -1.2
+    retrain_every: PosInt = 2000  # retrain a class once this many new hard negatives accumulate
+    feature_norm: PosFloat = 20.0  # features are scaled to this mean L2 norm
+    stats_images: PosInt = 200  # images for the feature-norm statistic
+    stats_rois: PosInt = 200  # windows per image for the statistic
+    max_images: Count = 0  # 0 = every training image (no flips)
     # New hard negatives kept per class and image, highest scores first; 0 = all (spec §7). A weak
     # SVM that scores most windows at the margin (-1 > hard_thresh) otherwise adds every window of
     # every image and retrains each time (measured on digits: 18 s per image and growing).
-    max_hard_per_image: int = 0
+    max_hard_per_image: Count = 0
+
+    def problems(self) -> list[Relation]:
+        if not self.evict_thresh < self.hard_thresh:  # else negatives that still count as hard are evicted
+            return [("evict_thresh", self.evict_thresh, f"< hard_thresh ({self.hard_thresh})", ("hard_thresh",))]
+        return []
 
 
 @dataclass(frozen=True)
@@ -221,36 +352,40 @@ class BBoxRegConfig:
     """Per-class ridge regressors on pooled conv5 features (spec §8)."""
 
     enabled: bool = True
-    lam: float = 4000.0  # ridge λ
-    min_iou: float = 0.5  # samples with IoU > min_iou to a GT of the class
-    whiten_eps: float = 0.001  # added to the target covariance's eigenvalues
+    lam: PosFloat = 4000.0  # ridge λ
+    min_iou: Frac = 0.5  # samples with IoU > min_iou to a GT of the class
+    whiten_eps: PosFloat = 0.001  # added to the target covariance's eigenvalues
     # Samples per class kept (random subset, seeded); 0 = all (spec §8 keeps all). A cap bounds
     # memory on large data sets: each sample is a D-wide pooled vector.
-    max_per_class: int = 0
+    max_per_class: Count = 0
 
 
 @dataclass(frozen=True)
 class TestConfig:
-    nms: float = 0.3  # per-class greedy NMS threshold (spec §9)
-    max_per_class: int = 100  # kept per class and image
-    score_thresh: float = -1.5  # SVM scores below this are dropped before NMS (spec §9)
+    # per-class greedy NMS threshold (spec §9): IoU above it suppresses; 1 = no suppression
+    nms: Annotated[float, between(0, 1)] = 0.3
+    max_per_class: Count = 100  # kept per class and image (0 = all)
+    # SVM scores below this are dropped before NMS (spec §9); -inf keeps every window (R-CNN's choice)
+    score_thresh: Annotated[float, MINUS_INF_OK] = -1.5
     # "svm" (spec §7) or "svm+softmax": deviation option, the SVM margin plus the log-probability
     # of the class under the fine-tuned (K+1)-way classifier (an ensemble of the two scorers the
     # pipeline trains anyway; Fast R-CNN later scored with the softmax alone)
     score: Literal["svm", "svm+softmax"] = "svm"
-    svd_rank: int = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
+    svd_rank: Count = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
     # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
     # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
-    target_side: float = 0.0
+    target_side: Annotated[float, at_least(0, "0 = features.target_side")] = 0.0
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = "default"  # experiment name, used in output paths and logs
-    output_dir: str = "runs/default"  # every stage writes under this folder
-    seed: int = 0  # global seed; each stage derives its own generator from it
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    output_dir: Text = "runs/default"  # every stage writes under this folder
+    seed: Seed = 0  # global seed; each stage derives its own generator from it
+    # "cpu", "cuda", "cuda:N", or "auto" = CUDA when available, else CPU (only the spelling is
+    # checked here; whoever uses the device resolves "auto")
+    device: Annotated[str, DEVICE] = "cpu"
+    num_threads: Count = 0  # torch intra-op threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -261,6 +396,25 @@ class Config:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+    def problems(self) -> list[Relation]:
+        """Rules across sections: what the chosen trunk can take."""
+        arch = self.backbone.arch
+        out: list[Relation] = []
+        n_tail = TAIL_UNITS[arch]
+        if not 0 <= self.finetune.conv_layers <= n_tail:
+            out.append(("finetune.conv_layers", self.finetune.conv_layers,
+                        f"in 0..{n_tail} (the stride-16 conv units of backbone.arch {arch!r})", ()))
+        side = MIN_INPUT_SIDE[arch]
+        for key, sides in (("features.train_scales", self.features.train_scales),
+                           ("features.test_scales", self.features.test_scales),
+                           ("pretrain.sizes", self.pretrain.sizes)):
+            out += [(f"{key}[{i}]", s, f">= {side} px (a smaller input leaves {arch} no conv5 cell)", ())
+                    for i, s in enumerate(sides) if 0 < s < side]
+        if 0 < self.pretrain.eval_min_side < side:
+            out.append(("pretrain.eval_min_side", self.pretrain.eval_min_side,
+                        f">= {side} px (a smaller input leaves {arch} no conv5 cell)", ()))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +427,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for section, got {type(value).__name__}")
-        return _merge(tp(), value, where)
+        errors: list[str] = []
+        merged = _merge(tp(), value, where, errors)
+        if errors:
+            raise ConfigError("; ".join(errors))
+        return merged
+    if origin is Annotated:  # the rule is checked after the merge (check_config)
+        return _coerce(value, typing.get_args(tp)[0], where)
     if origin in (tuple,):
         args = typing.get_args(tp)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -315,22 +475,98 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _merge(base: Any, overrides: dict, where: str) -> Any:
+def _merge(base: Any, overrides: dict, where: str, errors: list[str]) -> Any:
+    """``base`` with the values of ``overrides`` that fit their types; each one that does not
+    (unknown key, wrong type, a string outside its choices) is appended to ``errors``."""
     hints = typing.get_type_hints(type(base))
     names = {f.name for f in dataclasses.fields(base)}
     changes = {}
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-            changes[key] = _merge(getattr(base, key), value, path)
-        else:
-            changes[key] = _coerce(value, tp, path)
+        try:
+            if key not in names:
+                raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+                changes[key] = _merge(getattr(base, key), value, path, errors)
+            else:
+                changes[key] = _coerce(value, tp, path)
+        except ConfigError as e:
+            errors.append(str(e))
     return dataclasses.replace(base, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# range and consistency checks (the rules are declared with the fields above)
+
+
+def _show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _value_problems(value: Any, tp: Any, key: str) -> list[Problem]:
+    """Broken rules of one value against its annotation (``Annotated`` rules, finiteness, elements)."""
+    meta: tuple = ()
+    if typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+    if isinstance(value, float) and not math.isfinite(value):
+        if MINUS_INF_OK not in meta:
+            return [(key, value, "a finite number")]
+        if value != -math.inf:
+            return [(key, value, "a finite number or -inf")]
+    for rule in meta:
+        if isinstance(rule, Rule) and not rule.ok(value):
+            return [(key, value, rule.text)]
+    if typing.get_origin(tp) is tuple and isinstance(value, tuple):
+        elem = typing.get_args(tp)[0]
+        return [p for i, v in enumerate(value) for p in _value_problems(v, elem, f"{key}[{i}]")]
+    return []
+
+
+def _problems(section: Any, where: str = "") -> list[Problem]:
+    """Every broken rule of a Config or section: each field's own rule, then the relations of the
+    section's ``problems()`` whose keys all keep their own rules."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    out: list[Problem] = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _problems(value, f"{where}{f.name}.")
+        else:
+            out += _value_problems(value, hints[f.name], f"{where}{f.name}")
+    reported = {key for key, _, _ in out}
+    if hasattr(section, "problems"):
+        out += [(where + key, v, text) for key, v, text, others in section.problems()
+                if not reported & {where + k for k in (key, *others)}]
+    return out
+
+
+def _error(source: str, lines: list[str]) -> ConfigError:
+    head = f"{source}: " if source else ""
+    if len(lines) == 1:
+        return ConfigError(head + lines[0])
+    return ConfigError(f"{head}{len(lines)} problems:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _check(cfg: Config, source: str = "") -> Config:
+    problems = _problems(cfg)
+    if problems:
+        raise _error(source, [f"{key} must be {text}, got {_show(value)}" for key, value, text in problems])
+    return cfg
+
+
+def check_config(cfg: Config) -> Config:
+    """``cfg`` when every value keeps its rule (range, choices, agreement with other values).
+
+    :func:`load_config` and :func:`config_from_dict` call it; a Config built in code with
+    ``dataclasses.replace`` is checked only when passed here.
+
+    Raises:
+        ConfigError: one line per broken rule, ``<key> must be <what is allowed>, got <value>``.
+    """
+    return _check(cfg)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -419,8 +655,16 @@ def _nest(path: list[str], value: Any) -> dict:
 
 
 def config_from_dict(d: dict, base: Config | None = None) -> Config:
-    """Strictly merge a nested dict into ``base`` (default: all defaults)."""
-    return _merge(base or Config(), d, "")
+    """Strictly merge a nested dict into ``base`` (default: all defaults), then :func:`check_config`.
+
+    Raises:
+        ConfigError: every key that is unknown or of the wrong type; if none, every broken rule.
+    """
+    errors: list[str] = []
+    cfg = _merge(base or Config(), d, "", errors)
+    if errors:
+        raise _error("", errors)
+    return _check(cfg)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
@@ -434,21 +678,29 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
             a command line changes a setting. Inside one YAML file or value a repeated key is an
             error instead (PyYAML would keep the last one silently).
     Raises:
-        ConfigError: unknown key, wrong type, unreadable, empty or non-UTF-8 file, repeated key;
-            the message names the key or file.
+        ConfigError: unreadable, empty or non-UTF-8 file, or a key repeated in it; every unknown key
+            or wrong type of the file (then of the overrides); else every value that breaks its rule
+            (:func:`check_config`), checked once all overrides are in. The message names each key.
     """
     cfg = Config()
+    errors: list[str] = []
     if path is not None:
-        p = Path(path)
-        data = _read_yaml(p)
-        try:
-            cfg = config_from_dict(data, cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        data = _read_yaml(Path(path))
+        cfg = _merge(cfg, data, "", errors)
+        if errors:
+            raise _error(str(path), errors)
+    overrides = list(overrides)
     for item in overrides:
-        keys, value = _parse_override(item)
-        cfg = config_from_dict(_nest(keys, value), cfg)
-    return cfg
+        try:
+            keys, value = _parse_override(item)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        cfg = _merge(cfg, _nest(keys, value), "", errors)
+    if errors:
+        raise _error("", errors)
+    source = " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else []))
+    return _check(cfg, source)
 
 
 def config_to_dict(cfg: Any) -> dict:
