@@ -536,7 +536,7 @@ def _problems(section: Any, where: str = "") -> list[Problem]:
             out += _problems(value, f"{where}{f.name}.")
         else:
             out += _value_problems(value, hints[f.name], f"{where}{f.name}")
-    reported = {key for key, _, _ in out}
+    reported = {key.split("[")[0] for key, _, _ in out}  # a list counts as reported when an element is
     if hasattr(section, "problems"):
         out += [(where + key, v, text) for key, v, text, others in section.problems()
                 if not reported & {where + k for k in (key, *others)}]
