@@ -597,6 +597,19 @@ class _DuplicateKeyError(yaml.YAMLError):
     pass
 
 
+# YAML 1.1 reads `1e-3` (no dot) as a string; every number a user writes in scientific notation is
+# read as a float here (YAML 1.2 and Python agree), so `lr: 1e-3` is the number it looks like.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def _read_yaml(p: Path) -> dict:
     """The top-level mapping of the YAML file ``p``; every failure is a ConfigError naming ``p``."""
     if not p.is_file():

@@ -379,3 +379,11 @@ def test_tiny_configs_of_the_tests_load(tmp_path: Path):
         # and with the overrides those tests pass to the tools
         load_config(p, ["output_dir=/tmp/x", "finetune.iters=7", "svm.C=0.5", "finetune.conv_layers=2",
                         "finetune.images_per_batch=2"])
+
+
+def test_scientific_notation_reads_as_a_number(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; the config reader takes it as the number it looks like."""
+    p = tmp_path / "c.yaml"
+    p.write_text("finetune:\n  lr: 1e-3\n  weight_decay: 5E-4\nsvm:\n  C: 1.5e+2\n")
+    cfg = load_config(p, ["pretrain.lr=2e-3"])
+    assert (cfg.finetune.lr, cfg.finetune.weight_decay, cfg.svm.C, cfg.pretrain.lr) == (1e-3, 5e-4, 150.0, 2e-3)
