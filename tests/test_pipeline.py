@@ -74,7 +74,7 @@ def test_held_out_validation_scoring(tiny_run):
     mAP equals evaluate() of the library detector on those images and proposals."""
     from detector.config import load_config
     from detector.detector import build_detector
-    from detector.evaluation import evaluate
+    from detector.eval import evaluate
     from detector.training import split_train_val
     from detector.voc import load_voc_split
     from proposals import load_proposals

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from detector.evaluation import write_comp4
+from detector.eval import write_comp4
 from detector.voc import discover_classes, load_voc_split
 
 
