@@ -15,7 +15,7 @@ Pascal VOC stores 1-based *inclusive* pixel indices ``xmin..xmax``; pixel ``xmin
 continuous interval ``[xmin - 1, xmin)``, so the VOC box ``(xmin, ymin, xmax, ymax)`` is exactly the
 continuous box ``(xmin - 1, ymin - 1, xmax, ymax)`` and its VOC width ``xmax - xmin + 1`` equals the
 continuous width. :func:`voc_to_xyxy` and :func:`xyxy_to_voc` are that conversion and its inverse;
-they are the only places where the VOC offset lives (``voc.py``, ``eval/voc_ap.py`` and
+they are the only places where the VOC offset lives (``data/voc.py``, ``eval/voc_ap.py`` and
 ``proposals/store.py`` call them at the edges).
 """
 from __future__ import annotations

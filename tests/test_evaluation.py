@@ -30,7 +30,7 @@ from detector.eval import (
     read_comp4,
     write_comp4,
 )
-from detector.voc import ImageRecord, load_voc_split
+from detector.data.voc import ImageRecord, load_voc_split
 
 REPO = Path(__file__).resolve().parents[1]
 

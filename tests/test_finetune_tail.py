@@ -15,7 +15,7 @@ from detector.rcnn import random_boxes
 from detector.regions import Conv5Pyramid, ProjectionParams
 from detector.spp import spp_out_dim
 from detector.training import TrainItem, finetune_head_and_tail
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 LEVELS = (1, 2)
 

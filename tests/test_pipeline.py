@@ -37,7 +37,7 @@ svm: {{stats_images: 10, stats_rois: 20, retrain_every: 200}}
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from detector.digits import make_digits_dataset
+    from detector.data.digits_build import make_digits_dataset
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "digits"
@@ -76,7 +76,7 @@ def test_held_out_validation_scoring(tiny_run):
     from detector.detector import build_detector
     from detector.eval import evaluate
     from detector.training import split_train_val
-    from detector.voc import load_voc_split
+    from detector.data.voc import load_voc_split
     from proposals import load_proposals
 
     root, cfg_path, _, _ = tiny_run

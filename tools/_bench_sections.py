@@ -279,7 +279,7 @@ def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[st
     lines.append(f"| conv5 cache of one 500x375 image, 5 scales, float16, C=256 | {per_img / 2**20:.2f} MiB |")
     ratios["conv5_cache_mb_per_image_5scale_fp16"] = per_img / 2**20
     if voc_root:
-        from detector.voc import load_voc_split
+        from detector.data.voc import load_voc_split
 
         recs, _ = load_voc_split(voc_root, "trainval", log_summary=False)
         sizes = [(r.height, r.width) for r in recs]

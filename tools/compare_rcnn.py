@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         model += f", fc SVD rank {args.svd_rank}"
 
     if args.data_root:
-        from detector.voc import VOCDataError, load_voc_split
+        from detector.data.voc import VOCDataError, load_voc_split
         from proposals.imageio import read_image
 
         try:

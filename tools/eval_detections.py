@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from detector.eval import coco_evaluate, evaluate, plot_pr_curves, read_comp4
-from detector.voc import VOCDataError, discover_classes, load_voc_split
+from detector.data.voc import VOCDataError, discover_classes, load_voc_split
 
 log = logging.getLogger("eval_detections")
 

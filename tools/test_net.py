@@ -31,7 +31,7 @@ import _common as C
 from detector.config import save_config
 from detector.detector import STAGES, CheckpointError, build_detector
 from detector.eval import coco_evaluate, evaluate, plot_pr_curves, write_comp4
-from detector.voc import load_voc_split
+from detector.data.voc import load_voc_split
 from proposals import selective_search
 from proposals.imageio import ImageError, read_image
 

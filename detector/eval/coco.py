@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 from detector.eval.voc_ap import ClassDetections, per_class_detections
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 __all__ = ["coco_ground_truth", "coco_detections", "coco_evaluate"]
 

@@ -30,7 +30,7 @@ mAP NaN. (``EvalResult.to_dict`` writes NaN as JSON ``null``.)
 
 Differences from the devkit that remain, both documented: GT boxes come from :class:`ImageRecord`
 (float32 xyxy, so a non-integer XML coordinate such as 273.3 carries float32 rounding, ~1e-5 px),
-and class names are matched after ``strip()`` (``detector.voc``). Score against records loaded
+and class names are matched after ``strip()`` (``detector.data.voc``). Score against records loaded
 with ``load_voc_split(..., raw_boxes=True)`` to keep degenerate/out-of-image GT boxes exactly as
 the devkit does.
 """
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from detector.boxes import xyxy_to_voc
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 __all__ = [
     "RECALL_LEVELS_11",

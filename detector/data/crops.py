@@ -1,4 +1,4 @@
-"""Crop data sets for pre-training the trunk as a classifier (paper §3 on crops; issue 3 item 5).
+"""Crop data sets for pre-training the trunk as a classifier (paper §3 on crops).
 
 Shape shorthand (one alphabet for the whole project):
     G: ground-truth boxes of one image      K: foreground classes (background label = K)
@@ -266,7 +266,7 @@ def crops_from_records(
     """Object and background crops of a VOC-layout split, each image read once.
 
     Args:
-        records: ``detector.voc.ImageRecord`` list (``path``, ``height``, ``width``, ``boxes``,
+        records: ``detector.data.voc.ImageRecord`` list (``path``, ``height``, ``width``, ``boxes``,
             ``labels``, ``difficult``).
         class_names: K foreground names (labels index into it; background = K).
         read_image: path -> uint8 RGB [H, W, 3] (``proposals.imageio.read_image``).
