@@ -397,12 +397,12 @@ def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 200
     xs = torch.randint(0, 56, (2000, 2), generator=g).sort(dim=1).values
     ys = torch.randint(0, 42, (2000, 2), generator=g).sort(dim=1).values
     win = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1).to(dev)  # (R, 4)
-    from detector.spp import _SPPFunction
+    from detector.spp_kernel import SparseTableSPP
 
     levels = (1, 2, 3, 6)
     fns = {
         "spp_pool (the library call; on CUDA float32 it calls the roi_pool composition)": lambda: spp_pool(fmap, win),
-        "sparse table (spp_pool's CPU algorithm, run on the GPU)": lambda: _SPPFunction.apply(fmap, win, levels),
+        "sparse table (spp_pool's CPU algorithm, run on the GPU)": lambda: SparseTableSPP.apply(fmap, win, levels),
         "roi_pool x 4 + cat": lambda: spp_pool_roi_pool(fmap, win),
     }
     outs = [f() for f in fns.values()]
