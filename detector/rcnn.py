@@ -15,9 +15,10 @@ is pooled over the whole 13x13 map with the spec §4 adaptive bins
 same fc6 applies.
 
 Deviation from R-CNN: R-CNN subtracts the 227 centre crop of its ImageNet mean *image*
-(spec §10 step 4). This mode instead applies the backbone's own input normalisation (ZF-5: BGR
-0..255 minus the constant 128, spec §2; torchvision trunks: RGB/255, ImageNet mean/std), so that
-the SPP-mode model applies unchanged. The normalisation is a per-channel affine map and bilinear
+(spec §10 step 4). This mode instead applies the backbone's own input normalisation, the project's
+one pre-processing :func:`detector.pyramid.preprocess` (ZF-5: BGR 0..255 minus the constant 128,
+spec §2; torchvision trunks: RGB/255, ImageNet mean/std), so that the SPP-mode model applies
+unchanged and crops see the same pixel values as the SPP-mode pyramid. The normalisation is a per-channel affine map and bilinear
 weights sum to 1, so normalising the image once before warping equals R-CNN's "warp, then subtract"
 up to float rounding. The zero canvas is zero *after* normalisation (grey 128 for ZF-5), as in
 R-CNN.
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from detector.boxes import as_boxes, xyxy_to_voc
+from detector.pyramid import preprocess
 from detector.spp import SpatialPyramidPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,7 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "RCNN_STAGES",
     "crop_geometry",
-    "normalize_image",
     "warp_crops",
     "rcnn_pooled_features",
     "detect_rcnn",
@@ -60,8 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RCNN_STAGES = ("crop", "conv", "pool", "fc", "svm", "bbox", "nms")
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------- crops
@@ -117,24 +116,10 @@ def crop_geometry(boxes: torch.Tensor | np.ndarray, height: int, width: int, cro
     return geo.astype(np.int64)
 
 
-def normalize_image(image: np.ndarray, input_format: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> float32 [H, W, 3] in the backbone's input format (channel-last).
-
-    The same values as :func:`detector.pyramid.preprocess` (which returns [3, H, W]); channel-last
-    here because OpenCV resizes interleaved channels in one call (tests/test_rcnn.py pins the two
-    equal).
-
-    ``"bgr255_mean128"`` (ZF-5, spec §2): BGR in 0..255 minus 128. ``"rgb_imagenet"``: RGB / 255,
-    minus the ImageNet mean, over the ImageNet std.
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB [H, W, 3], got {image.dtype} {tuple(image.shape)}")
-    x = image.astype(np.float32)
-    if input_format == "bgr255_mean128":
-        return np.ascontiguousarray(x[:, :, ::-1]) - 128.0
-    if input_format == "rgb_imagenet":
-        return (x / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
-    raise ValueError(f"unknown input_format {input_format!r}; expected 'bgr255_mean128' or 'rgb_imagenet'")
+def _channel_last_input(image: np.ndarray, input_format: str) -> np.ndarray:
+    """:func:`detector.pyramid.preprocess` as a C-contiguous float32 ndarray[H, W, 3] (channel-last:
+    OpenCV resizes interleaved channels in one call)."""
+    return np.ascontiguousarray(preprocess(image, input_format).permute(1, 2, 0).numpy())  # (H, W, 3)
 
 
 def warp_crops(
@@ -160,8 +145,9 @@ def warp_crops(
         boxes (Tensor[R, 4]): xyxy, original-image pixels.
         input_format: the backbone's ``input_format``.
         crop_size: 227. padding: 16.
-        normalized: ``normalize_image(image, input_format)`` when the caller already has it
-            (batched callers normalise once per image).
+        normalized (ndarray[H, W, 3] float32): the image already pre-processed channel-last
+            (:func:`detector.pyramid.preprocess`, permuted) when the caller has it (batched callers
+            normalise once per image).
     Returns:
         Tensor[R, 3, crop_size, crop_size] float32 (``torch.channels_last`` memory format).
     """
@@ -171,7 +157,7 @@ def warp_crops(
     if boxes_t.ndim != 2 or boxes_t.shape[1] != 4:
         raise ValueError(f"warp_crops: boxes must be [R, 4] xyxy, got {tuple(boxes_t.shape)}")
     h, w = image.shape[:2]
-    src = normalize_image(image, input_format) if normalized is None else normalized
+    src = _channel_last_input(image, input_format) if normalized is None else normalized  # (H, W, 3)
     geo = crop_geometry(boxes_t.detach().float().cpu(), h, w, crop_size, padding)  # (R, 8)
     r = geo.shape[0]
     canvas = np.zeros((r, crop_size, crop_size, 3), dtype=np.float32)  # (R, 227, 227, 3)
@@ -249,7 +235,7 @@ def rcnn_pooled_features(
     pool = SpatialPyramidPool(det.levels)
     fmt = det.backbone.input_format
     with tm("crop"):
-        normalized = normalize_image(image, fmt)
+        normalized = _channel_last_input(image, fmt)  # (H, W, 3)
     r = boxes.shape[0]
     out = torch.empty((r, pool.out_dim(det.backbone.out_channels)), dtype=torch.float32, device=device)  # (R, D)
     for s in range(0, r, bs):

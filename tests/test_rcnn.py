@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.rcnn import crop_geometry, normalize_image, warp_crops
+from detector.rcnn import crop_geometry, warp_crops
 
 
 def _matlab_round(x: float) -> int:
@@ -121,20 +121,19 @@ def test_off_image_box_is_all_zero(image):
     assert torch.all(crop == 0)
 
 
-def test_normalize_rgb_imagenet(image):
-    x = normalize_image(image, "rgb_imagenet")
-    want = (image[3, 4].astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(x[3, 4], want, atol=1e-5)
-    with pytest.raises(ValueError, match="input_format"):
-        normalize_image(image, "yuv")
-
-
 @pytest.mark.parametrize("fmt", ["bgr255_mean128", "rgb_imagenet"])
-def test_normalize_matches_pyramid_preprocess(image, fmt):
-    """Crops and the SPP-mode pyramid see the same pixel values."""
-    pyramid = pytest.importorskip("detector.pyramid")
-    want = pyramid.preprocess(image, fmt).permute(1, 2, 0).numpy()  # (H, W, 3)
-    np.testing.assert_allclose(normalize_image(image, fmt), want, atol=1e-5, rtol=0)
+def test_crops_see_the_pyramid_pixels(fmt):
+    """R-CNN crops use the project's one pre-processing: a box whose warped crop is a 1:1 copy of the
+    image (VOC width 195 -> 227 with context) holds exactly detector.pyramid.preprocess's values."""
+    from detector.pyramid import preprocess
+
+    img = np.random.default_rng(3).integers(0, 256, size=(260, 270, 3), dtype=np.uint8)
+    box = torch.tensor([[40.0, 40.0, 234.0, 234.0]])
+    assert crop_geometry(box, 260, 270).tolist() == [[24, 24, 251, 251, 0, 0, 227, 227]]
+    crop = warp_crops(img, box, fmt)[0]  # (3, 227, 227)
+    assert torch.equal(crop, preprocess(img, fmt)[:, 24:251, 24:251])
+    with pytest.raises(ValueError, match="input_format"):
+        warp_crops(img, box, "yuv")
 
 
 def test_warp_crops_rejects_bad_boxes(image):
