@@ -1,5 +1,5 @@
-"""R-CNN mode (spec §10): warp_crops against a plain re-statement of rcnn_im_crop.m, pooled width,
-detect_rcnn output format, comparison table.
+"""R-CNN mode (spec §10): warp_crops against a plain re-statement of rcnn_im_crop.m, the same pixels as
+the pyramid, pooled width, detect_rcnn output format.
 
 Shape shorthand: R windows, D = C * B pooled width, K classes, N detections.
 """
@@ -147,7 +147,7 @@ def test_warp_crops_rejects_bad_boxes(image):
 def tiny_det():
     pytest.importorskip("detector.pyramid")
     pytest.importorskip("detector.projection")
-    from detector.rcnn import random_detector
+    from detector.bench.random_model import random_detector
 
     return random_detector(width_mult=0.0625, fc_dim=32, num_classes=3, scales=(160,), seed=0)
 
@@ -187,48 +187,10 @@ def test_detect_rcnn_output_format(tiny_det, image):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64
 
 
-def test_compare_rcnn_table(tiny_det, image):
-    from detector.rcnn import compare_rcnn, format_comparison
-
-    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
-    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,), (64, 96)), warmup=False)
-    assert list(cmp["spp"]) == ["1-sc (96)", "2-sc"]
-    r = cmp["rcnn"]
-    assert r["conv_time"]["values"] == pytest.approx([a + b for a, b in zip(r["crop"]["values"], r["conv"]["values"])])
-    for lab in cmp["spp"]:
-        s = cmp["spp"][lab]
-        assert cmp["speedup"][lab]["conv"] == pytest.approx(r["conv_time"]["median"] / s["conv_time"]["median"])
-        for j in range(2):
-            assert s["total"]["values"][j] == pytest.approx(s["conv"]["values"][j] + s["pool"]["values"][j]
-                                                           + s["fc"]["values"][j])
-    table = format_comparison(cmp)
-    assert "speedup, conv only" in table and "R-CNN" in table and table.count("\n|") >= 7
-    assert cmp["svd"] == {}
-
-
-def test_compare_rcnn_svd_rows_reuse_the_conv_times(tiny_det, image):
-    """With svd_ranks, the compressed fc is timed on the same pooled features; its totals are the same
-    conv (+ crop) and pool times plus the compressed fc time."""
-    from detector.rcnn import compare_rcnn, format_comparison
-
-    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
-    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,),), warmup=False, svd_ranks=(4,))
-    sv = cmp["svd"][4]
-    lab = "1-sc (96)"
-    s, r = cmp["spp"][lab], cmp["rcnn"]
-    for j in range(2):
-        assert sv["spp"][lab]["total"]["values"][j] == pytest.approx(
-            s["conv"]["values"][j] + s["pool"]["values"][j] + sv["spp"][lab]["fc"]["values"][j])
-        assert sv["rcnn"]["total"]["values"][j] == pytest.approx(
-            r["crop"]["values"][j] + r["conv"]["values"][j] + r["pool"]["values"][j] + sv["rcnn"]["fc"]["values"][j])
-    assert sv["speedup"][lab]["overall"] == pytest.approx(sv["rcnn"]["total"]["median"] / sv["spp"][lab]["total"]["median"])
-    assert "speedup, overall, SVD rank 4" in format_comparison(cmp)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_detect_on_cuda_matches_cpu(image):
     """The same detect() code path on CUDA: boxes, scores and labels equal the CPU run's."""
-    from detector.rcnn import random_boxes, random_detector
+    from detector.bench.random_model import random_boxes, random_detector
 
     boxes = random_boxes(image.shape[0], image.shape[1], 300, torch.Generator().manual_seed(1))
     cpu = random_detector(width_mult=0.25, fc_dim=64, num_classes=3, scales=(160, 240), seed=0)

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import _timing_inputs as TI
-from detector.rcnn import compare_rcnn, format_comparison, random_detector
+from detector.bench import inputs as TI
+from detector.bench.random_model import random_detector
+from detector.bench.rcnn_compare import compare_rcnn, format_comparison
 
 log = logging.getLogger("compare_rcnn")
 

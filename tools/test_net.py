@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "eval.json").write_text(json.dumps(report, indent=1))
 
     if args.compare_rcnn:
-        from detector.rcnn import compare_rcnn, format_comparison
+        from detector.bench.rcnn_compare import compare_rcnn, format_comparison
         n = min(args.compare_rcnn, len(records))
         imgs = [read_image(r.path) for r in records[:n]]
         cmp = compare_rcnn(det, imgs, [torch.as_tensor(props[r.image_id]) for r in records[:n]])
