@@ -204,7 +204,7 @@ def cut_crops(image: np.ndarray, boxes: Tensor, size: int) -> Tensor:
     pixel ``u`` samples the box at ``x1 + (u + 0.5) * w / size``, the pixel-corner convention).
     Shrinking (a side > size): the box rounded outwards to whole pixels, then ``cv2.resize`` with
     ``INTER_AREA`` (antialiased). ``torchvision.ops.roi_align`` computes the same bilinear samples but
-    took ~100x longer on CPU here (366 ms vs 3.5 ms for four 224 crops of a 414x481 image).
+    is about a hundred times slower on the CPU (BENCHMARKS.md, note after the classifier section).
 
     Args:
         image: uint8 RGB [H, W, 3].
