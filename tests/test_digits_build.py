@@ -217,3 +217,15 @@ def test_cli(tmp_path, capsys):
     assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--seed", "3", "--force"]) == 0
     assert os.path.isfile(out / STAMP_NAME)
     assert json.loads((out / STAMP_NAME).read_text())["params"]["seed"] == 3
+
+
+def test_workers_import_no_torch_and_package_exports_resolve():
+    # spawned workers import digits_build; detector.data resolves its exports lazily so that import
+    # stays free of torch and PIL (voc / crops)
+    import subprocess
+    import sys
+
+    code = ("import sys, detector.data.digits_build; "
+            "assert 'torch' not in sys.modules and 'PIL.Image' not in sys.modules, 'heavy import'; "
+            "import detector.data as d; assert all(getattr(d, n) is not None for n in d.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -11,6 +11,7 @@ pycocotools and matplotlib are imported only when a COCO figure or a plot is ask
 """
 from __future__ import annotations
 
+from detector.eval import coco, comp4, plots, voc_ap
 from detector.eval.coco import coco_detections, coco_evaluate, coco_ground_truth
 from detector.eval.comp4 import comp4_path, read_comp4, write_comp4
 from detector.eval.plots import plot_pr_curves
@@ -28,23 +29,4 @@ from detector.eval.voc_ap import (
     per_class_detections,
 )
 
-__all__ = [
-    "RECALL_LEVELS_11",
-    "ClassDetections",
-    "ClassEval",
-    "EvalResult",
-    "class_ground_truth",
-    "detections_by_class",
-    "per_class_detections",
-    "eval_class",
-    "evaluate",
-    "ap_11point",
-    "ap_area",
-    "write_comp4",
-    "read_comp4",
-    "comp4_path",
-    "coco_ground_truth",
-    "coco_detections",
-    "coco_evaluate",
-    "plot_pr_curves",
-]
+__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__]
