@@ -1,7 +1,7 @@
 """SPP-net object detection (He, Zhang, Ren, Sun 2014) in PyTorch.
 
 ``from detector import SPPDetector`` is resolved lazily so that light modules
-(``detector.boxes``, ``detector.voc``) import without pulling in the whole pipeline.
+(``detector.boxes``, ``detector.data.voc``) import without pulling in the whole pipeline.
 """
 from __future__ import annotations
 

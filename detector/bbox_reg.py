@@ -22,8 +22,8 @@ Cholesky; prediction ``(X beta) T^-1 + mu``. The features are pooled conv5 scale
 ``20 / mean_norm`` of that layer (the caller scales them; see ``svm.fit_feature_scale``).
 
 At test time :class:`BoxRegressor` packs all K classes, whitening folded in, into one
-``[D + 1, 4K]`` matrix, so predicting every class is one ``torch.addmm``
-(:meth:`BoxRegressor.predict` -> deltas, :meth:`BoxRegressor.regress` -> boxes).
+``[D + 1, 4K]`` matrix, so predicting every class is one ``torch.addmm``; the detector keeps only
+that matrix (``SPPDetector.bbox_weight``) and applies it to the kept boxes.
 """
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
-
-from detector.boxes import clip_boxes
 
 __all__ = [
     "encode",
@@ -201,10 +199,10 @@ def predict_one_class(features: Tensor, beta: Tensor, mu: Tensor, T_inv: Tensor)
 
 
 class BoxRegressor(nn.Module):
-    """All K class regressors packed into one matrix; ``predict`` is one addmm.
+    """All K class regressors packed into one matrix: the deltas of every class are one addmm.
 
     ``weight[:-1, 4k:4k+4] = beta_k[:-1] T_inv_k`` and ``weight[-1, 4k:4k+4] = beta_k[-1] T_inv_k + mu_k``,
-    so ``X @ weight[:-1] + weight[-1]`` equals each class's :func:`predict_one_class`.
+    so ``X @ weight[:-1] + weight[-1]`` (Tensor[R, 4K]) equals each class's :func:`predict_one_class`.
 
     Args:
         weight (Tensor[D+1, 4K]): packed weights, last row = bias (a buffer: saved in state_dict,
@@ -250,42 +248,6 @@ class BoxRegressor(nn.Module):
     def identity(cls, num_classes: int, in_dim: int) -> "BoxRegressor":
         """A regressor that predicts zero deltas for every class (boxes unchanged)."""
         return cls(torch.zeros(in_dim + 1, 4 * num_classes))
-
-    def predict(self, features: Tensor) -> Tensor:
-        """Deltas of every class.
-
-        Args:
-            features (Tensor[R, D]): pooled conv5 features scaled as during fitting.
-        Returns:
-            Tensor[R, K, 4] float32.
-        """
-        if features.ndim != 2 or features.shape[1] != self.in_dim:
-            raise ValueError(f"BoxRegressor.predict expects features [R, {self.in_dim}], got {tuple(features.shape)}")
-        w = self.weight
-        out = torch.addmm(w[-1], features.to(w.dtype), w[:-1])  # (R, 4K)
-        return out.view(features.shape[0], self.num_classes, 4)  # (R, K, 4)
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.predict(features)
-
-    def regress(self, proposals: Tensor, features: Tensor, image_size: tuple[int, int] | None = None) -> Tensor:
-        """Regressed boxes of every class (named ``regress``, not ``apply``: ``nn.Module.apply(fn)`` is
-        called recursively on submodules and must keep its meaning).
-
-        Args:
-            proposals (Tensor[R, 4]): xyxy, original-image pixels.
-            features (Tensor[R, D]): their pooled conv5 features (scaled).
-            image_size: (H, W); when given, boxes are clipped to ``[0, W] x [0, H]``.
-        Returns:
-            Tensor[R, K, 4] float32: xyxy.
-        """
-        if proposals.ndim != 2 or proposals.shape != (features.shape[0], 4):
-            raise ValueError(f"BoxRegressor.apply expects proposals [R, 4] matching features [R, D], got "
-                             f"{tuple(proposals.shape)} and {tuple(features.shape)}")
-        boxes = decode(proposals.to(torch.float32), self.predict(features))  # (R, K, 4)
-        if image_size is not None:
-            boxes = clip_boxes(boxes, image_size[0], image_size[1])
-        return boxes
 
 
 def fit_box_regressors(

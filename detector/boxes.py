@@ -15,7 +15,7 @@ Pascal VOC stores 1-based *inclusive* pixel indices ``xmin..xmax``; pixel ``xmin
 continuous interval ``[xmin - 1, xmin)``, so the VOC box ``(xmin, ymin, xmax, ymax)`` is exactly the
 continuous box ``(xmin - 1, ymin - 1, xmax, ymax)`` and its VOC width ``xmax - xmin + 1`` equals the
 continuous width. :func:`voc_to_xyxy` and :func:`xyxy_to_voc` are that conversion and its inverse;
-they are the only places where the VOC offset lives (``voc.py``, ``evaluation.py`` and
+they are the only places where the VOC offset lives (``data/voc.py``, ``eval/voc_ap.py`` and
 ``proposals/store.py`` call them at the edges).
 """
 from __future__ import annotations
@@ -35,8 +35,6 @@ __all__ = [
     "voc_to_xyxy",
     "xyxy_to_voc",
     "xywh_to_xyxy",
-    "remove_small_boxes",
-    "unique_boxes",
     "valid_boxes_mask",
 ]
 
@@ -166,37 +164,6 @@ def valid_boxes_mask(boxes: torch.Tensor) -> torch.Tensor:
     boxes = _as_tensor(boxes)
     finite = torch.isfinite(boxes).all(dim=-1)
     return finite & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-
-
-def remove_small_boxes(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
-    """Indices of boxes whose width and height are both at least ``min_size``.
-
-    Args:
-        boxes (Tensor[R, 4]): xyxy.
-        min_size: smallest side kept, in pixels.
-    Returns:
-        Tensor[R'] int64: kept indices, in input order.
-    """
-    boxes = _as_tensor(boxes)
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    return torch.nonzero((w >= min_size) & (h >= min_size)).flatten()  # (R',)
-
-
-def unique_boxes(boxes: torch.Tensor) -> torch.Tensor:
-    """Indices of the first occurrence of each distinct box, in input order.
-
-    Args:
-        boxes (Tensor[R, 4]): xyxy.
-    Returns:
-        Tensor[R'] int64: indices into ``boxes``, ascending.
-    """
-    boxes = _as_tensor(boxes)
-    if boxes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    arr = boxes.detach().cpu().numpy()
-    _, first = np.unique(arr, axis=0, return_index=True)
-    return torch.from_numpy(np.sort(first)).to(torch.int64)
 
 
 def as_boxes(boxes: Any, name: str = "boxes") -> torch.Tensor:

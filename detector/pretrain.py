@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from detector.boxes import hflip_boxes
 from detector.classifier import SPPClassifier
-from detector.crops import CropSet
+from detector.data.crops import CropSet
 
 __all__ = [
     "MODES",

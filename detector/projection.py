@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["select_scales", "select_scales_paper", "project_boxes", "TARGET_SIDE"]
+__all__ = ["select_scales", "project_boxes", "TARGET_SIDE"]
 
 TARGET_SIDE = 208  # spec §5: sz_conv_standard (13) * step_standard (16) pixels
 
@@ -55,7 +55,9 @@ def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Seque
     scale (the code takes the first of its ascending list). Rounding is half up (MATLAB ``round`` on
     positive numbers). Degenerate boxes (zero area) get the largest scale.
 
-    The paper's variant (scaled area nearest 224²) is :func:`select_scales_paper`.
+    The paper states another rule, the scale whose scaled box area is nearest 224² [P1 §4.1]; this
+    follows the released code (the two differ: a 100x100 box at S_min 375 with scales 480, 576, 688,
+    864, 1200 gets 688 here, 864 by the paper's rule).
 
     Args:
         boxes (Tensor[R, 4]): xyxy, original-image pixels.
@@ -76,22 +78,6 @@ def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Seque
     s_star = torch.floor(target_side * s_min / area.sqrt() + 0.5)  # (R,) inf for empty boxes
     s_star = torch.nan_to_num(s_star, posinf=float(sizes.max()) * 2)
     return _nearest(sizes, s_star)
-
-
-def select_scales_paper(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Sequence[int] | Tensor,
-                        target_area: float = 224.0 * 224.0) -> Tensor:
-    """The paper's scale choice [P1 §4.1]: the scaled box area nearest ``224²`` (ties -> smaller).
-
-    Args / Returns: as :func:`select_scales`.
-    """
-    b = _check_boxes(boxes, "select_scales_paper")
-    sizes = _scale_tensor(scale_sizes, "select_scales_paper")
-    s_min = float(min(image_size))
-    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (R,)
-    scaled = area.unsqueeze(1) * (sizes / s_min).pow(2).unsqueeze(0)  # (R, S)
-    order = torch.argsort(sizes, stable=True)
-    diff = (scaled[:, order] - target_area).abs()  # (R, S)
-    return order[diff.argmin(dim=1)]  # (R,)
 
 
 def project_boxes(boxes: Tensor, image_size: tuple[int, int], scaled_size: tuple[int, int],

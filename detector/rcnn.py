@@ -15,29 +15,28 @@ is pooled over the whole 13x13 map with the spec §4 adaptive bins
 same fc6 applies.
 
 Deviation from R-CNN: R-CNN subtracts the 227 centre crop of its ImageNet mean *image*
-(spec §10 step 4). This mode instead applies the backbone's own input normalisation (ZF-5: BGR
-0..255 minus the constant 128, spec §2; torchvision trunks: RGB/255, ImageNet mean/std), so that
-the SPP-mode model applies unchanged. The normalisation is a per-channel affine map and bilinear
-weights sum to 1, so normalising the image once before warping equals R-CNN's "warp, then subtract"
-up to float rounding. The zero canvas is zero *after* normalisation (grey 128 for ZF-5), as in
-R-CNN.
+(spec §10 step 4). This mode instead applies the backbone's own input normalisation, the project's
+one pre-processing :func:`detector.pyramid.preprocess` (ZF-5: BGR 0..255 minus the constant 128,
+spec §2; torchvision trunks: RGB/255, ImageNet mean/std), so that the SPP-mode model applies
+unchanged and crops see the same pixel values as the SPP-mode pyramid. The normalisation is a
+per-channel affine map and bilinear weights sum to 1, so normalising the image once before warping
+equals R-CNN's "warp, then subtract" up to float rounding. The zero canvas is zero *after*
+normalisation (grey 128 for ZF-5), as in R-CNN.
 
-Timing (:func:`compare_rcnn`) follows spec §10: "conv time" is the full-image conv at 1 or 5 scales
-(SPP) or crop + conv of all windows (R-CNN); "fc time" is pooling + fc6/fc7 for all windows;
-proposals are excluded.
+The SPP-net vs R-CNN timing comparison lives with the benchmarks
+(:mod:`detector.bench.rcnn_compare`).
 """
 from __future__ import annotations
 
-import logging
-import statistics
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import torch
 
 from detector.boxes import as_boxes, xyxy_to_voc
+from detector.pyramid import preprocess
 from detector.spp import SpatialPyramidPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,22 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "RCNN_STAGES",
     "crop_geometry",
-    "normalize_image",
     "warp_crops",
     "rcnn_pooled_features",
     "detect_rcnn",
     "default_batch_size",
-    "random_detector",
-    "random_boxes",
-    "compare_rcnn",
-    "format_comparison",
+    "StageTimer",
 ]
 
-log = logging.getLogger(__name__)
-
 RCNN_STAGES = ("crop", "conv", "pool", "fc", "svm", "bbox", "nms")
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------- crops
@@ -117,24 +108,11 @@ def crop_geometry(boxes: torch.Tensor | np.ndarray, height: int, width: int, cro
     return geo.astype(np.int64)
 
 
-def normalize_image(image: np.ndarray, input_format: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> float32 [H, W, 3] in the backbone's input format (channel-last).
 
-    The same values as :func:`detector.pyramid.preprocess` (which returns [3, H, W]); channel-last
-    here because OpenCV resizes interleaved channels in one call (tests/test_rcnn.py pins the two
-    equal).
-
-    ``"bgr255_mean128"`` (ZF-5, spec §2): BGR in 0..255 minus 128. ``"rgb_imagenet"``: RGB / 255,
-    minus the ImageNet mean, over the ImageNet std.
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB [H, W, 3], got {image.dtype} {tuple(image.shape)}")
-    x = image.astype(np.float32)
-    if input_format == "bgr255_mean128":
-        return np.ascontiguousarray(x[:, :, ::-1]) - 128.0
-    if input_format == "rgb_imagenet":
-        return (x / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
-    raise ValueError(f"unknown input_format {input_format!r}; expected 'bgr255_mean128' or 'rgb_imagenet'")
+def _channel_last_input(image: np.ndarray, input_format: str) -> np.ndarray:
+    """:func:`detector.pyramid.preprocess` as a C-contiguous float32 ndarray[H, W, 3] (channel-last:
+    OpenCV resizes interleaved channels in one call)."""
+    return np.ascontiguousarray(preprocess(image, input_format).permute(1, 2, 0).numpy())  # (H, W, 3)
 
 
 def warp_crops(
@@ -160,8 +138,9 @@ def warp_crops(
         boxes (Tensor[R, 4]): xyxy, original-image pixels.
         input_format: the backbone's ``input_format``.
         crop_size: 227. padding: 16.
-        normalized: ``normalize_image(image, input_format)`` when the caller already has it
-            (batched callers normalise once per image).
+        normalized (ndarray[H, W, 3] float32): the image already pre-processed channel-last
+            (:func:`detector.pyramid.preprocess`, permuted) when the caller has it (batched callers
+            normalise once per image).
     Returns:
         Tensor[R, 3, crop_size, crop_size] float32 (``torch.channels_last`` memory format).
     """
@@ -171,7 +150,7 @@ def warp_crops(
     if boxes_t.ndim != 2 or boxes_t.shape[1] != 4:
         raise ValueError(f"warp_crops: boxes must be [R, 4] xyxy, got {tuple(boxes_t.shape)}")
     h, w = image.shape[:2]
-    src = normalize_image(image, input_format) if normalized is None else normalized
+    src = _channel_last_input(image, input_format) if normalized is None else normalized  # (H, W, 3)
     geo = crop_geometry(boxes_t.detach().float().cpu(), h, w, crop_size, padding)  # (R, 8)
     r = geo.shape[0]
     canvas = np.zeros((r, crop_size, crop_size, 3), dtype=np.float32)  # (R, 227, 227, 3)
@@ -184,7 +163,7 @@ def warp_crops(
         else:
             canvas[i, py:py + ch, px:px + cw] = cv2.resize(patch, (cw, ch), interpolation=cv2.INTER_LINEAR)
     # channels_last view, no copy: a contiguous NCHW copy costs more than all the resizes together
-    # (measured 0.44 s per 256 crops vs 0.15 s) and the convolutions accept either layout
+    # (BENCHMARKS.md, rcnn notes) and the convolutions accept either layout
     return torch.from_numpy(canvas).permute(0, 3, 1, 2)  # (R, 3, 227, 227) channels_last
 
 
@@ -202,11 +181,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Timer:
+class StageTimer:
+    """Adds the wall seconds of each ``with timer(stage):`` block to ``timings[stage]``.
+
+    The device is synchronised before and after each block, so on CUDA the time is the stage's
+    own work, not its launch.
+
+    Args:
+        timings: the dict to add to (created stages start at 0).
+        device: the device whose queued work each block waits for.
+    """
+
     def __init__(self, timings: dict[str, float], device: torch.device) -> None:
         self.timings, self.device = timings, device
 
-    def __call__(self, stage: str) -> "_Timer":
+    def __call__(self, stage: str) -> "StageTimer":
         self.stage = stage
         return self
 
@@ -245,11 +234,11 @@ def rcnn_pooled_features(
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     timings = {} if timings is None else timings
-    tm = _Timer(timings, device)
+    tm = StageTimer(timings, device)
     pool = SpatialPyramidPool(det.levels)
     fmt = det.backbone.input_format
     with tm("crop"):
-        normalized = normalize_image(image, fmt)
+        normalized = _channel_last_input(image, fmt)  # (H, W, 3)
     r = boxes.shape[0]
     out = torch.empty((r, pool.out_dim(det.backbone.out_channels)), dtype=torch.float32, device=device)  # (R, D)
     for s in range(0, r, bs):
@@ -291,7 +280,7 @@ def detect_rcnn(
     if boxes.shape[0] == 0:
         empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
         return empty, timings
-    tm = _Timer(timings, det.device)
+    tm = StageTimer(timings, det.device)
     pooled = rcnn_pooled_features(det, img, boxes, batch_size, timings)  # (R, D)
     with tm("fc"):
         feats = det.fc_features(pooled)  # (R, F)
@@ -299,233 +288,3 @@ def detect_rcnn(
         scores = det.svm_scores(feats)  # (R, K)
     dets = det.postprocess(boxes, pooled, scores, (h, w), score_threshold, timed=tm)
     return {k: v.cpu() for k, v in dets.items()}, timings
-
-
-# ---------------------------------------------------------------------------------------- timing models
-
-
-def random_detector(
-    width_mult: float = 1.0,
-    fc_dim: int = 4096,
-    num_classes: int = 20,
-    scales: Sequence[int] = (688,),
-    levels: Sequence[int] = (1, 2, 3, 6),
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> "SPPDetector":
-    """A random-weight ZF-5 SPPDetector for timing only (timing does not depend on weights).
-
-    Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim``, random SVMs and box regressors,
-    class names ``class0..``; scores are meaningless.
-    """
-    from detector.backbones import build_backbone
-    from detector.detector import SPPDetector
-    from detector.head import FCHead
-    from detector.spp import spp_out_dim
-
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    backbone = build_backbone("zf5", width_mult=width_mult, weights="none")
-    d = spp_out_dim(backbone.out_channels, levels)
-    head = FCHead(d, fc_dim=fc_dim, num_classes=None)
-    k = num_classes
-    return SPPDetector(
-        backbone=backbone, head=head,
-        svm_weight=torch.randn(fc_dim, k, generator=g) * 1e-3, svm_bias=torch.zeros(k),
-        feature_scale=1.0, bbox_weight=torch.randn(d + 1, 4 * k, generator=g) * 1e-4, pool_scale=1.0,
-        class_names=[f"class{i}" for i in range(k)], scales=tuple(scales), levels=tuple(levels),
-        arch="zf5", width_mult=width_mult, device=device,
-    )
-
-
-def random_boxes(height: int, width: int, n: int, generator: torch.Generator, min_size: int = 20) -> torch.Tensor:
-    """``n`` random xyxy boxes inside the image, sides uniform in [min_size, side] (proposal padding).
-
-    Returns:
-        Tensor[n, 4] float32, integer-valued xyxy.
-    """
-    ms_w, ms_h = min(min_size, width), min(min_size, height)
-    bw = ms_w + torch.rand(n, generator=generator) * (width - ms_w)
-    bh = ms_h + torch.rand(n, generator=generator) * (height - ms_h)
-    x1 = torch.rand(n, generator=generator) * (width - bw)
-    y1 = torch.rand(n, generator=generator) * (height - bh)
-    return torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1).round()  # (n, 4)
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    v = [float(x) for x in values]
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "values": v}
-
-
-def _scale_label(scales: Sequence[int]) -> str:
-    return f"{len(scales)}-sc" if len(scales) > 1 else f"1-sc ({scales[0]})"
-
-
-@torch.inference_mode()
-def compare_rcnn(
-    det: "SPPDetector",
-    images: Sequence[np.ndarray],
-    proposals: Sequence[torch.Tensor | np.ndarray],
-    scale_sets: Sequence[Sequence[int]] = ((688,), (480, 576, 688, 864, 1200)),
-    batch_size: int | None = None,
-    warmup: bool = True,
-    progress: bool = False,
-    svd_ranks: Sequence[int] = (),
-) -> dict[str, Any]:
-    """SPP-net vs R-CNN mode, per image, like with like (spec §10 timing definitions).
-
-    For every image and scale set: SPP conv (one backbone pass per scale), pool (projection + SPP)
-    and fc (fc6/fc7 of all windows). R-CNN: crop, conv (per 227x227 window in batches), pool
-    (whole-map SPP of each crop) and fc. Proposals are given (their time excluded). A warm-up
-    (SPP on the first image at every scale set, R-CNN on one batch) runs first and is not timed.
-
-    Args:
-        det: the model (a trained checkpoint or :func:`random_detector`).
-        images: uint8 RGB arrays [H, W, 3].
-        proposals: per image Tensor[R_i, 4] xyxy.
-        scale_sets: SPP scale sets to time (paper: 688 and the 5 scales).
-        batch_size: R-CNN windows per conv batch.
-        svd_ranks: also time fc6/fc7 compressed by truncated SVD at these ranks
-            (:meth:`FCHead.compress_svd`), on the same pooled features in both modes, so the conv
-            passes are not repeated; reported under ``svd``.
-    Returns:
-        dict with ``images``, ``proposals`` (R per image), ``threads``, ``device``, ``image_sizes``;
-        ``spp`` = {label: {"conv"|"pool"|"fc"|"conv_time"|"fc_time"|"total": stats}} per scale set;
-        ``rcnn`` = {"crop"|"conv"|"pool"|"fc"|"conv_time"|"fc_time"|"total": stats}; and
-        ``speedup`` = {label: {"conv": x, "overall": x}} from the medians. conv_time = conv (SPP) or
-        crop + conv (R-CNN); fc_time = pool + fc; total = conv_time + fc_time. Stats are dicts of
-        median / min / max / values, in seconds. ``svd`` = {rank: {"spp": {label: stats as above with
-        "fc" the compressed head's}, "rcnn": {...}, "speedup": {label: {"overall": x}}}} when ``svd_ranks``.
-    """
-    from detector.regions import pool_regions
-
-    if len(images) != len(proposals):
-        raise ValueError(f"compare_rcnn: {len(images)} images but {len(proposals)} proposal sets")
-    if not images:
-        raise ValueError("compare_rcnn: no images")
-    boxes_list = [as_boxes(p, f"proposals[{i}]").to(det.device) for i, p in enumerate(proposals)]
-    bs = int(batch_size or default_batch_size(det.device))
-    labels = [_scale_label(s) for s in scale_sets]
-    svd_heads = {int(r): det.head.compress_svd(int(r)).to(det.device).eval() for r in svd_ranks}
-    svd_t: dict[int, dict[str, list[float]]] = {r: {lab: [] for lab in labels + ["rcnn"]} for r in svd_heads}
-
-    def time_svd(key: str, pooled: torch.Tensor) -> None:
-        for r, head in svd_heads.items():
-            t_svd: dict[str, float] = {}
-            with _Timer(t_svd, det.device)("fc"):
-                head.features(pooled)  # (R, F)
-            svd_t[r][key].append(t_svd["fc"])
-
-    if warmup:
-        for scales in scale_sets:
-            pyr = det.compute_pyramid(images[0], scales)
-            det.fc_features(pool_regions(pyr, boxes_list[0][:bs], det.levels, det.proj))
-        warm = rcnn_pooled_features(det, images[0], boxes_list[0][:bs], bs)  # (bs, D)
-        det.fc_features(warm)
-        for head in svd_heads.values():
-            head.features(warm)
-    spp_t: dict[str, dict[str, list[float]]] = {lab: {"conv": [], "pool": [], "fc": []} for lab in labels}
-    rc_t: dict[str, list[float]] = {"crop": [], "conv": [], "pool": [], "fc": []}
-    it = range(len(images))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="compare R-CNN", unit="img")
-    for i in it:
-        img, boxes = images[i], boxes_list[i]
-        for lab, scales in zip(labels, scale_sets):
-            t: dict[str, float] = {}
-            tm = _Timer(t, det.device)
-            with tm("conv"):
-                pyr = det.compute_pyramid(img, scales)
-            with tm("pool"):
-                pooled = pool_regions(pyr, boxes, det.levels, det.proj)  # (R, D)
-            with tm("fc"):
-                det.fc_features(pooled)  # (R, F)
-            time_svd(lab, pooled)
-            del pyr, pooled
-            for k, v in t.items():
-                spp_t[lab][k].append(v)
-        t = {}
-        pooled = rcnn_pooled_features(det, img, boxes, bs, t)  # (R, D)
-        tm = _Timer(t, det.device)
-        with tm("fc"):
-            det.fc_features(pooled)  # (R, F)
-        time_svd("rcnn", pooled)
-        del pooled
-        for k in rc_t:
-            rc_t[k].append(t.get(k, 0.0))
-
-    def derived(d: dict[str, list[float]], rcnn: bool, fc_only: list[float] | None = None) -> dict[str, Any]:
-        """Stats of every stage plus conv_time, fc_time and total; ``fc_only`` replaces d["fc"]
-        (the SVD rows: same conv and pool times, another fc)."""
-        if fc_only is not None:
-            d = {**d, "fc": fc_only}
-        n = len(d["conv"])
-        conv = [d["conv"][j] + (d["crop"][j] if rcnn else 0.0) for j in range(n)]
-        fc = [d["pool"][j] + d["fc"][j] for j in range(n)]
-        out = {k: _stats(v) for k, v in d.items()}
-        out["conv_time"] = _stats(conv)
-        out["fc_time"] = _stats(fc)
-        out["total"] = _stats([a + b for a, b in zip(conv, fc)])
-        return out
-
-    spp = {lab: derived(v, False) for lab, v in spp_t.items()}
-    rcnn = derived(rc_t, True)
-    speedup = {
-        lab: {
-            "conv": rcnn["conv_time"]["median"] / spp[lab]["conv_time"]["median"],
-            "overall": rcnn["total"]["median"] / spp[lab]["total"]["median"],
-        }
-        for lab in labels
-    }
-    svd: dict[int, dict[str, Any]] = {}
-    for r, per in svd_t.items():
-        sp = {lab: derived(spp_t[lab], False, per[lab]) for lab in labels}
-        rc = derived(rc_t, True, per["rcnn"])
-        svd[r] = {"spp": sp, "rcnn": rc,
-                  "speedup": {lab: {"overall": rc["total"]["median"] / sp[lab]["total"]["median"]} for lab in labels}}
-    return {
-        "svd": svd,
-        "images": len(images),
-        "proposals": [int(b.shape[0]) for b in boxes_list],
-        "image_sizes": [list(im.shape[:2]) for im in images],
-        "threads": torch.get_num_threads(),
-        "device": str(det.device),
-        "batch_size": bs,
-        "scale_sets": [list(s) for s in scale_sets],
-        "spp": spp,
-        "rcnn": rcnn,
-        "speedup": speedup,
-    }
-
-
-def format_comparison(cmp: dict[str, Any]) -> str:
-    """Markdown table shaped like the paper's (spec §11): SPP columns, then R-CNN; medians with
-    [min-max] in seconds per image; speedups = R-CNN median / SPP median."""
-    labels = list(cmp["spp"])
-    head = "| seconds per image (median [min-max]) | " + " | ".join(f"SPP {lab}" for lab in labels) + " | R-CNN |"
-    sep = "|---" * (len(labels) + 2) + "|"
-
-    def cell(s: dict[str, Any]) -> str:
-        return f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-
-    rows = [head, sep]
-    spec = [("conv time", "conv_time"), ("  of which crop (R-CNN)", "crop"), ("fc time (pool + fc6/fc7)", "fc_time"),
-            ("  of which pool", "pool"), ("total (conv + fc)", "total")]
-    for name, key in spec:
-        spp_cells = [cell(cmp["spp"][lab][key]) if key in cmp["spp"][lab] else "–" for lab in labels]
-        rows.append(f"| {name} | " + " | ".join(spp_cells) + f" | {cell(cmp['rcnn'][key])} |")
-    rows.append("| speedup, conv only | " + " | ".join(f"{cmp['speedup'][lab]['conv']:.1f}x" for lab in labels) + " | – |")
-    rows.append("| speedup, overall | " + " | ".join(f"{cmp['speedup'][lab]['overall']:.1f}x" for lab in labels) + " | – |")
-    for r, sv in cmp.get("svd", {}).items():
-        rows.append(f"| fc time, fc6/fc7 SVD rank {r} (pool + fc) | "
-                    + " | ".join(cell(sv["spp"][lab]["fc_time"]) for lab in labels) + f" | {cell(sv['rcnn']['fc_time'])} |")
-        rows.append(f"| total, SVD rank {r} | "
-                    + " | ".join(cell(sv["spp"][lab]["total"]) for lab in labels) + f" | {cell(sv['rcnn']['total'])} |")
-        rows.append(f"| speedup, overall, SVD rank {r} | "
-                    + " | ".join(f"{sv['speedup'][lab]['overall']:.1f}x" for lab in labels) + " | – |")
-    n_props = cmp["proposals"]
-    foot = (f"{cmp['images']} images, {statistics.median(n_props):.0f} proposals per image (median), "
-            f"{cmp['threads']} threads, device {cmp['device']}, R-CNN batch {cmp['batch_size']}; proposals excluded.")
-    return "\n".join(rows) + "\n\n" + foot

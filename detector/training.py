@@ -31,7 +31,7 @@ from detector.projection import project_boxes, select_scales
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.sampling import label_windows
 from detector.svm import HardNegativeMiner
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 log = logging.getLogger(__name__)
 

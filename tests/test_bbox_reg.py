@@ -12,6 +12,12 @@ from detector.bbox_reg import (BoxRegressor, decode, encode, fit_bbox_regressor,
                                predict_one_class, ridge_solve)
 
 
+def packed_deltas(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Deltas of every class from a packed [D+1, 4K] weight, as SPPDetector applies it. -> [R, K, 4]"""
+    out = torch.addmm(weight[-1], features.to(weight.dtype), weight[:-1])  # (R, 4K)
+    return out.view(features.shape[0], -1, 4)  # (R, K, 4)
+
+
 def test_encode_hand_case():
     p = torch.tensor([[10.0, 20.0, 30.0, 60.0]])  # w 20, h 40, centre (20, 40)
     g = torch.tensor([[15.0, 20.0, 55.0, 80.0]])  # w 40, h 60, centre (35, 50)
@@ -93,7 +99,7 @@ def test_fit_recovers_constant_shift_and_scale_exactly_even_with_lambda_4000():
     beta, mu, t_inv = fit_bbox_regressor(feats, props, gt, lam=4000.0)
     torch.testing.assert_close(mu, torch.tensor([0.1, 0.0, 0.0, math.log(1.2)], dtype=torch.float64), atol=1e-6, rtol=0)
     reg = BoxRegressor.from_per_class([(beta, mu, t_inv)], feats.shape[1])
-    torch.testing.assert_close(reg.regress(props, feats)[:, 0], gt, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(decode(props, packed_deltas(reg.weight, feats))[:, 0], gt, atol=1e-3, rtol=1e-5)
 
 
 def test_fit_recovers_feature_dependent_deltas():
@@ -130,7 +136,7 @@ def test_packed_predict_equals_per_class_predict():
     reg = fit_box_regressors(feats, props, gt, labels, num_classes=3, lam=100.0)
     assert reg.weight.shape == (17, 12) and reg.num_classes == 3
     x = torch.randn(25, 16, generator=g)
-    deltas = reg.predict(x)
+    deltas = packed_deltas(reg.weight, x)
     assert deltas.shape == (25, 3, 4)
     for c in (0, 2):
         idx = labels == c
@@ -138,18 +144,17 @@ def test_packed_predict_equals_per_class_predict():
         torch.testing.assert_close(deltas[:, c].double(), ref, atol=1e-5, rtol=1e-4)
     assert torch.all(deltas[:, 1] == 0)
     p = props[:25]
-    boxes = reg.regress(p, x, image_size=(200, 250))
+    boxes = decode(p, deltas)
     assert boxes.shape == (25, 3, 4)
-    torch.testing.assert_close(boxes[:, 1], torch.stack([p[:, 0].clamp(0, 250), p[:, 1].clamp(0, 200),
-                                                         p[:, 2].clamp(0, 250), p[:, 3].clamp(0, 200)], 1))
-    # state_dict round trip (what the checkpoint stores)
+    torch.testing.assert_close(boxes[:, 1], p)  # no regressor: the box stays the proposal
+    # state_dict round trip
     reg2 = BoxRegressor.identity(3, 16)
     reg2.load_state_dict(reg.state_dict())
-    torch.testing.assert_close(reg2.predict(x), deltas)
+    assert torch.equal(reg2.weight, reg.weight)
 
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="encode"):
         encode(torch.zeros(3, 4), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=r"\[R, 16\]"):
-        BoxRegressor.identity(2, 16).predict(torch.zeros(3, 15))
+    with pytest.raises(ValueError, match=r"\[D\+1, 4K\]"):
+        BoxRegressor(torch.zeros(17, 6))

@@ -1,4 +1,4 @@
-"""SPP classifier (detector.classifier), crop sampling (detector.crops), training loop (detector.pretrain)."""
+"""SPP classifier (detector.classifier), crop sampling (detector.data.crops), training loop (detector.pretrain)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,14 +14,14 @@ from detector.classifier import (
     ClassifierCheckpointError, FixedGridPool, SPPClassifier, classifier_state, load_classifier, reinit_kaiming,
     save_classifier,
 )
-from detector.crops import (
+from detector.data.crops import (
     CropSet, crops_from_folder, crops_from_records, cut_crops, cut_native, sample_background_boxes,
     sample_object_boxes,
 )
 from detector.pretrain import (
     batch_size_schedule, evaluate_native, evaluate_warped, preprocess_crops, train_classifier,
 )
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 W = 0.125  # ZF-5 width multiplier for tests: 12/32/48/48/32 channels
 

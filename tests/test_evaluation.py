@@ -1,4 +1,4 @@
-"""detector.evaluation: hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
+"""detector.eval (voc_ap, comp4, coco, plots): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
 
 Boxes in the eval_class cases are written directly in VOC coordinates (1-based inclusive), as in
 the devkit and the spec's examples.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from detector.boxes import voc_to_xyxy
-from detector.evaluation import (
+from detector.eval import (
     RECALL_LEVELS_11,
     ClassDetections,
     ap_11point,
@@ -30,7 +30,7 @@ from detector.evaluation import (
     read_comp4,
     write_comp4,
 )
-from detector.voc import ImageRecord, load_voc_split
+from detector.data.voc import ImageRecord, load_voc_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -435,6 +435,19 @@ def test_plot_pr_curves(tmp_path: Path):
     recs, dets = _records_and_dets()
     p = plot_pr_curves(evaluate(recs, ("cat", "dog"), dets), tmp_path / "pr.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_pr_curves_leaves_the_backend_alone(tmp_path: Path):
+    # a notebook user's backend must survive a plot: the library draws without pyplot
+    code = ("import sys, matplotlib; matplotlib.use('svg'); "
+            "from tests.test_evaluation import _records_and_dets; "
+            "from detector.eval import evaluate, plot_pr_curves; "
+            "recs, dets = _records_and_dets(); "
+            f"plot_pr_curves(evaluate(recs, ('cat', 'dog'), dets), {str(tmp_path / 'pr.png')!r}); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_class_ground_truth_uses_voc_edge():

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from detector.backbones import ZF5, ResNet50C4, TrunkPrefix, VGG16Conv5
 from detector.head import FCHead
-from detector.rcnn import random_boxes
+from detector.bench.random_model import random_boxes
 from detector.regions import Conv5Pyramid, ProjectionParams
 from detector.spp import spp_out_dim
 from detector.training import TrainItem, finetune_head_and_tail
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 LEVELS = (1, 2)
 

@@ -37,7 +37,7 @@ svm: {{stats_images: 10, stats_rois: 20, retrain_every: 200}}
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from detector.digits import make_digits_dataset
+    from detector.data.digits_build import make_digits_dataset
 
     root = tmp_path_factory.mktemp("e2e")
     data = root / "digits"
@@ -74,9 +74,9 @@ def test_held_out_validation_scoring(tiny_run):
     mAP equals evaluate() of the library detector on those images and proposals."""
     from detector.config import load_config
     from detector.detector import build_detector
-    from detector.evaluation import evaluate
+    from detector.eval import evaluate
     from detector.training import split_train_val
-    from detector.voc import load_voc_split
+    from detector.data.voc import load_voc_split
     from proposals import load_proposals
 
     root, cfg_path, _, _ = tiny_run
@@ -192,7 +192,7 @@ def test_checkpoint_carries_its_svd_rank(tmp_path):
     """A model saved with svd_rank loads compressed by default (as test_net runs it), dense on request;
     a compressed model refuses to be saved (its checkpoint would not load back)."""
     from detector.head import LowRankLinear
-    from detector.rcnn import random_boxes, random_detector
+    from detector.bench.random_model import random_boxes, random_detector
 
     det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
     det.svd_rank = 8
@@ -214,7 +214,7 @@ def test_svm_plus_softmax_scores_and_checkpoint(tmp_path):
     (checked against the two terms computed by hand from the weights), survives the checkpoint, and
     is refused for a head without cls_score."""
     from detector.head import FCHead
-    from detector.rcnn import random_detector
+    from detector.bench.random_model import random_detector
 
     det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
     det.feature_scale = 2.5
@@ -258,7 +258,7 @@ def test_test_time_target_side(tmp_path):
     from detector.config import Config, TestConfig
     from detector.detector import build_detector
     from detector.projection import select_scales
-    from detector.rcnn import random_detector
+    from detector.bench.random_model import random_detector
 
     box = torch.tensor([[30.0, 30.0, 70.0, 70.0]])  # 40 x 40
     assert select_scales(box, (100, 100), [96, 192], target_side=40).tolist() == [0]

@@ -180,7 +180,7 @@ def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():
     features, clipped, NMS again, top-k."""
     from detector.bbox_reg import decode
     from detector.boxes import clip_boxes
-    from detector.rcnn import random_detector
+    from detector.bench.random_model import random_detector
 
     g = torch.Generator().manual_seed(3)
     k, d, r = 3, 8, 60

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detector.boxes import xyxy_to_voc
-from detector.projection import project_boxes, select_scales, select_scales_paper
+from detector.projection import project_boxes, select_scales
 
 CODE_SCALES = (480, 576, 688, 874, 1200)  # spec §2, the released code's list
 ZF = dict(stride=16, offset0=20.0, shrink=6.5)  # 0-based offset0 (spec's 1-based 21)
@@ -34,11 +34,11 @@ def test_scale_choice_ties_degenerate_and_order():
         select_scales(torch.zeros(4), (375, 500), CODE_SCALES)
 
 
-def test_scale_choice_paper_variant():
-    # 100x100 at S_min 375: scaled area 10000*(s/375)^2 nearest 224^2 = 50176 -> s = 874 (54321)
+def test_scale_choice_is_the_released_codes_not_the_papers():
+    # 100x100 at S_min 375: s* = round(208*375/100) = 780 -> 688; the paper's rule (scaled area
+    # 10000*(s/375)^2 nearest 224^2 = 50176) would pick 874 (54321)
     boxes = torch.tensor([[10.0, 10, 110, 110]])
-    assert select_scales_paper(boxes, (375, 500), CODE_SCALES).tolist() == [3]
-    assert select_scales(boxes, (375, 500), CODE_SCALES).tolist() == [2]  # the code differs
+    assert select_scales(boxes, (375, 500), CODE_SCALES).tolist() == [2]
 
 
 def test_projection_hand_cases_scale_one():

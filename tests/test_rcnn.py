@@ -1,5 +1,5 @@
-"""R-CNN mode (spec §10): warp_crops against a plain re-statement of rcnn_im_crop.m, pooled width,
-detect_rcnn output format, comparison table.
+"""R-CNN mode (spec §10): warp_crops against a plain re-statement of rcnn_im_crop.m, the same pixels as
+the pyramid, pooled width, detect_rcnn output format.
 
 Shape shorthand: R windows, D = C * B pooled width, K classes, N detections.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.rcnn import crop_geometry, normalize_image, warp_crops
+from detector.rcnn import crop_geometry, warp_crops
 
 
 def _matlab_round(x: float) -> int:
@@ -121,20 +121,19 @@ def test_off_image_box_is_all_zero(image):
     assert torch.all(crop == 0)
 
 
-def test_normalize_rgb_imagenet(image):
-    x = normalize_image(image, "rgb_imagenet")
-    want = (image[3, 4].astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(x[3, 4], want, atol=1e-5)
-    with pytest.raises(ValueError, match="input_format"):
-        normalize_image(image, "yuv")
-
-
 @pytest.mark.parametrize("fmt", ["bgr255_mean128", "rgb_imagenet"])
-def test_normalize_matches_pyramid_preprocess(image, fmt):
-    """Crops and the SPP-mode pyramid see the same pixel values."""
-    pyramid = pytest.importorskip("detector.pyramid")
-    want = pyramid.preprocess(image, fmt).permute(1, 2, 0).numpy()  # (H, W, 3)
-    np.testing.assert_allclose(normalize_image(image, fmt), want, atol=1e-5, rtol=0)
+def test_crops_see_the_pyramid_pixels(fmt):
+    """R-CNN crops use the project's one pre-processing: a box whose warped crop is a 1:1 copy of the
+    image (VOC width 195 -> 227 with context) holds exactly detector.pyramid.preprocess's values."""
+    from detector.pyramid import preprocess
+
+    img = np.random.default_rng(3).integers(0, 256, size=(260, 270, 3), dtype=np.uint8)
+    box = torch.tensor([[40.0, 40.0, 234.0, 234.0]])
+    assert crop_geometry(box, 260, 270).tolist() == [[24, 24, 251, 251, 0, 0, 227, 227]]
+    crop = warp_crops(img, box, fmt)[0]  # (3, 227, 227)
+    assert torch.equal(crop, preprocess(img, fmt)[:, 24:251, 24:251])
+    with pytest.raises(ValueError, match="input_format"):
+        warp_crops(img, box, "yuv")
 
 
 def test_warp_crops_rejects_bad_boxes(image):
@@ -148,7 +147,7 @@ def test_warp_crops_rejects_bad_boxes(image):
 def tiny_det():
     pytest.importorskip("detector.pyramid")
     pytest.importorskip("detector.projection")
-    from detector.rcnn import random_detector
+    from detector.bench.random_model import random_detector
 
     return random_detector(width_mult=0.0625, fc_dim=32, num_classes=3, scales=(160,), seed=0)
 
@@ -188,48 +187,10 @@ def test_detect_rcnn_output_format(tiny_det, image):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64
 
 
-def test_compare_rcnn_table(tiny_det, image):
-    from detector.rcnn import compare_rcnn, format_comparison
-
-    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
-    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,), (64, 96)), warmup=False)
-    assert list(cmp["spp"]) == ["1-sc (96)", "2-sc"]
-    r = cmp["rcnn"]
-    assert r["conv_time"]["values"] == pytest.approx([a + b for a, b in zip(r["crop"]["values"], r["conv"]["values"])])
-    for lab in cmp["spp"]:
-        s = cmp["spp"][lab]
-        assert cmp["speedup"][lab]["conv"] == pytest.approx(r["conv_time"]["median"] / s["conv_time"]["median"])
-        for j in range(2):
-            assert s["total"]["values"][j] == pytest.approx(s["conv"]["values"][j] + s["pool"]["values"][j]
-                                                           + s["fc"]["values"][j])
-    table = format_comparison(cmp)
-    assert "speedup, conv only" in table and "R-CNN" in table and table.count("\n|") >= 7
-    assert cmp["svd"] == {}
-
-
-def test_compare_rcnn_svd_rows_reuse_the_conv_times(tiny_det, image):
-    """With svd_ranks, the compressed fc is timed on the same pooled features; its totals are the same
-    conv (+ crop) and pool times plus the compressed fc time."""
-    from detector.rcnn import compare_rcnn, format_comparison
-
-    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
-    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,),), warmup=False, svd_ranks=(4,))
-    sv = cmp["svd"][4]
-    lab = "1-sc (96)"
-    s, r = cmp["spp"][lab], cmp["rcnn"]
-    for j in range(2):
-        assert sv["spp"][lab]["total"]["values"][j] == pytest.approx(
-            s["conv"]["values"][j] + s["pool"]["values"][j] + sv["spp"][lab]["fc"]["values"][j])
-        assert sv["rcnn"]["total"]["values"][j] == pytest.approx(
-            r["crop"]["values"][j] + r["conv"]["values"][j] + r["pool"]["values"][j] + sv["rcnn"]["fc"]["values"][j])
-    assert sv["speedup"][lab]["overall"] == pytest.approx(sv["rcnn"]["total"]["median"] / sv["spp"][lab]["total"]["median"])
-    assert "speedup, overall, SVD rank 4" in format_comparison(cmp)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_detect_on_cuda_matches_cpu(image):
     """The same detect() code path on CUDA: boxes, scores and labels equal the CPU run's."""
-    from detector.rcnn import random_boxes, random_detector
+    from detector.bench.random_model import random_boxes, random_detector
 
     boxes = random_boxes(image.shape[0], image.shape[1], 300, torch.Generator().manual_seed(1))
     cpu = random_detector(width_mult=0.25, fc_dim=64, num_classes=3, scales=(160, 240), seed=0)

@@ -1,11 +1,13 @@
-"""spp_pool against a slow reference loop of spec §4, gradcheck, roi_pool cross-check, whole-map SPP."""
+"""spp_pool and its sparse-table kernel (detector.spp_kernel) against a slow reference loop of spec §4,
+gradcheck, roi_pool cross-check, whole-map SPP."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.spp import SpatialPyramidPool, _SPPFunction, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
+from detector.spp import SpatialPyramidPool, spp_bins, spp_out_dim, spp_pool, spp_pool_roi_pool
+from detector.spp_kernel import SparseTableSPP
 
 
 def reference_spp(fmap: torch.Tensor, windows: torch.Tensor, levels) -> torch.Tensor:
@@ -61,7 +63,7 @@ def test_spp_pool_equals_reference(shape, levels):
     # the training path (map needs gradients: roi_pool on the root levels + max pools) and the
     # sparse table that records argmax cells (its fallback) give the same values
     assert torch.equal(spp_pool(fmap.clone().requires_grad_(), windows, levels).detach(), want)
-    assert torch.equal(_SPPFunction.apply(fmap.clone().requires_grad_(), windows, tuple(levels)).detach(), want)
+    assert torch.equal(SparseTableSPP.apply(fmap.clone().requires_grad_(), windows, tuple(levels)).detach(), want)
 
 
 def test_spp_pool_layout_is_channel_major_in_level_order():
@@ -97,7 +99,7 @@ def test_spp_pool_gradient_counts_argmax_hits():
     assert torch.equal(fmap.grad, ref.grad)
     # the argmax-recording sparse table (the fallback for levels roi_pool cannot bin exactly)
     table = fmap.detach().clone().requires_grad_()
-    _SPPFunction.apply(table, windows, (1, 2, 3, 6)).sum().backward()
+    SparseTableSPP.apply(table, windows, (1, 2, 3, 6)).sum().backward()
     assert torch.equal(table.grad, ref.grad)
 
 
@@ -183,7 +185,7 @@ def test_roi_pool_bins_exact_check_matches_brute_force():
 def test_large_buffers_are_plain_writable_tensors():
     """_empty_large (huge-page advice for spp_pool's big CPU buffers) gives ordinary tensors of the asked
     shape and dtype, small and large, and spp_pool's large output is exact and not shared between calls."""
-    from detector.spp import _empty_large
+    from detector.spp_kernel import _empty_large
 
     like = torch.zeros(1)
     for shape, dtype in (((3, 5), torch.float32), ((1100, 1000), torch.float32), ((600, 1000), torch.int64)):

@@ -1,4 +1,4 @@
-"""detector.voc: every annotation quirk on tiny hand-written VOC folders, and the real BCCD set."""
+"""detector.data.voc: every annotation quirk on tiny hand-written VOC folders, and the real BCCD set."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.voc import VOC_CLASSES, VOCDataError, discover_classes, load_voc_split, read_split_ids
+from detector.data.voc import VOC_CLASSES, VOCDataError, discover_classes, load_voc_split, read_split_ids
 
 
 def obj(name: str, box, difficult: str | None = "0") -> str:
@@ -69,7 +69,7 @@ def _summary(caplog) -> str:
 def test_degenerate_box_skipped_and_counted(tmp_path: Path, caplog):
     root = make_voc(tmp_path, {"a": [obj("dog", (5, 5, 5, 9)), obj("dog", (8, 9, 12, 3)),
                                      obj("dog", (1, 1, 10, 10))]})
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, _ = load_voc_split(root, "test")
     assert recs[0].boxes.tolist() == [[0, 0, 10, 10]]
     w = _warnings(caplog)
@@ -84,7 +84,7 @@ def test_box_beyond_image_clipped(tmp_path: Path, caplog):
     # image 40x30: xyxy range [0, 40] x [0, 30]
     root = make_voc(tmp_path, {"a": [obj("dog", (0, -3, 45, 20)), obj("dog", (50, 1, 60, 10)),
                                      obj("dog", (1, 1, 40, 30))]})
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, _ = load_voc_split(root, "test")
     assert recs[0].boxes.tolist() == [[0, 0, 40, 20], [0, 0, 40, 30]]  # last one touches the border: ok
     w = _warnings(caplog)
@@ -99,7 +99,7 @@ def test_box_beyond_image_clipped(tmp_path: Path, caplog):
 def test_unknown_class_skipped(tmp_path: Path, caplog):
     root = make_voc(tmp_path, {"a": [obj("dog", (1, 1, 10, 10)), obj("unicorn", (2, 2, 8, 8)),
                                      obj(" cat\n", (3, 3, 9, 9))]})
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, classes = load_voc_split(root, "test", ["cat", "dog"])
     assert recs[0].labels.tolist() == [1, 0]  # " cat\n" matched after strip()
     assert any("a.xml" in m and "'unicorn'" in m and "skipped" in m for m in _warnings(caplog))
@@ -110,7 +110,7 @@ def test_unknown_class_skipped(tmp_path: Path, caplog):
 def test_missing_difficult_is_zero(tmp_path: Path, caplog):
     root = make_voc(tmp_path, {"a": [obj("dog", (1, 1, 10, 10), difficult=None),
                                      obj("dog", (2, 2, 10, 10), difficult="1")]})
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, _ = load_voc_split(root, "test")
     assert recs[0].difficult.tolist() == [False, True]
     assert any("a.xml" in m and "<difficult>" in m for m in _warnings(caplog))
@@ -119,7 +119,7 @@ def test_missing_difficult_is_zero(tmp_path: Path, caplog):
 
 def test_missing_size_read_from_image(tmp_path: Path, caplog):
     root = make_voc(tmp_path, {"a": [obj("dog", (1, 1, 10, 10))]}, size=(33, 21), write_size=False)
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, _ = load_voc_split(root, "test")
     assert (recs[0].height, recs[0].width) == (21, 33)
     assert any("a.xml" in m and "<size>" in m for m in _warnings(caplog))
@@ -157,14 +157,14 @@ def test_split_file_parsing(tmp_path: Path):
 def test_bad_bndbox_skipped(tmp_path: Path, caplog):
     root = make_voc(tmp_path, {"a": [obj("dog", (1, 1, 10, 10)), obj("dog", ("x", 1, 10, 10)),
                                      "<object><name>dog</name></object>"]})
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     recs, _ = load_voc_split(root, "test")
     assert recs[0].boxes.shape == (1, 4)
     assert "bad <bndbox> skipped: 2" in _summary(caplog)
 
 
 def test_bccd(bccd_root: Path, caplog):
-    caplog.set_level(logging.INFO, logger="detector.voc")
+    caplog.set_level(logging.INFO, logger="detector.data.voc")
     trainval, classes = load_voc_split(bccd_root, "trainval")
     assert classes == ("Platelets", "RBC", "WBC") and len(trainval) == 292
     w = _warnings(caplog)

@@ -105,7 +105,7 @@ def training_records(cfg: Config, raw_boxes: bool = False, class_names: Sequence
     ``data.classes``, else every name in the split) sets the label ids (``load_voc_split``).
     """
     from detector.training import split_train_val
-    from detector.voc import load_voc_split
+    from detector.data.voc import load_voc_split
 
     dc = cfg.data
     train, classes = load_voc_split(dc.root, dc.train_split, class_names or dc.classes or None,

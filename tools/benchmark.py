@@ -5,9 +5,9 @@ BENCHMARKS.md (between ``<!-- benchmark:NAME -->`` and ``<!-- /benchmark:NAME --
 other section and any hand-written text untouched.
 
 Sections:
-    spp               spp_pool vs one torchvision.ops.roi_pool call per level (issue 3)
+    spp               spp_pool vs one torchvision.ops.roi_pool call per level
     rcnn, detect, selective_search, memory
-                      from tools/_bench_sections.py (issue 6)
+                      from detector/bench/sections.py
     gpu               (only when named; needs CUDA) detection per image, R-CNN comparison and
                       spp_pool on the GPU: the same code with the model on "cuda"
 
@@ -42,7 +42,7 @@ import torch
 
 log = logging.getLogger("benchmark")
 
-EXTERNAL_SECTIONS = ("rcnn", "detect", "selective_search", "memory")  # tools/_bench_sections.py
+EXTERNAL_SECTIONS = ("rcnn", "detect", "selective_search", "memory")  # detector/bench/sections.py
 ALL_SECTIONS = ("spp",) + EXTERNAL_SECTIONS
 GPU_SECTIONS = ("gpu",)  # needs CUDA; not in the default run
 
@@ -179,13 +179,13 @@ def run_section(name: str, args: argparse.Namespace) -> tuple[str, dict[str, flo
     """Run one section with the command-line settings that apply to it."""
     if name == "spp":
         return section_spp(runs=args.runs)
-    import _bench_sections  # tools/ is on sys.path for a script run from here
+    from detector.bench import sections
 
     if name == "memory":
-        return _bench_sections.section_memory(voc_root=args.voc_root)
+        return sections.section_memory(voc_root=args.voc_root)
     if name == "gpu":
-        return _bench_sections.section_gpu(inputs=args.inputs)
-    return getattr(_bench_sections, f"section_{name}")()
+        return sections.section_gpu(inputs=args.inputs)
+    return getattr(sections, f"section_{name}")()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if args.save_inputs:
-        import _bench_sections
+        from detector.bench import sections
 
-        print(f"wrote {_bench_sections.save_inputs(args.save_inputs)}")
+        print(f"wrote {sections.save_inputs(args.save_inputs)}")
         return 0
     unknown = [n for n in names if n not in ALL_SECTIONS + GPU_SECTIONS]
     if unknown or not names:

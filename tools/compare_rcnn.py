@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import _timing_inputs as TI
-from detector.rcnn import compare_rcnn, format_comparison, random_detector
+from detector.bench import inputs as TI
+from detector.bench.random_model import random_detector
+from detector.bench.rcnn_compare import compare_rcnn, format_comparison
 
 log = logging.getLogger("compare_rcnn")
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         model += f", fc SVD rank {args.svd_rank}"
 
     if args.data_root:
-        from detector.voc import VOCDataError, load_voc_split
+        from detector.data.voc import VOCDataError, load_voc_split
         from proposals.imageio import read_image
 
         try:

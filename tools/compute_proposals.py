@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from detector.voc import VOCDataError, read_split_ids
+from detector.data.voc import VOCDataError, read_split_ids
 from proposals import MODES, ImageError, compute_proposals_for_images
 
 log = logging.getLogger("compute_proposals")

@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from detector.evaluation import coco_evaluate, evaluate, plot_pr_curves, read_comp4
-from detector.voc import VOCDataError, discover_classes, load_voc_split
+from detector.eval import coco_evaluate, evaluate, plot_pr_curves, read_comp4
+from detector.data.voc import VOCDataError, discover_classes, load_voc_split
 
 log = logging.getLogger("eval_detections")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from detector.evaluation import write_comp4
-from detector.voc import discover_classes, load_voc_split
+from detector.eval import write_comp4
+from detector.data.voc import discover_classes, load_voc_split
 
 
 def jitter_detections(records, num_classes: int, *, noise: float, miss: float, dup: float,

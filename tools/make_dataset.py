@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from detector.digits import DatasetExistsError, make_digits_dataset
+from detector.data.digits_build import DatasetExistsError, make_digits_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.voc import VOCDataError, load_voc_split
+from detector.data.voc import VOCDataError, load_voc_split
 from proposals import ProposalFileError, load_proposals, proposal_recall
 
 log = logging.getLogger("proposal_recall")

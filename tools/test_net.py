@@ -30,8 +30,8 @@ from tqdm import tqdm
 import _common as C
 from detector.config import save_config
 from detector.detector import STAGES, CheckpointError, build_detector
-from detector.evaluation import coco_evaluate, evaluate, plot_pr_curves, write_comp4
-from detector.voc import load_voc_split
+from detector.eval import coco_evaluate, evaluate, plot_pr_curves, write_comp4
+from detector.data.voc import load_voc_split
 from proposals import selective_search
 from proposals.imageio import ImageError, read_image
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "eval.json").write_text(json.dumps(report, indent=1))
 
     if args.compare_rcnn:
-        from detector.rcnn import compare_rcnn, format_comparison
+        from detector.bench.rcnn_compare import compare_rcnn, format_comparison
         n = min(args.compare_rcnn, len(records))
         imgs = [read_image(r.path) for r in records[:n]]
         cmp = compare_rcnn(det, imgs, [torch.as_tensor(props[r.image_id]) for r in records[:n]])

@@ -42,7 +42,7 @@ from detector.classifier import (
     save_classifier,
 )
 from detector.config import Config, config_to_dict, save_config
-from detector.crops import CropSet, crops_from_folder, crops_from_records
+from detector.data.crops import CropSet, crops_from_folder, crops_from_records
 from detector.pretrain import MODES, evaluate_native, evaluate_warped, preprocess_crops, train_classifier
 
 log = logging.getLogger("train_classifier")
@@ -86,7 +86,7 @@ def load_crops(cfg: Config) -> CropData:
         return CropData(train, held, {"train": train.image_ids, "heldout": held.image_ids}, src,
                         time.perf_counter() - t0)
     from detector.training import split_train_val
-    from detector.voc import load_voc_split
+    from detector.data.voc import load_voc_split
 
     recs, names = load_voc_split(root, dc.train_split, dc.classes or None)
     if dc.max_train_images:

@@ -1,14 +1,14 @@
-"""tools/benchmark.py sections for issue 6: R-CNN mode, detection vs torchvision detectors,
-selective search, memory. Imported as ``_bench_sections`` by tools/benchmark.py; each section
-function returns ``(markdown, ratios)`` where ``ratios`` maps machine-readable names to numbers
-(printed as ``name: value`` lines).
+"""Benchmark sections of tools/benchmark.py beyond ``spp``: R-CNN mode, detection vs torchvision
+detectors, selective search, memory, and the same figures on a GPU. Each section function returns
+``(markdown, ratios)`` where ``ratios`` maps machine-readable names to numbers (printed as
+``name: value`` lines).
 
 Shape shorthand: R proposals in one image, C conv5 channels, Hs x Ws conv5 size at scale s.
 """
 from __future__ import annotations
 
 import json
-import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -19,12 +19,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-import _common as C
-import _timing_inputs as TI
-from detector.rcnn import compare_rcnn, format_comparison, random_detector
+from detector.bench import inputs as TI
+from detector.bench.random_model import random_detector
+from detector.bench.rcnn_compare import compare_rcnn, format_comparison
 from detector.regions import pool_regions
-
-log = logging.getLogger("benchmark")
 
 FIVE_SCALES = (480, 576, 688, 864, 1200)
 
@@ -227,8 +225,8 @@ def section_selective_search(n_images: int = 3) -> tuple[str, dict[str, float]]:
 _PEAK_SNIPPET = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads({threads})
-import _timing_inputs as TI
-from detector.rcnn import random_boxes, random_detector
+from detector.bench import inputs as TI
+from detector.bench.random_model import random_boxes, random_detector
 det = random_detector(width_mult=1.0, fc_dim=4096, seed=0, scales={scales})
 photos = TI.voc_sized_photos(1)
 im = photos[0][1]
@@ -242,8 +240,9 @@ print(json.dumps({{"base_kb": base, "peak_kb": peak}}))
 
 def _peak_detect_memory(scales: Sequence[int], n_props: int) -> dict[str, float]:
     code = _PEAK_SNIPPET.format(threads=torch.get_num_threads(), scales=tuple(scales), n_props=n_props)
+    # run from the checkout that holds this package, so the child imports the same ``detector``
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=str(Path(__file__).resolve().parent), check=True)
+                         cwd=str(Path(__file__).resolve().parents[2]), check=True)
     d = json.loads(out.stdout.strip().splitlines()[-1])
     return {"base_mb": d["base_kb"] / 1024, "peak_mb": d["peak_kb"] / 1024}
 
@@ -279,7 +278,7 @@ def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[st
     lines.append(f"| conv5 cache of one 500x375 image, 5 scales, float16, C=256 | {per_img / 2**20:.2f} MiB |")
     ratios["conv5_cache_mb_per_image_5scale_fp16"] = per_img / 2**20
     if voc_root:
-        from detector.voc import load_voc_split
+        from detector.data.voc import load_voc_split
 
         recs, _ = load_voc_split(voc_root, "trainval", log_summary=False)
         sizes = [(r.height, r.width) for r in recs]
@@ -315,7 +314,10 @@ def save_inputs(path: str | Path, n_images: int = 3, n_props: int = 2000) -> Pat
     data = {"names": [n for n, _ in photos], "images": [torch.from_numpy(im.copy()) for _, im in photos],
             "proposals": props, "n_selective_search": n_ss}
     path = Path(path)
-    C.atomic_save(data, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
 
 
@@ -331,7 +333,7 @@ def _load_inputs(path: str | Path | None, n_images: int, n_props: int
 @torch.inference_mode()
 def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 2000, reps: int = 10,
                 device: str = "cuda") -> tuple[str, dict[str, float]]:
-    """The issue-6 figures on a CUDA device: 1-scale detection per image (target <= 0.03 s) with its
+    """The detection figures on a CUDA device: 1-scale detection per image (target <= 0.03 s) with its
     stage breakdown and SVD ranks, SPP-net vs R-CNN mode at 1 and 5 scales, and spp_pool vs the
     roi_pool composition. Same code path as on CPU, the model and inputs moved to ``cuda``."""
     from detector.head import LowRankLinear
@@ -397,12 +399,12 @@ def section_gpu(inputs: str | None = None, n_images: int = 3, n_props: int = 200
     xs = torch.randint(0, 56, (2000, 2), generator=g).sort(dim=1).values
     ys = torch.randint(0, 42, (2000, 2), generator=g).sort(dim=1).values
     win = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1).to(dev)  # (R, 4)
-    from detector.spp import _SPPFunction
+    from detector.spp_kernel import SparseTableSPP
 
     levels = (1, 2, 3, 6)
     fns = {
         "spp_pool (the library call; on CUDA float32 it calls the roi_pool composition)": lambda: spp_pool(fmap, win),
-        "sparse table (spp_pool's CPU algorithm, run on the GPU)": lambda: _SPPFunction.apply(fmap, win, levels),
+        "sparse table (spp_pool's CPU algorithm, run on the GPU)": lambda: SparseTableSPP.apply(fmap, win, levels),
         "roi_pool x 4 + cat": lambda: spp_pool_roi_pool(fmap, win),
     }
     outs = [f() for f in fns.values()]

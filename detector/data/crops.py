@@ -1,4 +1,4 @@
-"""Crop data sets for pre-training the trunk as a classifier (paper §3 on crops; issue 3 item 5).
+"""Crop data sets for pre-training the trunk as a classifier (paper §3 on crops).
 
 Shape shorthand (one alphabet for the whole project):
     G: ground-truth boxes of one image      K: foreground classes (background label = K)
@@ -204,7 +204,7 @@ def cut_crops(image: np.ndarray, boxes: Tensor, size: int) -> Tensor:
     pixel ``u`` samples the box at ``x1 + (u + 0.5) * w / size``, the pixel-corner convention).
     Shrinking (a side > size): the box rounded outwards to whole pixels, then ``cv2.resize`` with
     ``INTER_AREA`` (antialiased). ``torchvision.ops.roi_align`` computes the same bilinear samples but
-    took ~100x longer on CPU here (366 ms vs 3.5 ms for four 224 crops of a 414x481 image).
+    is about a hundred times slower on the CPU (BENCHMARKS.md, note after the classifier section).
 
     Args:
         image: uint8 RGB [H, W, 3].
@@ -266,7 +266,7 @@ def crops_from_records(
     """Object and background crops of a VOC-layout split, each image read once.
 
     Args:
-        records: ``detector.voc.ImageRecord`` list (``path``, ``height``, ``width``, ``boxes``,
+        records: ``detector.data.voc.ImageRecord`` list (``path``, ``height``, ``width``, ``boxes``,
             ``labels``, ``difficult``).
         class_names: K foreground names (labels index into it; background = K).
         read_image: path -> uint8 RGB [H, W, 3] (``proposals.imageio.read_image``).

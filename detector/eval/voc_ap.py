@@ -1,4 +1,4 @@
-"""Exact Pascal VOC detection evaluation (the MATLAB devkit's ``VOCevaldet``), comp4 files, COCO.
+"""Exact Pascal VOC detection evaluation: the MATLAB devkit's ``VOCevaldet`` (11-point and area AP).
 
 Shape shorthand (used across the project):
     G: ground-truth boxes of one image (of one class)      N: detections
@@ -30,27 +30,21 @@ mAP NaN. (``EvalResult.to_dict`` writes NaN as JSON ``null``.)
 
 Differences from the devkit that remain, both documented: GT boxes come from :class:`ImageRecord`
 (float32 xyxy, so a non-integer XML coordinate such as 273.3 carries float32 rounding, ~1e-5 px),
-and class names are matched after ``strip()`` (``detector.voc``). Score against records loaded
+and class names are matched after ``strip()`` (``detector.data.voc``). Score against records loaded
 with ``load_voc_split(..., raw_boxes=True)`` to keep degenerate/out-of-image GT boxes exactly as
 the devkit does.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import logging
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from detector.boxes import xyxy_to_voc
-from detector.voc import ImageRecord
+from detector.data.voc import ImageRecord
 
 __all__ = [
     "RECALL_LEVELS_11",
@@ -59,20 +53,12 @@ __all__ = [
     "EvalResult",
     "class_ground_truth",
     "detections_by_class",
+    "per_class_detections",
     "eval_class",
     "evaluate",
     "ap_11point",
     "ap_area",
-    "write_comp4",
-    "read_comp4",
-    "comp4_path",
-    "coco_ground_truth",
-    "coco_detections",
-    "coco_evaluate",
-    "plot_pr_curves",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def _matlab_colon(a: float, d: float, b: float) -> tuple[float, ...]:
@@ -203,6 +189,36 @@ def detections_by_class(
     ]
 
 
+def per_class_detections(
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+    class_names: Sequence[str],
+    *,
+    strict: bool = False,
+) -> list[ClassDetections]:
+    """Either form of detections that :func:`evaluate`, ``write_comp4`` and ``coco_detections`` take
+    -> K :class:`ClassDetections`, one per name of ``class_names``, in that order.
+
+    The two forms are told apart by the value type: ``{class_name: ClassDetections}`` (as
+    ``read_comp4`` returns; a class missing from it has no detections) or per-image detector output
+    ``{image_id: {"boxes", "scores", "labels"}}`` (split per class by :func:`detections_by_class`).
+
+    Args:
+        strict: per-class input only: raise on a class name not in ``class_names`` (:func:`evaluate`
+            does; the writers keep the named classes and leave the others out).
+    Raises:
+        ValueError: with ``strict``, detections under a name not in ``class_names``; per-image input
+            as :func:`detections_by_class`.
+    """
+    class_names = tuple(class_names)
+    values = list(detections.values())
+    if values and all(isinstance(v, ClassDetections) for v in values):
+        extra = sorted(set(detections) - set(class_names))
+        if strict and extra:
+            raise ValueError(f"detections for unknown classes {extra}; classes are {class_names}")
+        return [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
+    return detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------
 # AP
 
@@ -309,9 +325,9 @@ def eval_class(
     nd = len(order)
     # The greedy assignment only interacts within an image, so the IoUs of all detections of an
     # image are computed at once; the order-dependent part (which detection takes a GT first) is
-    # resolved below in rank order. Element-wise float operations are the devkit's, in its order.
-    # (Measured: 100k detections on 5000 images, 0.65-1.7 s vs 12 s for a per-detection loop,
-    # shared 2-core machine; tests/test_evaluation.py checks it against a line-by-line transcription.)
+    # resolved below in rank order. Element-wise float operations are the devkit's, in its order,
+    # so the result equals a per-detection loop (tests/test_evaluation.py checks it against a
+    # line-by-line transcription of the devkit; speed: BENCHMARKS.md, "VOC evaluation").
     image_index = {i: k for k, i in enumerate(gt)}
     det_img = np.fromiter((image_index[dets.image_ids[d]] for d in order), np.int64, nd)  # (N,)
     det_boxes = dets.voc_boxes[order]  # (N, 4) in rank order
@@ -429,7 +445,7 @@ def evaluate(
         class_names: K names, ids as in ``records[i].labels``.
         detections: either per-image detector output ``{image_id: {"boxes": Tensor[N, 4] xyxy,
             "scores": Tensor[N], "labels": Tensor[N] int64}}`` or per-class lists
-            ``{class_name: ClassDetections}`` (as :func:`read_comp4` returns; a missing class has
+            ``{class_name: ClassDetections}`` (as :func:`detector.eval.comp4.read_comp4` returns; a missing class has
             no detections). Told apart by the value type.
         metric: ``"07"`` (11-point, default) or ``"area"``.
         iou_thresh: overlap threshold, ``>=``.
@@ -437,14 +453,7 @@ def evaluate(
         :class:`EvalResult`.
     """
     class_names = tuple(class_names)
-    values = list(detections.values())
-    if values and all(isinstance(v, ClassDetections) for v in values):
-        extra = sorted(set(detections) - set(class_names))
-        if extra:
-            raise ValueError(f"detections for unknown classes {extra}; classes are {class_names}")
-        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
-    else:
-        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
+    per_class = per_class_detections(detections, class_names, strict=True)
     rows = []
     for k, name in enumerate(class_names):
         gt = class_ground_truth(records, k)
@@ -453,236 +462,3 @@ def evaluate(
     m = float(np.mean(aps)) if aps else math.nan
     return EvalResult(metric=metric, classes=tuple(rows), mAP=m)
 
-
-# ----------------------------------------------------------------------------------------------
-# comp4 result files
-
-
-def comp4_path(results_dir: str | Path, split: str, class_name: str) -> Path:
-    """``<results_dir>/comp4_det_<split>_<class>.txt`` (devkit naming)."""
-    return Path(results_dir) / f"comp4_det_{split}_{class_name}.txt"
-
-
-def _fmt(x: float) -> str:
-    # repr: the shortest text that reads back as the same double, so a written file scores
-    # exactly like the in-memory detections (ties stay ties, distinct scores stay distinct).
-    return repr(float(x))
-
-
-def write_comp4(
-    results_dir: str | Path,
-    split: str,
-    class_names: Sequence[str],
-    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
-) -> list[Path]:
-    """Write one devkit results file per class (every class, empty files included).
-
-    Lines are ``<image_id> <score> <x1> <y1> <x2> <y2>`` in 1-based inclusive VOC coordinates
-    (converted from xyxy with ``boxes.xyxy_to_voc``), in results-file order (the tie order).
-    Each file is written atomically (temp file + ``os.replace``).
-
-    Args:
-        detections: per-image detector output or ``{class_name: ClassDetections}``, as
-            :func:`evaluate`.
-    Returns:
-        the K paths written.
-    """
-    class_names = tuple(class_names)
-    values = list(detections.values())
-    if values and all(isinstance(v, ClassDetections) for v in values):
-        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
-    else:
-        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, dets in zip(class_names, per_class):
-        path = comp4_path(out, split, name)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes):
-                f.write(f"{i} {_fmt(s)} {_fmt(b[0])} {_fmt(b[1])} {_fmt(b[2])} {_fmt(b[3])}\n")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
-
-
-def read_comp4(
-    results_dir: str | Path,
-    split: str,
-    class_names: Sequence[str],
-    *,
-    image_ids: Sequence[str] | None = None,
-) -> dict[str, ClassDetections]:
-    """Read devkit results files ``comp4_det_<split>_<class>.txt``.
-
-    Any whitespace separates fields (tabs, repeated spaces); blank lines are skipped; float
-    coordinates are fine. A class whose file is missing gets no detections (warning).
-
-    Args:
-        image_ids: the split's ids; when given, a detection on any other image is an error.
-    Returns:
-        ``{class_name: ClassDetections}`` in file order.
-    Raises:
-        ValueError: a malformed line (file and line number named), a non-finite number, or an
-            image id not in ``image_ids`` (named).
-    """
-    known = set(image_ids) if image_ids is not None else None
-    out: dict[str, ClassDetections] = {}
-    for name in class_names:
-        path = comp4_path(results_dir, split, name)
-        if not path.is_file():
-            log.warning("%s not found: class '%s' scored with no detections", path, name)
-            out[name] = ClassDetections.empty()
-            continue
-        ids: list[str] = []
-        vals: list[list[float]] = []
-        for ln, line in enumerate(path.read_text().splitlines(), start=1):
-            tok = line.split()
-            if not tok:
-                continue
-            if len(tok) != 6:
-                raise ValueError(f"{path}:{ln}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
-                                 f"got {len(tok)} fields: {line.strip()!r}")
-            try:
-                v = [float(t) for t in tok[1:]]
-            except ValueError:
-                raise ValueError(f"{path}:{ln}: not a number in {line.strip()!r}") from None
-            if not all(math.isfinite(x) for x in v):
-                raise ValueError(f"{path}:{ln}: non-finite value in {line.strip()!r}")
-            if known is not None and tok[0] not in known:
-                raise ValueError(f"{path}:{ln}: image '{tok[0]}' is not in split '{split}'")
-            ids.append(tok[0])
-            vals.append(v)
-        arr = np.asarray(vals, dtype=np.float64).reshape(-1, 5)  # (N, 5)
-        out[name] = ClassDetections(tuple(ids), arr[:, 0].copy(), arr[:, 1:].copy())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# COCO
-
-
-def coco_ground_truth(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
-    """COCO-format GT dict of a split.
-
-    Image ids are 1..len(records) in split order (``file_name`` keeps the VOC id); category ids are
-    class id + 1. ``bbox`` is ``[x, y, w, h]`` in the project's continuous pixels (w = x2 - x1,
-    what COCOeval's IoU assumes). Difficult objects get ``iscrowd = 1``, so COCOeval ignores them
-    (detections matched to them are neither TP nor FP and they are not positives). Unlike VOC,
-    COCOeval matches a crowd box by intersection over the *detection's* area, and only after the
-    non-crowd GTs, so a detection on a difficult object is not always ignored in the same cases.
-    """
-    images, anns = [], []
-    for i, r in enumerate(records, start=1):
-        images.append({"id": i, "file_name": r.image_id, "height": r.height, "width": r.width})
-        b = r.boxes.to(torch.float64)
-        for j in range(b.shape[0]):
-            x1, y1, x2, y2 = b[j].tolist()
-            w, h = x2 - x1, y2 - y1
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(r.labels[j]) + 1,
-                         "bbox": [x1, y1, w, h], "area": max(w, 0.0) * max(h, 0.0),
-                         "iscrowd": int(bool(r.difficult[j]))})
-    cats = [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
-def coco_detections(
-    records: Sequence[ImageRecord],
-    class_names: Sequence[str],
-    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
-) -> list[dict]:
-    """COCO results list ``[{image_id, category_id, bbox [x, y, w, h], score}]``.
-
-    ``ClassDetections`` (VOC coordinates) are converted back to xyxy (``x1 - 1, y1 - 1``), the
-    exact inverse of ``boxes.xyxy_to_voc``. Image ids follow :func:`coco_ground_truth`.
-    """
-    class_names = tuple(class_names)
-    img_id = {r.image_id: i for i, r in enumerate(records, start=1)}
-    values = list(detections.values())
-    if values and all(isinstance(v, ClassDetections) for v in values):
-        per_class = [detections.get(c, ClassDetections.empty()) for c in class_names]  # type: ignore[misc]
-    else:
-        per_class = detections_by_class(detections, len(class_names))  # type: ignore[arg-type]
-    out = []
-    for k, dets in enumerate(per_class):
-        for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes):
-            if i not in img_id:
-                raise ValueError(f"class '{class_names[k]}': detection image '{i}' not in the split")
-            x1, y1 = float(b[0]) - 1.0, float(b[1]) - 1.0  # EDGE: inverse of xyxy_to_voc
-            out.append({"image_id": img_id[i], "category_id": k + 1,
-                        "bbox": [x1, y1, float(b[2]) - x1, float(b[3]) - y1], "score": float(s)})
-    return out
-
-
-def coco_evaluate(
-    records: Sequence[ImageRecord],
-    class_names: Sequence[str],
-    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
-    *,
-    out_dir: str | Path | None = None,
-) -> dict[str, float]:
-    """pycocotools COCOeval (bbox) on the split: ``{"AP", "AP50", "AP75"}``.
-
-    AP = mean over IoU 0.50:0.95, AP50 / AP75 at one threshold (COCO's 101-point interpolation and
-    at most 100 detections per image, so these differ from the VOC figures by definition). With
-    no detections at all every figure is 0. ``out_dir`` also writes ``coco_gt.json`` and
-    ``coco_dets.json``.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    gt = coco_ground_truth(records, class_names)
-    dets = coco_detections(records, class_names, detections)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for nm, obj in (("coco_gt.json", gt), ("coco_dets.json", dets)):
-            p = Path(out_dir) / nm
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(json.dumps(obj))
-            os.replace(tmp, p)
-    if not dets or not gt["annotations"]:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
-
-
-# ----------------------------------------------------------------------------------------------
-# plots
-
-
-def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
-    """Precision-recall curve of every class into one PNG (matplotlib Agg), AP in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-    for c in result.classes:
-        if c.rec.size and not np.isnan(c.rec).all():
-            ax.plot(c.rec, np.nan_to_num(c.prec), label=f"{c.name} (AP {c.ap:.3f})")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"PR curves ({'11-point' if result.metric == '07' else 'area'} mAP "
-                 f"{result.mAP:.4f})")
-    if result.classes:
-        ax.legend(loc="lower left", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

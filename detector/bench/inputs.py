@@ -1,5 +1,5 @@
-"""Inputs for the timing tools (compare_rcnn.py, benchmark.py): VOC-sized real photos and ~2000
-proposals per image. Imported as ``_timing_inputs`` by the scripts in this folder.
+"""Inputs of the timing benchmarks (tools/compare_rcnn.py, tools/benchmark.py): VOC-sized real
+photos and ~2000 proposals per image.
 
 Shape shorthand: R proposals in one image.
 """
@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import torch
 
-from detector.rcnn import random_boxes
+from detector.bench.random_model import random_boxes
 
-log = logging.getLogger("timing_inputs")
+log = logging.getLogger(__name__)
 
 VOC_SIZE = (375, 500)  # (H, W): the most common Pascal VOC 2007 image size (landscape)
 

@@ -1,0 +1,12 @@
+"""Library code of the timing benchmarks (tools/benchmark.py, tools/compare_rcnn.py, and
+tools/test_net.py --compare-rcnn), kept out of the detector's own modules.
+
+Modules:
+    random_model   random-weight ZF-5 detectors and random boxes (timing does not depend on weights)
+    inputs         VOC-sized real photos and ~2000 proposals per image
+    rcnn_compare   SPP-net vs R-CNN mode timing on one model, and its paper-shaped table
+    sections       the benchmark sections beyond ``spp`` (R-CNN, detection, selective search,
+                   memory, GPU), each returning Markdown and machine-readable figures
+
+Import the module you need; this package imports none of them itself.
+"""

@@ -1,0 +1,32 @@
+"""Detection evaluation: exact Pascal VOC AP (the only ``+1`` arithmetic of the project), devkit
+comp4 results files, COCO AP through pycocotools, precision-recall plots.
+
+Modules:
+    voc_ap   the devkit's ``VOCevaldet``: per-class matching, 11-point and area AP, mAP
+    comp4    ``comp4_det_<split>_<class>.txt`` writing and reading
+    coco     COCO ground truth / results dicts and ``COCOeval`` bbox AP
+    plots    precision-recall curves to a PNG (matplotlib, object-oriented API)
+
+pycocotools and matplotlib are imported only when a COCO figure or a plot is asked for.
+"""
+from __future__ import annotations
+
+from detector.eval import coco, comp4, plots, voc_ap
+from detector.eval.coco import coco_detections, coco_evaluate, coco_ground_truth
+from detector.eval.comp4 import comp4_path, read_comp4, write_comp4
+from detector.eval.plots import plot_pr_curves
+from detector.eval.voc_ap import (
+    RECALL_LEVELS_11,
+    ClassDetections,
+    ClassEval,
+    EvalResult,
+    ap_11point,
+    ap_area,
+    class_ground_truth,
+    detections_by_class,
+    eval_class,
+    evaluate,
+    per_class_detections,
+)
+
+__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__]

@@ -1,0 +1,65 @@
+"""detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes.
+
+Shape shorthand: R windows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detector.bench.random_model import random_boxes, random_detector
+from detector.bench.rcnn_compare import compare_rcnn, format_comparison
+
+
+@pytest.fixture(scope="module")
+def tiny_det():
+    return random_detector(width_mult=0.0625, fc_dim=32, num_classes=3, scales=(160,), seed=0)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
+
+
+def test_compare_rcnn_table(tiny_det, image):
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
+    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,), (64, 96)), warmup=False)
+    assert list(cmp["spp"]) == ["1-sc (96)", "2-sc"]
+    r = cmp["rcnn"]
+    assert r["conv_time"]["values"] == pytest.approx([a + b for a, b in zip(r["crop"]["values"], r["conv"]["values"])])
+    for lab in cmp["spp"]:
+        s = cmp["spp"][lab]
+        assert cmp["speedup"][lab]["conv"] == pytest.approx(r["conv_time"]["median"] / s["conv_time"]["median"])
+        for j in range(2):
+            assert s["total"]["values"][j] == pytest.approx(s["conv"]["values"][j] + s["pool"]["values"][j]
+                                                           + s["fc"]["values"][j])
+    table = format_comparison(cmp)
+    assert "speedup, conv only" in table and "R-CNN" in table and table.count("\n|") >= 7
+    assert cmp["svd"] == {}
+
+
+def test_compare_rcnn_svd_rows_reuse_the_conv_times(tiny_det, image):
+    """With svd_ranks, the compressed fc is timed on the same pooled features; its totals are the same
+    conv (+ crop) and pool times plus the compressed fc time."""
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [0.0, 0.0, 120.0, 90.0]])
+    cmp = compare_rcnn(tiny_det, [image, image], [boxes, boxes], scale_sets=((96,),), warmup=False, svd_ranks=(4,))
+    sv = cmp["svd"][4]
+    lab = "1-sc (96)"
+    s, r = cmp["spp"][lab], cmp["rcnn"]
+    for j in range(2):
+        assert sv["spp"][lab]["total"]["values"][j] == pytest.approx(
+            s["conv"]["values"][j] + s["pool"]["values"][j] + sv["spp"][lab]["fc"]["values"][j])
+        assert sv["rcnn"]["total"]["values"][j] == pytest.approx(
+            r["crop"]["values"][j] + r["conv"]["values"][j] + r["pool"]["values"][j] + sv["rcnn"]["fc"]["values"][j])
+    assert sv["speedup"][lab]["overall"] == pytest.approx(sv["rcnn"]["total"]["median"] / sv["spp"][lab]["total"]["median"])
+    assert "speedup, overall, SVD rank 4" in format_comparison(cmp)
+
+
+def test_random_boxes_inside_the_image_and_seeded():
+    a = random_boxes(90, 120, 50, torch.Generator().manual_seed(4))
+    b = random_boxes(90, 120, 50, torch.Generator().manual_seed(4))
+    assert a.shape == (50, 4) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert bool((a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= 120).all() and (a[:, 3] <= 90).all())
+    assert bool(((a[:, 2] - a[:, 0]) >= 20).all() and ((a[:, 3] - a[:, 1]) >= 20).all())
+    assert torch.equal(a, a.round())
