@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="SPP-net object detection (He et al. 2014) in PyTorch: SPP layer, selective search "
     "proposals, SVM + box-regression detector, exact VOC evaluation.",
-    packages=["detector", "detector.bench", "detector.data", "detector.eval", "proposals"],
+    packages=["detector", "detector.bench", "detector.data", "detector.engine", "detector.eval", "proposals"],
     python_requires=">=3.10",
     install_requires=[
         # torch/torchvision: the pair pinned by the Makefile installs from local disk here; any

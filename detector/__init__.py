@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["SPPDetector", "build_detector", "__version__"]
+__all__ = ["SPPDetector", "DetectParams", "build_detector", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("SPPDetector", "build_detector"):
+    if name in ("SPPDetector", "DetectParams"):
         from detector import detector as _d
 
         return getattr(_d, name)
+    if name == "build_detector":
+        from detector.engine.evaluate import build_detector
+
+        return build_detector
     raise AttributeError(f"module 'detector' has no attribute {name!r}")

@@ -29,11 +29,21 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
+
+from detector.boxes import pairwise_iou
+from detector.config import BBoxRegConfig
+from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+from detector.train_items import candidates
+
+if TYPE_CHECKING:
+    from detector.train_items import TrainItem
 
 __all__ = [
     "encode",
@@ -43,6 +53,7 @@ __all__ = [
     "predict_one_class",
     "BoxRegressor",
     "fit_box_regressors",
+    "train_box_regressors",
 ]
 
 log = logging.getLogger(__name__)
@@ -207,13 +218,41 @@ class BoxRegressor(nn.Module):
     Args:
         weight (Tensor[D+1, 4K]): packed weights, last row = bias (a buffer: saved in state_dict,
             moved by ``.to()``).
+        feature_scale: the spec §8 pool5 scale the regressors were fitted with; :meth:`refine`
+            applies it to unscaled pooled features.
     """
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, feature_scale: float = 1.0) -> None:
         super().__init__()
         if weight.ndim != 2 or weight.shape[1] % 4 != 0 or weight.shape[0] < 2:
             raise ValueError(f"BoxRegressor weight must be [D+1, 4K], got {tuple(weight.shape)}")
+        if not (math.isfinite(feature_scale) and feature_scale > 0):
+            raise ValueError(f"BoxRegressor: feature_scale must be a positive number, got {feature_scale!r}")
         self.register_buffer("weight", weight.detach().to(torch.float32).clone())
+        self.feature_scale = float(feature_scale)
+
+    def refine(self, boxes: Tensor, pooled: Tensor, rows: Tensor, labels: Tensor) -> Tensor:
+        """Regress each detection with its own class's regressor (spec §8: only the kept boxes).
+
+        A window kept for several classes is regressed once for all classes (U x D x 4K
+        multiply-adds), then each detection takes its class's 4 deltas: cheaper than gathering an
+        [N, 4, D] weight block per detection. The feature scale is the matmul's alpha (no scaled
+        [U, D] copy).
+
+        Args:
+            boxes (Tensor[R, 4]): xyxy windows of the image.
+            pooled (Tensor[R, D]): their unscaled pooled conv5 features.
+            rows (Tensor[N] int64): window of each detection.
+            labels (Tensor[N] int64): class of each detection.
+        Returns:
+            Tensor[N, 4]: refined xyxy boxes (not clipped).
+        """
+        if rows.shape[0] == 0:
+            return boxes[rows]
+        uwin, inv = torch.unique(rows, return_inverse=True)  # (U,), (N,)
+        deltas = torch.addmm(self.weight[-1], pooled[uwin], self.weight[:-1], alpha=self.feature_scale)  # (U, 4K)
+        cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
+        return decode(boxes[rows], deltas[inv].gather(1, cols))  # (N, 4)
 
     @property
     def num_classes(self) -> int:
@@ -251,43 +290,103 @@ class BoxRegressor(nn.Module):
 
 
 def fit_box_regressors(
-    features: Tensor,
-    proposals: Tensor,
-    targets_gt: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    lam: float = 4000.0,
-    whiten_eps: float = 0.001,
-    min_samples: int = 1,
-    class_names: list[str] | None = None,
+    samples: Sequence[tuple[Tensor, Tensor, Tensor] | None],
+    in_dim: int,
+    lam: float,
+    whiten_eps: float,
+    class_names: Sequence[str] | None = None,
 ) -> BoxRegressor:
-    """Fit every class's regressor and pack them.
+    """Fit every class's regressor (:func:`fit_bbox_regressor`) and pack them.
 
     Args:
-        features (Tensor[N, D]): scaled pooled conv5 features of all samples.
-        proposals (Tensor[N, 4]): xyxy sample windows.
-        targets_gt (Tensor[N, 4]): xyxy, each sample's highest-IoU GT box.
-        labels (Tensor[N] int64): the class each sample trains (spec §8: IoU > 0.5 and argmax class);
-            -1 = unused.
-        num_classes: K.
+        samples: one entry per class: ``(features Tensor[N_c, D], proposals Tensor[N_c, 4],
+            targets_gt Tensor[N_c, 4])`` (scaled pooled conv5, xyxy windows, each window's
+            highest-IoU GT box), or None for a class without samples (zero deltas: its boxes stay
+            the proposals).
+        in_dim: D.
         lam, whiten_eps: see :func:`fit_bbox_regressor`.
-        min_samples: classes with fewer samples get no regressor (zero deltas), with a warning.
+        class_names: names for the log lines.
     Returns:
         BoxRegressor with weight [D+1, 4K].
     """
-    n, d = features.shape
-    if labels.shape != (n,) or proposals.shape != (n, 4) or targets_gt.shape != (n, 4):
-        raise ValueError(f"fit_box_regressors: features [N, D], proposals [N, 4], targets_gt [N, 4], labels [N] "
-                         f"expected, got {tuple(features.shape)}, {tuple(proposals.shape)}, "
-                         f"{tuple(targets_gt.shape)}, {tuple(labels.shape)}")
-    names = class_names or [str(c) for c in range(num_classes)]
+    names = list(class_names) if class_names is not None else [str(c) for c in range(len(samples))]
     params: list[tuple[Tensor, Tensor, Tensor] | None] = []
-    for c in range(num_classes):  # training only; prediction is packed
-        idx = torch.nonzero(labels == c).flatten()  # (N_c,)
-        if idx.numel() < max(1, min_samples):
-            log.warning("bbox regression %s: %d samples (< %d), no regressor", names[c], idx.numel(), min_samples)
+    for c, smp in enumerate(samples):  # training only; prediction is packed
+        if smp is None or smp[0].shape[0] == 0:
+            log.warning("bbox regression %s: no samples, no regressor (its boxes stay the proposals)", names[c])
             params.append(None)
             continue
-        params.append(fit_bbox_regressor(features[idx], proposals[idx], targets_gt[idx], lam, whiten_eps))
-        log.info("bbox regression %s: fitted on %d samples", names[c], idx.numel())
-    return BoxRegressor.from_per_class(params, d)
+        x, p, t = smp
+        params.append(fit_bbox_regressor(x.double(), p, t, lam=lam, whiten_eps=whiten_eps))
+        log.info("bbox regression %s: fitted on %d samples", names[c], x.shape[0])
+    return BoxRegressor.from_per_class(params, in_dim)
+
+
+@torch.inference_mode()
+def train_box_regressors(
+    items: Sequence["TrainItem"],
+    load_pyramid: Callable[["TrainItem"], Conv5Pyramid],
+    levels: Sequence[int],
+    proj: ProjectionParams,
+    num_classes: int,
+    pool_scale: float,
+    params: BBoxRegConfig,
+    seed: int,
+    class_names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> BoxRegressor:
+    """Per-class ridge regressors from pooled conv5 features to box deltas (spec §8).
+
+    Samples: windows (GT boxes included) with IoU > ``params.min_iou`` to their best GT box,
+    assigned to that GT's class; target = that GT box. A class with more than
+    ``params.max_per_class`` samples (when > 0) keeps a random subset drawn with a generator
+    seeded by ``seed``. Features are pooled at the spec §5 scale and multiplied by ``pool_scale``.
+
+    Returns:
+        BoxRegressor: packed regressors (whitening folded in) for ``[x * pool_scale, 1]``.
+    Raises:
+        RuntimeError: no window of any item overlaps a GT box enough, or the features are not
+            finite (the image is named).
+    """
+    X: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    P: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    T: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    for item in tqdm(items, desc="box-regression samples", disable=not progress, unit="img"):
+        if item.gt_boxes.shape[0] == 0:
+            continue
+        cand = candidates(item)
+        iou = pairwise_iou(cand, item.gt_boxes)  # (G+R, G)
+        best, arg = iou.max(dim=1)
+        keep = torch.nonzero(best > params.min_iou).flatten()
+        if keep.numel() == 0:
+            continue
+        feats = pool_regions(load_pyramid(item), cand[keep], levels, proj).cpu() * pool_scale  # (n, D)
+        if not bool(torch.isfinite(feats).all()):
+            raise RuntimeError(f"box-regression features of image '{item.record.image_id}' are not finite: the "
+                               f"trunk weights or that image's conv5 cache entry hold NaN/inf")
+        cls = item.gt_labels[arg[keep]]
+        for c in torch.unique(cls).tolist():
+            m = cls == c
+            X[c].append(feats[m])
+            P[c].append(cand[keep][m])
+            T[c].append(item.gt_boxes[arg[keep]][m])
+    g = torch.Generator().manual_seed(seed)
+    samples: list[tuple[Tensor, Tensor, Tensor] | None] = []
+    in_dim = None
+    for c in range(num_classes):
+        if not X[c]:
+            samples.append(None)
+            continue
+        x, p, t = torch.cat(X[c]), torch.cat(P[c]), torch.cat(T[c])
+        X[c], P[c], T[c] = [], [], []  # the concatenated copy is all that is kept
+        in_dim = x.shape[1]
+        if params.max_per_class and x.shape[0] > params.max_per_class:
+            sel = torch.randperm(x.shape[0], generator=g)[: params.max_per_class]
+            x, p, t = x[sel], p[sel], t[sel]
+        samples.append((x, p, t))
+    if in_dim is None:
+        raise RuntimeError(f"no box-regression samples: no window overlaps a ground-truth box by IoU > "
+                           f"{params.min_iou:.2f}")
+    reg = fit_box_regressors(samples, in_dim, params.lam, params.whiten_eps, class_names)
+    reg.feature_scale = float(pool_scale)
+    return reg

@@ -5,24 +5,26 @@ Shape shorthand (one alphabet for the whole project):
 
 Validity. A cache is described by a *key*: a JSON-able dict of everything that changes the maps
 (:func:`conv5_cache_key`: arch, width, channels, a hash of the trunk's weights, scales, max-size cap,
-input format / pre-processing, resize rule, storage dtype). Its short hash is part of every file
-name, ``<image id>.<orig|flip>.<key hash>.pt``, so an entry is valid only for the key that wrote it:
-a changed key (new weights, other scales, ...) makes every old entry stale, :meth:`Conv5Cache.build`
-recomputes it and :meth:`Conv5Cache.put` deletes the stale file of the same image.
+input format, resize rule, storage dtype). Its short hash is part of every file name,
+``<image id>.<orig|flip>.<key hash>.pt``, so an entry is valid only for the key that wrote it: a
+changed key makes every old entry stale, :meth:`Conv5Cache.build` recomputes it and
+:meth:`Conv5Cache.put` deletes the stale file of the same image.
 
-Safety. Entries are written to ``<name>.<pid>.tmp`` and moved into place with ``os.replace``, so an
-interrupted build leaves either a complete entry or a temp file, never a half-written entry; temp
-files of dead processes are removed when a cache is opened, and a build simply resumes (entries that
-exist are reused). A damaged entry (e.g. truncated by a copy) fails the zip check and is rebuilt.
-Files are read with ``torch.load(weights_only=True)``.
+Safety (``detector.artifacts``). Entries are written atomically, so an interrupted build leaves a
+complete entry or a temp file, never a half-written entry; temp files of dead processes are
+removed when a cache is opened, and a build resumes (valid entries are reused). Every entry passes
+a content check (the CRC of every member) before its first use in a process, so an entry damaged in
+place, even without a change of size, is rebuilt instead of being read; it is checked again if the
+file changes afterwards. :meth:`Conv5Cache.content_id` digests the entries' CRCs, so the stages
+made from the cache see when an entry was rebuilt into other bytes. Images are decoded by
+``proposals.imageio.read_image``, the decoder of detection, so training and test see the same
+pixels.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote
@@ -31,7 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Conv5Cache", "weights_hash", "conv5_cache_key", "CACHE_FORMAT", "read_rgb"]
+from detector.artifacts import ArtifactError, content_id, digest, load_torch, remove_stale_temps, save_torch, verify, write_text
+
+__all__ = ["Conv5Cache", "weights_hash", "conv5_cache_key", "CACHE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +89,6 @@ def conv5_cache_key(backbone: nn.Module, scales: Sequence[int], max_size: int = 
     return key
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Image file -> ndarray[H, W, 3] uint8 RGB (grey and palette images converted)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # (H, W, 3) uint8, writable
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Conv5Cache:
     """A folder of per-image conv5 pyramids, valid for one key.
 
@@ -137,8 +120,9 @@ class Conv5Cache:
         self.key = json.loads(text)
         self.key_hash = hashlib.sha1(text.encode()).hexdigest()[:16]
         self.backbone, self.scales, self.max_size, self.device = backbone, scales, max_size, device
+        self._checked: dict[Path, tuple[int, int]] = {}  # entries whose content check passed: (size, mtime)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_dead_temp_files()
+        remove_stale_temps(self.root)
         self._write_key()
 
     # ------------------------------------------------------------------ files
@@ -148,17 +132,6 @@ class Conv5Cache:
     def path(self, image_id: str, flipped: bool = False) -> Path:
         """File of one entry under the current key."""
         return self.root / f"{self._stem(image_id, flipped)}.{self.key_hash}.pt"
-
-    def _remove_dead_temp_files(self) -> None:
-        for tmp in self.root.glob("*.tmp"):
-            try:
-                pid = int(tmp.name.rsplit(".", 2)[-2])
-            except (ValueError, IndexError):
-                pid = -1
-            if pid > 0 and _pid_alive(pid) and pid != os.getpid():
-                continue  # another live process is writing it
-            log.info("conv5 cache: removing %s left by an interrupted write", tmp)
-            tmp.unlink(missing_ok=True)
 
     def _write_key(self) -> None:
         key_file = self.root / "key.json"
@@ -173,41 +146,53 @@ class Conv5Cache:
                 changed = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
                 log.warning("conv5 cache %s was built for another key (changed: %s); its entries are "
                             "stale and are rebuilt when needed", self.root, ", ".join(changed))
-        _atomic_write_text(key_file, json.dumps(self.key, indent=1, sort_keys=True))
+        write_text(key_file, json.dumps(self.key, indent=1, sort_keys=True))
 
-    @staticmethod
-    def _intact(path: Path) -> bool:
-        """Cheap check of a complete torch.save file (its zip directory must be readable)."""
+    def _check(self, path: Path) -> str | None:
+        """Why the entry at ``path`` cannot be used (None: intact). The full content check runs once
+        per process and file version (size, mtime)."""
         try:
-            return path.stat().st_size > 0 and zipfile.is_zipfile(path)
-        except OSError:
-            return False
+            st = path.stat()
+        except FileNotFoundError:
+            return "missing"
+        stamp = (st.st_size, st.st_mtime_ns)
+        if self._checked.get(path) == stamp:
+            return None
+        problem = verify(path)
+        if problem is None:
+            self._checked[path] = stamp
+        return problem
 
     def has(self, image_id: str, flipped: bool = False) -> bool:
-        """True when a complete entry exists under the current key (no full read)."""
-        return self._intact(self.path(image_id, flipped))
+        """True when an intact entry exists under the current key (its content check passes)."""
+        return self._check(self.path(image_id, flipped)) is None
 
     # ------------------------------------------------------------------ read / write
     def get(self, image_id: str, flipped: bool = False) -> tuple[list[Tensor], list[tuple[int, int]]] | None:
-        """Cached pyramid of one image, or None when missing, stale or damaged.
+        """Cached pyramid of one image, or None when missing, stale or damaged (a damaged entry is
+        deleted with a warning naming it, so the next build recomputes it).
 
         Returns:
             (fmaps, scaled_sizes): S Tensor[C, Hs, Ws] float16 (CPU) and the S resized image sizes
             (height, width) they were computed from; None if there is no valid entry.
         """
         path = self.path(image_id, flipped)
-        if not path.is_file():
+        problem = self._check(path)
+        if problem == "missing":
             return None
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            ok = (isinstance(entry, dict) and entry.get("key_hash") == self.key_hash
-                  and entry.get("image_id") == str(image_id) and entry.get("flipped") == bool(flipped))
-        except Exception as e:  # noqa: BLE001 - a damaged file is rebuilt, not a crash
-            log.warning("conv5 cache: %s is unreadable (%s: %s); it will be rebuilt", path,
-                        type(e).__name__, e)
-            ok = False
+        ok = False
+        if problem is None:
+            try:
+                entry = load_torch(path, verified=True)
+                ok = (isinstance(entry, dict) and entry.get("key_hash") == self.key_hash
+                      and entry.get("image_id") == str(image_id) and entry.get("flipped") == bool(flipped))
+                problem = None if ok else "its header names another key or image"
+            except ArtifactError as e:
+                problem = str(e)
         if not ok:
+            log.warning("conv5 cache: %s cannot be used (%s); it will be rebuilt", path, problem)
             path.unlink(missing_ok=True)
+            self._checked.pop(path, None)
             return None
         sizes = [(int(h), int(w)) for h, w in entry["scaled_sizes"]]
         return list(entry["fmaps"]), sizes
@@ -223,6 +208,8 @@ class Conv5Cache:
             scaled_sizes: S (height, width) of the resized images.
         Returns:
             Path of the entry.
+        Raises:
+            ValueError: wrong shapes or counts, or maps with NaN/inf (the image is named).
         """
         maps = []
         for i, f in enumerate(fmaps):
@@ -239,15 +226,13 @@ class Conv5Cache:
         if len(maps) != n_scales:
             raise ValueError(f"Conv5Cache.put({image_id!r}): {len(maps)} maps for a key with "
                              f"{n_scales} scales")
+        if not all(bool(torch.isfinite(m).all()) for m in maps):
+            raise ValueError(f"Conv5Cache.put({image_id!r}): the maps hold NaN/inf (the trunk's weights or the "
+                             f"image are broken)")
         entry = {"format": CACHE_FORMAT, "key_hash": self.key_hash, "image_id": str(image_id),
                  "flipped": bool(flipped), "scaled_sizes": sizes, "fmaps": maps}
-        path = self.path(image_id, flipped)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = save_torch(self.path(image_id, flipped), entry)
+        self._checked.pop(path, None)
         for old in self.root.glob(f"{self._stem(image_id, flipped)}.*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
@@ -264,16 +249,17 @@ class Conv5Cache:
         sizes = pyramid_sizes(image.shape[0], image.shape[1], self.scales, self.max_size)
         return [f[0] for f in fmaps], sizes
 
-    def _compute_from_file(self, image_id: str, flipped: bool, path: str | Path
-                           ) -> tuple[list[Tensor], list[tuple[int, int]]]:
-        image = read_rgb(path)
+    def _compute_from_file(self, flipped: bool, path: str | Path) -> tuple[list[Tensor], list[tuple[int, int]]]:
+        from proposals.imageio import read_image
+
+        image = read_image(path)
         if flipped:
             image = np.ascontiguousarray(image[:, ::-1])
         return self.compute(image)
 
     def build(self, items: Iterable[tuple], compute_fn: ComputeFn | None = None,
               progress: bool = True) -> dict[str, int]:
-        """Make sure every item has a valid entry; compute the missing or stale ones.
+        """Make sure every item has an intact entry; compute the missing, stale or damaged ones.
 
         Args:
             items: ``(image_id, flipped)`` with ``compute_fn``, or ``(image_id, flipped, image_path)``
@@ -286,13 +272,20 @@ class Conv5Cache:
         from tqdm import tqdm
 
         items = list(items)
-        todo = [it for it in items if not self.has(it[0], bool(it[1]))]
+        todo = []
+        for it in items:
+            problem = self._check(self.path(it[0], bool(it[1])))
+            if problem is not None:
+                if problem != "missing":
+                    log.warning("conv5 cache: %s cannot be used (%s); rebuilding it", self.path(it[0], bool(it[1])),
+                                problem)
+                todo.append(it)
         for it in tqdm(todo, desc="conv5 cache", disable=not progress or not todo, unit="img"):
             image_id, flipped = it[0], bool(it[1])
             if compute_fn is not None:
                 fmaps, sizes = compute_fn(image_id, flipped)
             elif len(it) >= 3:
-                fmaps, sizes = self._compute_from_file(image_id, flipped, it[2])
+                fmaps, sizes = self._compute_from_file(flipped, it[2])
             else:
                 raise ValueError(f"Conv5Cache.build: item {it!r} has no image path and no compute_fn "
                                  f"was given")
@@ -301,6 +294,11 @@ class Conv5Cache:
         log.info("conv5 cache %s: %d built, %d reused, %.1f MB on disk", self.root, stats["built"],
                  stats["reused"], stats["disk_bytes"] / 2**20)
         return stats
+
+    def content_id(self, items: Iterable[tuple]) -> str:
+        """Digest of the key and of the entries of ``items`` (``(image_id, flipped, ...)``): their
+        CRCs, read from the zip directories only. Changes when an entry is rebuilt into other bytes."""
+        return digest(self.key_hash, [content_id(self.path(it[0], bool(it[1]))) for it in items])
 
     # ------------------------------------------------------------------ housekeeping
     def disk_bytes(self, include_stale: bool = False) -> int:
@@ -319,9 +317,3 @@ class Conv5Cache:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob(f"*.{self.key_hash}.pt"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

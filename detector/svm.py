@@ -21,46 +21,43 @@ Tolerance: sklearn's default ``tol=1e-4`` is tighter than the liblinear command 
 liblinear's coordinate order, so a fit is deterministic. A ``ConvergenceWarning`` (``max_iter``
 passes reached) is caught and logged as a warning with the class; the solution is still used.
 
-Features must already be scaled to mean L2 norm 20 (:func:`fit_feature_scale`; spec §7: the C of
+Features must already be scaled to mean L2 norm 20 (``detector.feature_stats``; spec §7: the C of
 0.001 assumes it), at training and at test time alike.
+
+:func:`train_svms` runs the whole step on training items (fc7 of every window, one mining pass);
+:class:`LinearSVMs` holds the K trained classifiers and scores all windows with one matmul.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from detector.boxes import pairwise_iou
+from detector.config import SVMConfig
+from detector.projection import project_boxes, select_scales
+from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+
+if TYPE_CHECKING:
+    from detector.train_items import TrainItem
 
 __all__ = [
-    "fit_feature_scale",
     "train_linear_svm",
     "svm_objective",
     "svm_scores",
     "HardNegativeMiner",
+    "LinearSVMs",
+    "train_svms",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def fit_feature_scale(features: Tensor, target_norm: float = 20.0) -> float:
-    """Scale factor that brings the mean L2 norm of ``features`` to ``target_norm`` (spec §7).
-
-    Args:
-        features (Tensor[N, F]): sample of features (e.g. 200 images x 200 windows, GT included).
-        target_norm: desired mean L2 norm (20).
-    Returns:
-        float: ``target_norm / mean_i ||features_i||``; multiply every feature (train and test) by it.
-    """
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"fit_feature_scale expects a non-empty Tensor[N, F], got {tuple(features.shape)}")
-    mean_norm = float(features.double().norm(dim=1).mean())
-    if not np.isfinite(mean_norm) or mean_norm <= 0.0:
-        raise ValueError(f"fit_feature_scale: mean feature norm is {mean_norm}; features are all zero or not finite")
-    return float(target_norm) / mean_norm
 
 
 def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float = 0.001,
@@ -429,3 +426,114 @@ class HardNegativeMiner:
                  "evicted %d easy, %.2fs", name, self.num_images, pos.shape[0], n_before, obj["total"],
                  obj["pos_loss"], obj["neg_loss"], obj["reg"], int(easy.sum()), rec["seconds"])
         return True
+
+
+class LinearSVMs(nn.Module):
+    """The K per-class SVMs of a detector, applied to unscaled fc7 features.
+
+    ``scores = (feats * feature_scale) @ weight + bias``, computed as one ``addmm`` with the scale
+    as its alpha (no scaled copy of the features).
+
+    Args:
+        weight (Tensor[F, K]), bias (Tensor[K]): the classifiers (buffers: saved in the state_dict).
+        feature_scale: the spec §7 fc7 scale the SVMs were trained with.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, feature_scale: float) -> None:
+        super().__init__()
+        if weight.ndim != 2 or bias.shape != (weight.shape[1],):
+            raise ValueError(f"LinearSVMs: weight [F, K] and bias [K] expected, got {tuple(weight.shape)} and "
+                             f"{tuple(bias.shape)}")
+        if not (math.isfinite(feature_scale) and feature_scale > 0):
+            raise ValueError(f"LinearSVMs: feature_scale must be a positive number, got {feature_scale!r}")
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.feature_scale = float(feature_scale)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[1])
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """feats (Tensor[R, F]) unscaled fc7 -> Tensor[R, K] margins."""
+        return torch.addmm(self.bias, feats, self.weight, alpha=self.feature_scale)  # (R, K)
+
+    def extra_repr(self) -> str:
+        return f"features={self.weight.shape[0]}, classes={self.num_classes}, feature_scale={self.feature_scale:.6g}"
+
+
+def _dedup_windows(pyr: Conv5Pyramid, boxes: Tensor, proj: ProjectionParams) -> Tensor:
+    """Indices of the boxes with a distinct (scale, conv5 window), first of each (spec §7 dedup)."""
+    s_idx = select_scales(boxes, pyr.image_size, pyr.short_sides(), target_side=proj.target_side)
+    keys = torch.zeros((boxes.shape[0], 5), dtype=torch.int64)
+    keys[:, 0] = s_idx
+    for s in torch.unique(s_idx).tolist():
+        m = s_idx == s
+        keys[m, 1:] = project_boxes(boxes[m], pyr.image_size, pyr.scaled_sizes[s],
+                                    tuple(pyr.fmaps[s].shape[-2:]), proj.stride, proj.offset0, proj.shrink)
+    _, first = np.unique(keys.numpy(), axis=0, return_index=True)
+    return torch.from_numpy(np.sort(first))
+
+
+@torch.inference_mode()
+def train_svms(
+    head: nn.Module,
+    items: Sequence["TrainItem"],
+    load_pyramid: Callable[["TrainItem"], Conv5Pyramid],
+    levels: Sequence[int],
+    proj: ProjectionParams,
+    num_classes: int,
+    feature_scale: float,
+    params: SVMConfig,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, dict]:
+    """Per-class linear SVMs on scaled fc7 features with one pass of hard-negative mining (spec §7).
+
+    Positives: every ground-truth box of the class (difficult included). Negatives: proposals with
+    IoU < ``params.neg_iou`` to every GT box of that class, deduplicated by (scale, conv5 window).
+    Uses ``C``, ``pos_weight``, ``bias``, ``hard_thresh``, ``evict_thresh``, ``retrain_every`` and
+    ``max_hard_per_image`` of ``params``.
+
+    Args:
+        head: the fine-tuned FCHead (its deterministic fc7, :meth:`FCHead.features`).
+        items: training items (no flips, spec §7).
+    Returns:
+        (W Tensor[F, K], b Tensor[K], stats dict).
+    """
+    head = head.to(device).eval()
+    # positives first: the miner needs them before the first retrain
+    feats_pos: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    cache: list[tuple[Tensor, Tensor]] = []
+    for item in tqdm(items, desc="SVM features", disable=not progress, unit="img"):
+        pyr = load_pyramid(item)
+        props = item.proposals
+        keep = _dedup_windows(pyr, props, proj) if props.shape[0] else torch.zeros(0, dtype=torch.int64)
+        props = props[keep]
+        boxes = torch.cat([item.gt_boxes, props])  # (G+R, 4)
+        f = head.features(pool_regions(pyr, boxes, levels, proj).to(device)).cpu() * feature_scale  # (G+R, F)
+        if not bool(torch.isfinite(f).all()):
+            raise RuntimeError(f"SVM features of image '{item.record.image_id}' are not finite: the trunk or "
+                               f"head weights, or that image's conv5 cache entry, hold NaN/inf")
+        G = item.gt_boxes.shape[0]
+        for k in range(G):
+            feats_pos[int(item.gt_labels[k])].append(f[k:k + 1])
+        iou = pairwise_iou(props, item.gt_boxes)  # (R, G)
+        neg = torch.ones((props.shape[0], num_classes), dtype=torch.bool)
+        for c in range(num_classes):
+            m = item.gt_labels == c
+            if m.any():
+                neg[:, c] = iou[:, m].max(dim=1).values < params.neg_iou
+        cache.append((f[G:].half(), neg))
+    miner = HardNegativeMiner(num_classes, int(head.out_dim), C=params.C, pos_weight=params.pos_weight,
+                              bias=params.bias, hard_thresh=params.hard_thresh, evict_thresh=params.evict_thresh,
+                              retrain_every=params.retrain_every, class_names=class_names,
+                              max_hard_per_image=params.max_hard_per_image)
+    for c in range(num_classes):
+        if feats_pos[c]:
+            miner.add_positives(c, torch.cat(feats_pos[c]))
+    for i, (f, neg) in enumerate(tqdm(cache, desc="hard-negative mining", disable=not progress, unit="img")):
+        miner.process_image(f.float(), neg, image_index=i)
+    W, b = miner.finish()
+    return W, b, {"num_pos": [sum(x.shape[0] for x in fp) for fp in feats_pos]}

@@ -2,12 +2,13 @@
 
 Public API (imported lazily, so a worker process that needs only selective search never imports
 torch):
+    propose(image, method="selective_search", **options) -> ndarray float32 [R, 4] xyxy
     selective_search(image, mode="fast+", min_size=20, max_boxes=None) -> ndarray float32 [R, 4] xyxy
     edge_boxes(image, model_path, max_boxes=2000) -> ndarray float32 [R, 4] xyxy
     grid_boxes(height, width, ...) -> ndarray float32 [R, 4] xyxy
     read_image(path) / to_rgb_uint8(array) -> ndarray uint8 [H, W, 3] RGB; ImageError
     load_proposals(path, image_ids) / read_proposal_file(path) / save_proposals(path, dict)
-    compute_proposals_for_images(items, out, workers=2, ...) -> dict id -> boxes
+    compute_proposals_for_images(items, out, options, workers=2) -> dict id -> boxes
     proposal_recall(proposals, gt_boxes, ...) -> recall table
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib
 
 # eager: these import no torch (and the function must shadow its module's name)
 from proposals.imageio import ImageError, read_image, to_rgb_uint8
-from proposals.selective_search import MODES, edge_boxes, grid_boxes, selective_search
+from proposals.selective_search import METHODS, MODES, edge_boxes, grid_boxes, propose, selective_search
 
 _WHERE = {
     "ProposalFileError": "store", "load_proposals": "store", "read_proposal_file": "store",
@@ -25,8 +26,8 @@ _WHERE = {
     "proposal_recall": "recall",
 }
 
-__all__ = ["ImageError", "read_image", "to_rgb_uint8", "MODES", "selective_search", "edge_boxes",
-           "grid_boxes", *_WHERE]
+__all__ = ["ImageError", "read_image", "to_rgb_uint8", "METHODS", "MODES", "propose", "selective_search",
+           "edge_boxes", "grid_boxes", *_WHERE]
 
 
 def __getattr__(name: str):

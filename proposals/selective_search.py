@@ -69,11 +69,12 @@ import numpy as np
 
 from proposals.imageio import ImageError, to_rgb_uint8
 
-__all__ = ["selective_search", "grid_boxes", "edge_boxes", "MODES", "SS_SIDE", "GRID_MIN"]
+__all__ = ["selective_search", "grid_boxes", "edge_boxes", "propose", "METHODS", "MODES", "SS_SIDE", "GRID_MIN"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("fast+", "fast", "quality")
+METHODS = ("selective_search", "edge_boxes")  # what :func:`propose` computes
 SS_SIDE = 320  # px: longer side of the copy that "fast+" runs selective search on (measured, see module doc)
 GRID_MIN = 32  # px: smallest grid window side in "fast+"
 MAX_SIDE = 1000  # px: larger images are downscaled before selective search ("fast"/"quality")
@@ -308,3 +309,21 @@ def edge_boxes(image: np.ndarray, model_path: str | Path, max_boxes: int = 2000,
     if scores is not None and len(scores) == len(boxes):
         boxes = boxes[np.argsort(-np.asarray(scores).ravel(), kind="stable")]
     return _finish(boxes, min_size, None)
+
+
+def propose(image: np.ndarray, method: str = "selective_search", **options) -> np.ndarray:
+    """Proposals of one image by ``method``: the one entry point of training, testing and the
+    library call, so each uses the method a model was trained with.
+
+    Args:
+        image: as for :func:`selective_search`.
+        method: "selective_search" (``options``: its keyword arguments) or "edge_boxes"
+            (``options``: ``model_path``, ``max_boxes``, ``min_size``).
+    Returns:
+        ndarray float32 [R, 4] xyxy.
+    """
+    if method == "selective_search":
+        return selective_search(image, **options)
+    if method == "edge_boxes":
+        return edge_boxes(image, **options)
+    raise ValueError(f"unknown proposal method {method!r}; expected one of {', '.join(METHODS)}")

@@ -45,6 +45,7 @@ __all__ = [
     "read_detectron2_pkl",
     "read_npz",
     "save_proposals",
+    "read_npz_meta",
     "NPZ_FORMAT",
 ]
 
@@ -267,6 +268,16 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     if len(out) != len(ids):
         raise ProposalFileError(f"{p}: image ids are not unique")
     return out
+
+
+def read_npz_meta(path: str | Path) -> str | None:
+    """The ``meta`` text of a proposal ``.npz`` (its key, for computed files), or None when the file
+    cannot be read or has none."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            return str(z["meta"]) if "meta" in z.files else None
+    except Exception:  # noqa: BLE001 - any unreadable file simply has no usable meta
+        return None
 
 
 def save_proposals(path: str | Path, proposals: Mapping[str, np.ndarray], meta: str = "") -> Path:

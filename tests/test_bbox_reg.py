@@ -133,7 +133,8 @@ def test_packed_predict_equals_per_class_predict():
     gt = props + torch.randn(300, 4, generator=g) * 4
     labels = torch.randint(0, 3, (300,), generator=g)
     labels[labels == 1] = -1  # class 1 has no samples -> identity regressor
-    reg = fit_box_regressors(feats, props, gt, labels, num_classes=3, lam=100.0)
+    samples = [None if c == 1 else (feats[labels == c], props[labels == c], gt[labels == c]) for c in range(3)]
+    reg = fit_box_regressors(samples, 16, lam=100.0, whiten_eps=0.001)
     assert reg.weight.shape == (17, 12) and reg.num_classes == 3
     x = torch.randn(25, 16, generator=g)
     deltas = packed_deltas(reg.weight, x)

@@ -119,7 +119,7 @@ def test_interrupted_build_resumes_without_corrupt_files(tmp_path):
     cache = Conv5Cache(root, key)
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    leftover = root / f"{cache.path('im2').name}.{dead_pid}.tmp"
+    leftover = root / f".{cache.path('im2').name}.{dead_pid}.tmp"
     leftover.write_bytes(b"PK\x03\x04 partial")
     good = cache.path("im1").read_bytes()
     cache.path("im1").write_bytes(good[: len(good) // 2])
@@ -140,7 +140,7 @@ def test_interrupted_build_resumes_without_corrupt_files(tmp_path):
 
 def test_temp_file_of_a_live_writer_is_kept(tmp_path):
     cache = Conv5Cache(tmp_path, {"a": 1})
-    live = tmp_path / f"{cache.path('x').name}.{os.getppid()}.tmp"
+    live = tmp_path / f".{cache.path('x').name}.{os.getppid()}.tmp"
     live.write_bytes(b"being written")
     Conv5Cache(tmp_path, {"a": 1})
     assert live.exists()
@@ -154,3 +154,28 @@ def test_put_checks_shapes_and_counts(tmp_path):
         cache.put("a", False, [torch.zeros(3, 3), torch.zeros(3, 3)], [(1, 1), (2, 2)])
     with pytest.raises(ValueError, match="no image path"):
         cache.build([("a", False)], progress=False)
+
+
+def test_entry_damaged_in_place_is_rebuilt_not_read(tmp_path, caplog):
+    """Bytes overwritten without a change of size (a bad disk, a stray write): the entry fails its
+    content check before it is read, is reported by name and rebuilt; it never yields NaN maps."""
+    root = tmp_path / "c"
+    calls: list = []
+    compute = fake_compute(calls)
+    cache = Conv5Cache(root, {"weights": "w", "scales": [1, 2]})
+    cache.build([("im0", False), ("im1", False)], compute, progress=False)
+    data = bytearray(cache.path("im1").read_bytes())
+    n = len(data)
+    data[n // 2: n // 2 + 64] = b"\xff" * 64
+    cache.path("im1").write_bytes(bytes(data))
+    fresh = Conv5Cache(root, {"weights": "w", "scales": [1, 2]})  # a new process: nothing checked yet
+    with caplog.at_level("WARNING"):
+        assert fresh.get("im1") is None
+    assert "im1" in caplog.text and "CRC" in caplog.text
+    calls.clear()
+    assert fresh.build([("im0", False), ("im1", False)], compute, progress=False)["built"] == 1
+    assert calls == [("im1", False)]
+    fmaps, _ = fresh.get("im1")
+    assert all(torch.isfinite(f.float()).all() for f in fmaps)
+    before = fresh.content_id([("im0", False), ("im1", False)])
+    assert before == Conv5Cache(root, {"weights": "w", "scales": [1, 2]}).content_id([("im0", False), ("im1", False)])

@@ -109,15 +109,16 @@ def test_choices_match_the_library():
 
     import proposals
     from detector import backbones, config, pretrain
-    from detector.detector import SPPDetector
+    from detector.detector import SCORES
 
     def choices(cls, name):
         return typing.get_args(typing.get_type_hints(cls)[name])
 
     assert choices(config.BackboneConfig, "arch") == backbones.ARCHS
     assert choices(config.ProposalConfig, "mode") == proposals.MODES
+    assert set(choices(config.ProposalConfig, "method")) == {*proposals.METHODS, "file"}
     assert choices(config.PretrainConfig, "mode") == pretrain.MODES
-    assert choices(config.TestConfig, "score") == SPPDetector.SCORES
+    assert choices(config.TestConfig, "score") == SCORES
 
 
 # (overrides, the start of the message line): every field's rule, and each relation between fields

@@ -1,6 +1,7 @@
 """End to end: a tiny train + test run through the real tools, checkpoint safety, library call."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -13,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from detector.detector import CheckpointError, SPPDetector
+from detector.checkpoint import CheckpointError
+from detector.detector import SPPDetector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,10 +75,10 @@ def test_held_out_validation_scoring(tiny_run):
     at val_fraction 0.2), with the training run's cached proposals (nothing recomputed), and its
     mAP equals evaluate() of the library detector on those images and proposals."""
     from detector.config import load_config
-    from detector.detector import build_detector
-    from detector.eval import evaluate
-    from detector.training import split_train_val
     from detector.data.voc import load_voc_split
+    from detector.engine import build_detector
+    from detector.engine.data import split_train_val
+    from detector.eval import evaluate
     from proposals import load_proposals
 
     root, cfg_path, _, _ = tiny_run
@@ -195,7 +197,7 @@ def test_checkpoint_carries_its_svd_rank(tmp_path):
     from detector.bench.random_model import random_boxes, random_detector
 
     det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
-    det.svd_rank = 8
+    det.params = dataclasses.replace(det.params, svd_rank=8)
     det.save(tmp_path / "m.pt")
     low = SPPDetector.load(tmp_path / "m.pt")
     assert isinstance(low.head.fc6, LowRankLinear) and low.head.fc6.down.out_features == 8
@@ -213,38 +215,36 @@ def test_svm_plus_softmax_scores_and_checkpoint(tmp_path):
     """score 'svm+softmax' adds the fine-tuned classifier's log-probability to the SVM margin
     (checked against the two terms computed by hand from the weights), survives the checkpoint, and
     is refused for a head without cls_score."""
-    from detector.head import FCHead
     from detector.bench.random_model import random_detector
+    from detector.head import FCHead
 
     det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
-    det.feature_scale = 2.5
-    head = FCHead(det.head.in_dim, fc_dim=32, num_classes=3).eval()
+    det.svms.feature_scale = 2.5
+    head = FCHead(det.head.in_dim, fc_dim=32, num_classes=3, dropout=0.5).eval()
     head.load_state_dict(det.head.state_dict(), strict=False)  # fc6/fc7 as before, a random cls_score
     det.head = head
     pooled = torch.rand(7, det.head.in_dim)  # (R, D)
     with torch.inference_mode():
         f = det.fc_features(pooled)  # (R, F)
         svm = det.svm_scores(f)
-        ref_svm = (det.head.fc7(torch.relu(det.head.fc6(pooled))).relu() * 2.5) @ det.svm_weight + det.svm_bias
+        ref_svm = (det.head.fc7(torch.relu(det.head.fc6(pooled))).relu() * 2.5) @ det.svms.weight + det.svms.bias
         torch.testing.assert_close(svm, ref_svm)
-        det.score = "svm+softmax"
+        det.params = dataclasses.replace(det.params, score="svm+softmax")
         both = det.svm_scores(f)
         logits = f @ head.cls_score.weight.T + head.cls_score.bias  # (R, K + 1), background last
         ref_logp = logits - torch.logsumexp(logits, 1, keepdim=True)
         torch.testing.assert_close(both, ref_svm + ref_logp[:, :3])
     det.save(tmp_path / "m.pt")
     back = SPPDetector.load(tmp_path / "m.pt")
-    assert back.score == "svm+softmax" and back.head.cls_score is not None
+    assert back.params.score == "svm+softmax" and back.head.cls_score is not None
     with torch.inference_mode():
         torch.testing.assert_close(back.svm_scores(back.fc_features(pooled)), both)
     plain = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96,))
     with pytest.raises(ValueError, match="cls_score"):
-        plain.score = "svm+softmax"  # its head has no cls_score
-    assert plain.score == "svm"
+        plain.params = dataclasses.replace(plain.params, score="svm+softmax")  # its head has no cls_score
+    assert plain.params.score == "svm"
     with pytest.raises(ValueError, match="score must be one of"):
-        SPPDetector(backbone=plain.backbone, head=plain.head, svm_weight=plain.svm_weight,
-                    svm_bias=plain.svm_bias, feature_scale=1.0, bbox_weight=None, pool_scale=1.0,
-                    class_names=["a", "b", "c"], scales=(96,), score="softmax")
+        dataclasses.replace(plain.params, score="softmax")
 
 
 def test_test_time_target_side(tmp_path):
@@ -253,12 +253,10 @@ def test_test_time_target_side(tmp_path):
     100x100 image, scales 96/192: aim 40 -> s* = 100 -> 96; aim 200 -> s* = 500 -> 192), it equals
     a detector built with that value, survives the checkpoint, is applied by build_detector from
     test.target_side (0 keeps the checkpoint's) and is refused when not positive."""
-    import dataclasses
-
-    from detector.config import Config, TestConfig
-    from detector.detector import build_detector
-    from detector.projection import select_scales
     from detector.bench.random_model import random_detector
+    from detector.config import Config, TestConfig
+    from detector.engine import build_detector
+    from detector.projection import select_scales
 
     box = torch.tensor([[30.0, 30.0, 70.0, 70.0]])  # 40 x 40
     assert select_scales(box, (100, 100), [96, 192], target_side=40).tolist() == [0]
@@ -266,35 +264,34 @@ def test_test_time_target_side(tmp_path):
 
     img = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
     det = random_detector(width_mult=0.125, fc_dim=32, num_classes=3, scales=(96, 192))
-    det.score_thresh, det.nms = -1e9, 1.0  # keep the one window's scores whatever they are
-    det.bbox_weight = None
+    det.params = dataclasses.replace(det.params, score_thresh=-1e9, nms=1.0)  # keep the one window's scores
+    det.bbox = None
     outs = {}
     for t in (40.0, 200.0):
-        det.target_side = t
-        assert det.target_side == t and det.proj.target_side == t
+        det.params = dataclasses.replace(det.params, target_side=t)
+        assert det.params.target_side == t and det.proj.target_side == t
         outs[t] = det.detect(img, proposals=box)
-        ref = SPPDetector(backbone=det.backbone, head=det.head, svm_weight=det.svm_weight,
-                          svm_bias=det.svm_bias, feature_scale=det.feature_scale, bbox_weight=None,
-                          pool_scale=det.pool_scale, class_names=det.class_names, scales=(96, 192),
-                          target_side=t, nms=1.0, score_thresh=-1e9)
+        ref = SPPDetector(backbone=det.backbone, head=det.head, svms=det.svms, bbox=None,
+                          class_names=det.class_names, levels=det.levels, arch="zf5",
+                          params=dataclasses.replace(det.params, target_side=t))
         r = ref.detect(img, proposals=box)
         torch.testing.assert_close(outs[t]["scores"], r["scores"])
     assert not torch.allclose(outs[40.0]["scores"], outs[200.0]["scores"])  # another scale's conv5
 
-    det.target_side = 40.0
+    det.params = dataclasses.replace(det.params, target_side=40.0)
     det.save(tmp_path / "m.pt")
-    assert SPPDetector.load(tmp_path / "m.pt").target_side == 40.0
+    assert SPPDetector.load(tmp_path / "m.pt").params.target_side == 40.0
     cfg = Config()
     cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, test_scales=(96, 192)))
-    assert build_detector(cfg, tmp_path / "m.pt").target_side == 40.0  # 0: the checkpoint's value
+    assert build_detector(cfg, tmp_path / "m.pt").params.target_side == 40.0  # 0: the checkpoint's value
     cfg = dataclasses.replace(cfg, test=TestConfig(target_side=200.0))
-    assert build_detector(cfg, tmp_path / "m.pt").target_side == 200.0
-    with pytest.raises(CheckpointError, match=r"m\.pt: test\.target_side"):
+    assert build_detector(cfg, tmp_path / "m.pt").params.target_side == 200.0
+    with pytest.raises(CheckpointError, match=r"m\.pt: test settings: target_side"):
         build_detector(dataclasses.replace(cfg, test=TestConfig(target_side=-5.0)), tmp_path / "m.pt")
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="target_side must be a positive"):
-            det.target_side = bad
-    assert det.target_side == 40.0
+            det.params = dataclasses.replace(det.params, target_side=bad)
+    assert det.params.target_side == 40.0
 
 
 class _Evil:

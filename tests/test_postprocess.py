@@ -178,16 +178,17 @@ def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():
     """SPPDetector.postprocess equals a per-class reference loop of spec §8-9: threshold, NMS 0.3 on the
     proposals, top-k, then each kept box refined by its own class's regressor from its proposal's
     features, clipped, NMS again, top-k."""
-    from detector.bbox_reg import decode
+    import dataclasses
+
+    from detector.bbox_reg import BoxRegressor, decode
     from detector.boxes import clip_boxes
     from detector.bench.random_model import random_detector
 
     g = torch.Generator().manual_seed(3)
     k, d, r = 3, 8, 60
     det = random_detector(width_mult=0.125, fc_dim=16, num_classes=k)
-    det.bbox_weight = torch.randn(d + 1, 4 * k, generator=g) * 0.2  # visible shifts
-    det.pool_scale = 0.5
-    det.max_per_class = 4
+    det.bbox = BoxRegressor(torch.randn(d + 1, 4 * k, generator=g) * 0.2, feature_scale=0.5)  # visible shifts
+    det.params = dataclasses.replace(det.params, max_per_class=4)
     xy = torch.rand(r, 2, generator=g) * 150
     boxes = torch.cat([xy, xy + 20 + torch.rand(r, 2, generator=g) * 60], 1)  # (R, 4), some past 200
     pooled = torch.rand(r, d, generator=g)
@@ -201,7 +202,7 @@ def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():
         b = clip_boxes(boxes[m], h, w)
         keep = tv_nms(b, scores[m, c], 0.3)[:4]
         idx = m[keep]  # windows kept for class c
-        wc = det.bbox_weight[:, 4 * c:4 * c + 4]  # (D + 1, 4)
+        wc = det.bbox.weight[:, 4 * c:4 * c + 4]  # (D + 1, 4)
         deltas = pooled[idx] * 0.5 @ wc[:-1] + wc[-1]
         rb = clip_boxes(decode(boxes[idx], deltas), h, w)
         ok = (rb[:, 2] > rb[:, 0]) & (rb[:, 3] > rb[:, 1])

@@ -202,13 +202,14 @@ def _write_images(tmp_path, n=3):
 
 def test_compute_resumes_after_interruption(tmp_path, monkeypatch):
     items = _write_images(tmp_path)
-    kw = dict(workers=1, mode="fast", min_size=10, max_boxes=50, progress=False, chunk_size=1)
-    ref = compute_proposals_for_images(items, tmp_path / "ref.npz", **kw)
+    opts = {"method": "selective_search", "mode": "fast", "min_size": 10, "max_boxes": 50}
+    kw = dict(workers=1, progress=False, chunk_size=1)
+    ref = compute_proposals_for_images(items, tmp_path / "ref.npz", opts, **kw)
     assert list(ref) == ["id0", "id1", "id2"]
     assert not (tmp_path / "ref.npz.parts").exists()
 
     # interrupted run: the third image "crashes" the process
-    real = compute_mod.selective_search
+    real = compute_mod.propose
     calls = []
 
     def dying(img, **k):
@@ -217,32 +218,40 @@ def test_compute_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(img, **k)
 
-    monkeypatch.setattr(compute_mod, "selective_search", dying)
+    monkeypatch.setattr(compute_mod, "propose", dying)
     out = tmp_path / "run.npz"
     with pytest.raises(KeyboardInterrupt):
-        compute_proposals_for_images(items, out, **kw)
+        compute_proposals_for_images(items, out, opts, **kw)
     parts = tmp_path / "run.npz.parts"
     assert not out.exists() and sorted(p.name for p in parts.glob("chunk_*")) == [
         "chunk_000000.npz", "chunk_000001.npz"]
-    # mark chunk 0 so that reuse is visible, leave a corrupt temp file and a corrupt shard 1
+    # mark chunk 0 so that reuse is visible, leave a temp file of a dead writer, a garbage shard 1,
+    # and (below) a shard damaged in place
     save_proposals(parts / "chunk_000000.npz", {"id0": np.array([[1, 2, 30, 40]], np.float32)})
-    (parts / ".chunk_000002.npz.999.tmp").write_bytes(b"half a file")
+    (parts / ".chunk_000002.npz.999999999.tmp").write_bytes(b"half a file")
     (parts / "chunk_000001.npz").write_bytes(b"garbage")
-    monkeypatch.setattr(compute_mod, "selective_search", real)
-    got = compute_proposals_for_images(items, out, **kw)
+    monkeypatch.setattr(compute_mod, "propose", real)
+    got = compute_proposals_for_images(items, out, opts, **kw)
     np.testing.assert_array_equal(got["id0"], [[1, 2, 30, 40]])  # reused, not recomputed
     np.testing.assert_array_equal(got["id1"], ref["id1"])  # corrupt shard recomputed
     np.testing.assert_array_equal(got["id2"], ref["id2"])
     assert not parts.exists()
     loaded = load_proposals(out, ["id0", "id1", "id2"])
     np.testing.assert_array_equal(loaded["id2"], ref["id2"])
-    # same parameters again: the file is the cache; other parameters: recomputed
-    assert np.array_equal(compute_proposals_for_images(items, out, **kw)["id0"], got["id0"])
-    again = compute_proposals_for_images(items, out, **{**kw, "max_boxes": 49})
+    # same options again: the file is the cache; other options: recomputed
+    assert np.array_equal(compute_proposals_for_images(items, out, opts, **kw)["id0"], got["id0"])
+    again = compute_proposals_for_images(items, out, {**opts, "max_boxes": 49}, **kw)
     np.testing.assert_array_equal(again["id0"], ref["id0"][:49])
-    # fast+ options travel to selective_search (tuples survive the params.json round trip)
-    opts = {"mode": "fast+", "ss_options": {"grid_min": 40.0, "grid_aspect_ratios": (1.0, 2.0)}}
-    plus = compute_proposals_for_images(items[:1], tmp_path / "plus.npz", **{**kw, **opts, "max_boxes": None})
+    # the final file damaged in place (same size): its content check fails and it is recomputed
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+    out.write_bytes(bytes(data))
+    np.testing.assert_array_equal(compute_proposals_for_images(items, out, {**opts, "max_boxes": 49}, **kw)["id2"],
+                                  ref["id2"][:49])
+    # fast+ options travel to selective_search
+    plus_opts = {"method": "selective_search", "mode": "fast+", "min_size": 10, "grid_min": 40.0,
+                 "grid_aspect_ratios": (1.0, 2.0)}
+    plus = compute_proposals_for_images(items[:1], tmp_path / "plus.npz", plus_opts, **kw)
     direct = selective_search(cv2.imread(str(items[0][1]))[:, :, ::-1], mode="fast+", min_size=10,
                               grid_min=40.0, grid_aspect_ratios=(1.0, 2.0))
     np.testing.assert_array_equal(plus["id0"], direct)
@@ -254,14 +263,13 @@ def test_compute_bad_image_and_two_workers(tmp_path, caplog):
     bad.write_bytes(b"")
     items.append(("broken", bad))
     with pytest.raises(ImageError, match=r"'broken'.*bad\.jpg: file is empty"):
-        compute_proposals_for_images(items, tmp_path / "a.npz", workers=1, mode="fast",
-                                     progress=False)
+        compute_proposals_for_images(items, tmp_path / "a.npz", {"method": "selective_search", "mode": "fast"},
+                                     workers=1, progress=False)
+    fast10 = {"method": "selective_search", "mode": "fast", "min_size": 10}
     with caplog.at_level(logging.WARNING):
-        got = compute_proposals_for_images(items, tmp_path / "b.npz", workers=2, mode="fast",
-                                           min_size=10, progress=False, skip_bad_images=True,
-                                           chunk_size=1)
+        got = compute_proposals_for_images(items, tmp_path / "b.npz", fast10, workers=2, progress=False,
+                                           skip_bad_images=True, chunk_size=1)
     assert got["broken"].shape == (0, 4) and "skipped with 0 proposals" in caplog.text
-    one = compute_proposals_for_images(items[:2], tmp_path / "c.npz", workers=1, mode="fast",
-                                       min_size=10, progress=False)
+    one = compute_proposals_for_images(items[:2], tmp_path / "c.npz", fast10, workers=1, progress=False)
     for k in one:  # the spawned processes give the same boxes
         np.testing.assert_array_equal(got[k], one[k])

@@ -61,7 +61,8 @@ def test_compute_then_recall(tmp_path, capsys):
     assert (tmp_path / "rec" / "recall.png").stat().st_size > 1000
 
 
-def test_compute_missing_split_is_a_clean_exit(tmp_path):
-    with pytest.raises(SystemExit, match="split file not found"):
-        _tool("compute_proposals").main(["--data-root", str(tmp_path), "--split", "test",
-                                         "--out", str(tmp_path / "x.npz")])
+def test_compute_missing_split_is_a_clean_exit(tmp_path, capsys):
+    rc = _tool("compute_proposals").main(["--data-root", str(tmp_path), "--split", "test",
+                                          "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: split file not found") and "Traceback" not in err

@@ -1,12 +1,10 @@
-"""Window labels by IoU (hand cases) and foreground fractions of sampled mini-batches."""
+"""Window labels by IoU (hand cases); the one fine-tuning sampler: its foreground share, its
+determinism and how it mixes images."""
 from __future__ import annotations
 
-import itertools
-
-import pytest
 import torch
 
-from detector.sampling import MultiImageBatchSampler, label_windows, sample_fg_bg
+from detector.sampling import label_windows, sample_windows
 
 
 def test_label_windows_hand_cases():
@@ -40,66 +38,53 @@ def test_label_windows_without_gt():
     assert labels.tolist() == [-1] and max_iou.tolist() == [0.0] and idx.tolist() == [-1]
 
 
-def test_sample_fg_bg_exact_quarter_when_enough_fg():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.cat([torch.randint(0, 5, (100,), generator=g), torch.full((400,), 5), torch.full((50,), -1)])
-    for _ in range(20):
-        idx = sample_fg_bg(labels, num_classes=5, batch_size=128, fg_fraction=0.25, generator=g)
-        assert idx.numel() == 128 and idx.unique().numel() == 128
-        lab = labels[idx]
-        assert int((lab < 5).sum()) == 32 and int((lab == 5).sum()) == 96 and int((lab == -1).sum()) == 0
-
-
-def test_sample_fg_bg_few_fg_fills_with_bg_and_short_batches():
-    labels = torch.cat([torch.zeros(10, dtype=torch.int64), torch.full((200,), 3)])
-    idx = sample_fg_bg(labels, num_classes=3, batch_size=128, generator=torch.Generator().manual_seed(0))
-    assert idx.numel() == 128 and int((labels[idx] == 0).sum()) == 10
-    idx = sample_fg_bg(labels[:40], num_classes=3, batch_size=128)
-    assert idx.numel() == 40  # all windows, no repeats
-
-
-def test_sample_fg_bg_uniform():
-    labels = torch.cat([torch.zeros(8, dtype=torch.int64), torch.full((8,), 1)])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(16)
-    for _ in range(2000):
-        counts[sample_fg_bg(labels, 1, batch_size=8, fg_fraction=0.25, generator=g)] += 1
-    # each fg window is picked with probability 2/8, each bg with 6/8
-    assert torch.allclose(counts[:8] / 2000, torch.full((8,), 0.25), atol=0.04)
-    assert torch.allclose(counts[8:] / 2000, torch.full((8,), 0.75), atol=0.04)
-
-
-def test_multi_image_batches_mix_images_with_exact_fraction():
-    g = torch.Generator().manual_seed(0)
-    labels = []
-    for _ in range(40):
-        lab = torch.full((60,), 4)
-        lab[:torch.randint(3, 10, (1,), generator=g).item()] = torch.randint(0, 4, (1,), generator=g).item()
+def _labels(n_images: int, seed: int, n: int = 60, k: int = 4) -> list[torch.Tensor]:
+    """Per-image window labels: 3..9 foreground windows of one class, 5 unused, the rest background."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_images):
+        lab = torch.full((n,), k)
+        lab[:int(torch.randint(3, 10, (1,), generator=g))] = int(torch.randint(0, k, (1,), generator=g))
         lab[-5:] = -1
-        labels.append(lab[torch.randperm(60, generator=g)])
-    sampler = MultiImageBatchSampler(labels, num_classes=4, batch_size=128, chunk_batches=6, pool_factor=2.0,
-                                     generator=torch.Generator().manual_seed(1))
-    seen = set()
-    for b, batch in enumerate(itertools.islice(sampler, 15)):  # crosses two chunk boundaries
-        assert batch.labels.shape == (128,)
-        assert int((batch.labels < 4).sum()) == 32 and int((batch.labels == 4).sum()) == 96
-        ref = torch.stack([labels[i][w] for i, w in zip(batch.image_index.tolist(), batch.window_index.tolist())])
-        assert torch.equal(ref, batch.labels)
-        assert batch.image_index.unique().numel() >= 10  # many images per batch
-        if b < 6:  # inside the first chunk the pool is large enough: no window is drawn twice
-            seen |= set(zip(batch.image_index.tolist(), batch.window_index.tolist()))
-    assert len(seen) == 6 * 128
+        out.append(lab[torch.randperm(n, generator=g)])
+    return out
 
 
-def test_multi_image_reproducible_and_no_fg_case():
-    labels = [torch.tensor([0, 1, 2, 2, 2, 2]), torch.tensor([2, 2, 2, 1])]
-    a = MultiImageBatchSampler(labels, 2, batch_size=8, chunk_batches=3, generator=torch.Generator().manual_seed(5))
-    b = MultiImageBatchSampler(labels, 2, batch_size=8, chunk_batches=3, generator=torch.Generator().manual_seed(5))
-    for _ in range(4):
-        x, y = a.next_batch(), b.next_batch()
-        assert torch.equal(x.image_index, y.image_index) and torch.equal(x.window_index, y.window_index)
-        assert int((x.labels < 2).sum()) == 2
-    only_bg = MultiImageBatchSampler([torch.tensor([3, 3, -1])], 3, batch_size=4, chunk_batches=2)
-    assert only_bg.next_batch().labels.tolist() == [3, 3, 3, 3]
-    with pytest.raises(ValueError):
-        MultiImageBatchSampler([torch.tensor([-1, -1])], 3)
+def test_sample_windows_exact_foreground_share_without_repeats():
+    labels = _labels(40, seed=0)
+    g = torch.Generator().manual_seed(1)
+    sel, nfg, nbg = sample_windows(labels, range(40), 4, n_fg=32 * 6, n_total=128 * 6, generator=g)
+    assert (nfg, nbg) == (192, 576) and len(sel) == 768 and len(set(sel)) == 768
+    lab = torch.stack([labels[i][j] for i, j in sel])
+    assert bool((lab[:nfg] < 4).all()) and bool((lab[nfg:] == 4).all())  # foreground first, never -1
+
+
+def test_sample_windows_short_pools_give_short_draws():
+    labels = [torch.tensor([0, 0, 3, 3, 3, -1]), torch.tensor([1, 3, 3])]
+    sel, nfg, nbg = sample_windows(labels, [0, 1], 3, n_fg=8, n_total=10, generator=torch.Generator().manual_seed(0))
+    assert (nfg, nbg) == (3, 5) and len(set(sel)) == 8  # every window once; background fills, then it ends
+    sel, nfg, nbg = sample_windows(labels, [1], 3, n_fg=1, n_total=2, generator=torch.Generator().manual_seed(0))
+    assert (nfg, nbg) == (1, 1) and sel[0] == (1, 0) and sel[1][0] == 1
+
+
+def test_sample_windows_is_a_function_of_the_generator_state():
+    labels = _labels(10, seed=3)
+    draw = lambda s: sample_windows(labels, [2, 5, 7], 4, 8, 32, torch.Generator().manual_seed(s))[0]  # noqa: E731
+    assert draw(11) == draw(11) and draw(11) != draw(12)
+
+
+def test_sample_windows_mixes_the_images_of_a_chunk_uniformly():
+    """Drawn from the pooled windows of many images: a batch's windows come from many images, and
+    every foreground window is equally likely (uniform without replacement over the pool)."""
+    labels = _labels(40, seed=0)
+    sel, nfg, _ = sample_windows(labels, range(40), 4, n_fg=32, n_total=128, generator=torch.Generator().manual_seed(2))
+    assert len({i for i, _ in sel}) >= 30
+    pool = [(i, j) for i in range(40) for j in torch.nonzero(labels[i] < 4).flatten().tolist()
+            if int(labels[i][j]) >= 0]
+    counts = dict.fromkeys(pool, 0)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(400):
+        for pair in sample_windows(labels, range(40), 4, n_fg=32, n_total=32, generator=g)[0]:
+            counts[pair] += 1
+    freq = torch.tensor(list(counts.values()), dtype=torch.float32) / 400
+    assert torch.allclose(freq, torch.full_like(freq, 32 / len(pool)), atol=0.08)

@@ -8,7 +8,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from detector.svm import HardNegativeMiner, fit_feature_scale, svm_objective, svm_scores, train_linear_svm
+from detector.svm import HardNegativeMiner, LinearSVMs, svm_objective, svm_scores, train_linear_svm
 
 
 def _dual_reference(pos, neg, C, pos_weight, bias):
@@ -27,13 +27,6 @@ def _dual_reference(pos, neg, C, pos_weight, bias):
                                   bounds=list(zip(np.zeros_like(ub), ub)), options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12})
     wt = (res.x * y) @ x
     return torch.from_numpy(wt[:-1]), float(wt[-1] * bias)
-
-
-def test_fit_feature_scale():
-    f = torch.tensor([[3.0, 4.0], [0.0, 10.0]])  # norms 5 and 10, mean 7.5
-    assert fit_feature_scale(f, 20.0) == pytest.approx(20.0 / 7.5)
-    with pytest.raises(ValueError):
-        fit_feature_scale(torch.zeros(3, 2))
 
 
 def test_separable_case_and_objective_matches_dual_reference():
@@ -56,9 +49,9 @@ def test_spec_options_on_overlapping_data_match_reference():
     g = torch.Generator().manual_seed(1)
     pos = torch.randn(30, 8, generator=g) + 1.0
     neg = torch.randn(60, 8, generator=g) - 0.5
-    s = fit_feature_scale(torch.cat([pos, neg]))
+    s = 20.0 / float(torch.cat([pos, neg]).norm(dim=1).mean())  # mean norm 20 (spec §7)
     pos, neg = pos * s, neg * s
-    w, b = train_linear_svm(pos, neg)
+    w, b = train_linear_svm(pos, neg, C=0.001, pos_weight=2.0, bias=10.0)
     w_ref, b_ref = _dual_reference(pos, neg, 0.001, 2.0, 10.0)
     ours = svm_objective(w, b, pos, neg)
     ref = svm_objective(w_ref, b_ref, pos, neg)
@@ -192,3 +185,15 @@ def test_max_hard_per_image_keeps_the_highest_scoring_negatives():
     hard = torch.nonzero(scores > -1.0001).flatten()
     expected = set(hard[torch.argsort(scores[hard], descending=True)[:2]].tolist())
     assert len(expected) == added
+
+
+def test_linear_svms_module_scores_scaled_features_with_one_addmm():
+    g = torch.Generator().manual_seed(0)
+    W, b, f = torch.randn(6, 3, generator=g), torch.randn(3, generator=g), torch.rand(5, 6, generator=g)
+    svms = LinearSVMs(W, b, feature_scale=2.5)
+    torch.testing.assert_close(svms(f), (f * 2.5) @ W + b)
+    assert set(svms.state_dict()) == {"weight", "bias"} and svms.num_classes == 3
+    with pytest.raises(ValueError, match="feature_scale"):
+        LinearSVMs(W, b, feature_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"bias \[K\]"):
+        LinearSVMs(W, torch.zeros(4), 1.0)

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from detector.cli import run_tool
+from detector.config import ProposalConfig
 from detector.data.voc import VOCDataError, read_split_ids
-from proposals import MODES, ImageError, compute_proposals_for_images
+from proposals import MODES, compute_proposals_for_images
 
 log = logging.getLogger("compute_proposals")
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -27,8 +29,7 @@ def image_path(root: Path, image_id: str) -> Path:
         p = root / "JPEGImages" / f"{image_id}{ext}"
         if p.is_file():
             return p
-    raise FileNotFoundError(f"no image for id {image_id!r} in {root / 'JPEGImages'} "
-                            f"(tried {', '.join(IMAGE_EXT)})")
+    raise VOCDataError(f"no image for id {image_id!r} in {root / 'JPEGImages'} (tried {', '.join(IMAGE_EXT)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,32 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", required=True, type=Path, help="VOC-layout folder")
     ap.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt")
     ap.add_argument("--out", required=True, type=Path, help="output .npz")
-    ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
-    ap.add_argument("--mode", default="fast+", choices=MODES, help="default fast+ (see proposals.selective_search)")
-    ap.add_argument("--min-size", type=float, default=20, help="drop boxes with a side under this (px)")
-    ap.add_argument("--max-boxes", type=int, default=2000, help="per image; 0 = all")
+    d = ProposalConfig()
+    ap.add_argument("--workers", type=int, default=d.workers, help=f"processes (default {d.workers})")
+    ap.add_argument("--mode", default=d.mode, choices=MODES, help=f"default {d.mode} (see proposals.selective_search)")
+    ap.add_argument("--min-size", type=float, default=d.min_size, help="drop boxes with a side under this (px)")
+    ap.add_argument("--max-boxes", type=int, default=d.max_boxes, help="per image; 0 = all")
     ap.add_argument("--skip-bad-images", action="store_true",
                     help="give unreadable images 0 boxes with a warning instead of stopping")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        ids = read_split_ids(args.data_root, args.split)
-        items = [(i, image_path(args.data_root, i)) for i in ids]
-    except (VOCDataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    t0 = time.time()
-    try:
-        boxes = compute_proposals_for_images(items, args.out, workers=args.workers, mode=args.mode,
-                                             min_size=args.min_size, max_boxes=args.max_boxes,
-                                             progress=not args.no_progress,
-                                             skip_bad_images=args.skip_bad_images)
-    except ImageError as e:
-        sys.exit(f"error: {e} (rerun with --skip-bad-images to continue without it)")
-    n = sum(len(b) for b in boxes.values())
-    log.info("%d images, %.1f boxes/image, %.1f s wall -> %s", len(boxes), n / max(1, len(boxes)),
-             time.time() - t0, args.out)
-    return 0
+
+    def body() -> None:
+        t0 = time.time()
+        items = [(i, image_path(args.data_root, i)) for i in read_split_ids(args.data_root, args.split)]
+        options = {"method": "selective_search", "mode": args.mode, "min_size": args.min_size,
+                   "max_boxes": args.max_boxes or None}
+        boxes = compute_proposals_for_images(items, args.out, options, workers=args.workers,
+                                             progress=not args.no_progress, skip_bad_images=args.skip_bad_images)
+        n = sum(len(b) for b in boxes.values())
+        log.info("%d images, %.1f boxes/image, %.1f s wall -> %s", len(boxes), n / max(1, len(boxes)),
+                 time.time() - t0, args.out)
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from detector import SPPDetector  # noqa: E402
-from detector.detector import CheckpointError  # noqa: E402
-from proposals.imageio import ImageError, read_image  # noqa: E402
+from detector.cli import run_tool  # noqa: E402
+from proposals.imageio import read_image  # noqa: E402
 
 
 def draw_detections(image, dets: dict, class_names, out: Path, title: str = "") -> Path:
@@ -49,20 +49,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="display threshold on the SVM score (0 = the SVM decision boundary)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         det = SPPDetector.load(args.checkpoint, device=args.device)
         image = read_image(args.image)
-    except (CheckpointError, ImageError) as e:
-        sys.exit(f"error: {e}")
-    dets = det.detect(image, score_threshold=args.threshold)
-    t = det.last_timings
-    title = " ".join(f"{k} {v:.2f}s" for k, v in t.items())
-    out = draw_detections(image, dets, det.class_names, Path(args.out), title)
-    for box, score, label in zip(dets["boxes"].tolist(), dets["scores"].tolist(), dets["labels"].tolist()):
-        print(f"{det.class_names[label]:>12s} {score:7.3f}  " + " ".join(f"{v:7.1f}" for v in box))
-    print(f"{len(dets['scores'])} detections; timings (s): {title}")
-    print(f"wrote {out}")
-    return 0
+        dets = det.detect(image, score_threshold=args.threshold)
+        title = " ".join(f"{k} {v:.2f}s" for k, v in det.last_timings.items())
+        out = draw_detections(image, dets, det.class_names, Path(args.out), title)
+        for box, score, label in zip(dets["boxes"].tolist(), dets["scores"].tolist(), dets["labels"].tolist()):
+            print(f"{det.class_names[label]:>12s} {score:7.3f}  " + " ".join(f"{v:7.1f}" for v in box))
+        print(f"{len(dets['scores'])} detections; timings (s): {title}")
+        print(f"wrote {out}")
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ def random_detector(
     Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim``, random SVMs and box regressors,
     class names ``class0..``; scores are meaningless.
     """
+    import dataclasses
+
     from detector.backbones import build_backbone
+    from detector.bbox_reg import BoxRegressor
+    from detector.config import Config
     from detector.detector import SPPDetector
+    from detector.engine.train import detect_params
     from detector.head import FCHead
     from detector.spp import spp_out_dim
+    from detector.svm import LinearSVMs
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -45,13 +51,11 @@ def random_detector(
     d = spp_out_dim(backbone.out_channels, levels)
     head = FCHead(d, fc_dim=fc_dim, num_classes=None)
     k = num_classes
-    return SPPDetector(
-        backbone=backbone, head=head,
-        svm_weight=torch.randn(fc_dim, k, generator=g) * 1e-3, svm_bias=torch.zeros(k),
-        feature_scale=1.0, bbox_weight=torch.randn(d + 1, 4 * k, generator=g) * 1e-4, pool_scale=1.0,
-        class_names=[f"class{i}" for i in range(k)], scales=tuple(scales), levels=tuple(levels),
-        arch="zf5", width_mult=width_mult, device=device,
-    )
+    svms = LinearSVMs(torch.randn(fc_dim, k, generator=g) * 1e-3, torch.zeros(k), 1.0)
+    bbox = BoxRegressor(torch.randn(d + 1, 4 * k, generator=g) * 1e-4, 1.0)
+    params = dataclasses.replace(detect_params(Config()), scales=tuple(scales))  # the spec's test settings
+    return SPPDetector(backbone=backbone, head=head, svms=svms, bbox=bbox, class_names=[f"class{i}" for i in range(k)],
+                       levels=tuple(levels), params=params, arch="zf5", width_mult=width_mult).to(device)
 
 
 def random_boxes(height: int, width: int, n: int, generator: torch.Generator, min_size: int = 20) -> torch.Tensor:

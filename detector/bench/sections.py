@@ -138,13 +138,13 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
 
     sc = det.svm_scores(det.fc_features(pool_regions(det.compute_pyramid(photos[0][1]), props[0], det.levels,
                                                      det.proj)))  # (R, K)
-    win, lab = torch.nonzero(sc > det.score_thresh, as_tuple=True)
+    win, lab = torch.nonzero(sc > det.params.score_thresh, as_tuple=True)
     cb, cs = props[0][win].float(), sc[win, lab].float()
-    kpc = det.max_per_class
+    kpc = det.params.max_per_class
 
     def nms_topk(keep_fn):  # keep_fn(boxes, scores, labels, iou) -> kept indices by score
         def run(b, s_):
-            kp = keep_fn(b, s_, lab, det.nms)
+            kp = keep_fn(b, s_, lab, det.params.nms)
             return kp[topk_per_class(lab[kp], kpc)]
         return run
 
@@ -181,7 +181,7 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
               "| stage | median [min-max] |", "|---|---|"]
     lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items() if k != "proposals"]
     lines += ["", f"Per-class NMS and top {kpc} of the first image's {cb.shape[0]} (window, class) candidates "
-              f"({det.num_classes} classes, IoU {det.nms}; {n_tied} candidates tie with another of their class), "
+              f"({det.num_classes} classes, IoU {det.params.nms}; {n_tied} candidates tie with another of their class), "
               f"9 calls each; same detections in the same order with ties broken by index: "
               f"{'yes' if same else 'NO'}:", "", "| implementation | ms, median [min-max] |", "|---|---|"]
     lines += [f"| {n} | {_fmt({k: v * 1000 for k, v in s.items()}, 1)} |" for n, s in nms_rows]

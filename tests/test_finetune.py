@@ -1,5 +1,7 @@
-"""Fine-tuning the trunk's last conv units with the fc head (finetune.conv_layers, a deviation
-from spec §6 that Fast R-CNN showed pays): the trunk split, what is trained, resume, learning."""
+"""Fine-tuning (detector.finetune): the one loop with both window sources. With the trunk's last
+conv units (finetune.conv_layers, a deviation from spec §6 that Fast R-CNN showed pays): the trunk
+split, what is trained, learning. Both sources: the batches' composition, and a resumed run equal
+to an uninterrupted one with dropout on."""
 from __future__ import annotations
 
 import copy
@@ -10,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from detector.backbones import ZF5, ResNet50C4, TrunkPrefix, VGG16Conv5
+from detector.config import FinetuneConfig
+from detector.data.voc import ImageRecord
+from detector.finetune import CachedWindows, TunedTailWindows, finetune
 from detector.head import FCHead
-from detector.bench.random_model import random_boxes
 from detector.regions import Conv5Pyramid, ProjectionParams
 from detector.spp import spp_out_dim
-from detector.training import TrainItem, finetune_head_and_tail
-from detector.data.voc import ImageRecord
+from detector.train_items import TrainItem
 
 LEVELS = (1, 2)
 
@@ -37,7 +40,14 @@ def test_prefix_then_tail_is_the_trunk(cls, kw):
         trunk.forward_prefix(x, trunk.tail_units + 1)
 
 
-def _setup(n_items: int = 3, seed: int = 0):
+def random_boxes(h: int, w: int, n: int, g: torch.Generator, min_size: int) -> torch.Tensor:
+    """n random xyxy boxes inside an h x w image, each side at least min_size."""
+    wh = min_size + torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - min_size)
+    xy = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - wh)
+    return torch.cat([xy, xy + wh], 1)
+
+
+def _setup(n_items: int = 3, seed: int = 0, dropout: float = 0.0):
     """A width-1/8 ZF-5, its prefix maps of random images at two scales, GT boxes and proposals."""
     torch.manual_seed(seed)
     trunk = ZF5(width_mult=0.125).eval()
@@ -59,7 +69,7 @@ def _setup(n_items: int = 3, seed: int = 0):
             maps = [trunk.forward_prefix(F.interpolate(img, size=(s, s), mode="bilinear"), 2)[0] for s in (96, 128)]
         prefix[rec.image_id] = Conv5Pyramid([m.half() for m in maps], [(96, 96), (128, 128)], (128, 128))
     proj = ProjectionParams.of(trunk, target_side=48)
-    head = FCHead(spp_out_dim(trunk.out_channels, LEVELS), fc_dim=32, num_classes=2, dropout=0.0)
+    head = FCHead(spp_out_dim(trunk.out_channels, LEVELS), fc_dim=32, num_classes=2, dropout=dropout)
     return trunk, head, items, (lambda it: prefix[it.record.image_id]), proj
 
 
@@ -83,16 +93,19 @@ def _train_loss(trunk, head, items, load, proj) -> float:
     return total / n
 
 
-def _run(trunk, head, items, load, proj, iters, **kw):
-    return finetune_head_and_tail(head, trunk, 2, items[:2], items[2:], load, LEVELS, proj, 2, iters=iters,
-                                  lr=0.01, lr_steps=[6], batch_size=16, images_per_batch=2, val_every=4,
-                                  val_batches=1, progress=False, **kw)
+def _params(**kw) -> FinetuneConfig:
+    base = dict(iters=100, lr=0.001, lr_steps=(80,), batch_size=16, images_per_batch=2, val_every=50,
+                val_batches=1, conv_layers=2)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _tail(trunk, head, items, load, proj, params, **kw):
+    source = TunedTailWindows(trunk, 2, items[:2], items[2:], load, LEVELS, proj, 2, params)
+    return finetune(head, source, params, progress=False, **kw)
 
 
 def _tune(trunk, head, items, load, proj, mult: float = 1.0):
-    return finetune_head_and_tail(head, trunk, 2, items[:2], items[2:], load, LEVELS, proj, 2, iters=100,
-                                  lr=0.001, lr_steps=[80], tail_lr_mult=mult, batch_size=16, val_every=50,
-                                  val_batches=1, progress=False)
+    return _tail(trunk, head, items, load, proj, _params(conv_lr_mult=mult))
 
 
 def test_only_the_tail_and_head_change_and_the_loss_falls():
@@ -120,26 +133,60 @@ def test_only_the_tail_and_head_change_and_the_loss_falls():
     assert loss1 < 0.3 * loss0 and loss1 < loss_frozen, (loss0, loss1, loss_frozen)
 
 
-def test_resume_replays_the_same_run():
+@pytest.mark.parametrize("with_tail", [True, False])
+def test_resume_replays_the_same_run_with_dropout(with_tail):
     """A run interrupted after its first validation and resumed from the saved state ends with the
-    same head and tail as an uninterrupted run (batches are drawn per iteration from the seed)."""
-    trunk, head, items, load, proj = _setup()
+    same head (and tail) as an uninterrupted run, bit for bit, with dropout 0.5: batch draws are
+    functions of the iteration (or chunk) and the dropout generator's state is in the resume file.
+    The resumed run starts from a different global RNG state, as a new process would."""
+    trunk, head, items, load, proj = _setup(dropout=0.5)
     trunk_b, head_b = copy.deepcopy(trunk), copy.deepcopy(head)
+    params = _params(iters=10, val_every=4, lr_steps=(6,), lr=0.01, chunk_iters=4, chunk_images=2)
+
+    def run(tr, hd, **kw):
+        if with_tail:
+            return _tail(tr, hd, items, load, proj, params, **kw)
+        src = CachedWindows(items[:2], items[2:], lambda it: _full(tr, load(it)), LEVELS, proj, 2, params)
+        return finetune(hd, src, params, progress=False, **kw)
+
     saved = []
-    head_a, _ = _run(trunk, head, items, load, proj, 8, save_state=lambda st: saved.append(copy.deepcopy(st)))
-    assert [s["iter"] for s in saved] == [4]
-    head_b, _ = _run(trunk_b, head_b, items, load, proj, 8, resume_state=saved[0])
+    torch.manual_seed(5)
+    head_a, hist_a = run(trunk, head, save_state=lambda st: saved.append(copy.deepcopy(st)))
+    assert [s["iter"] for s in saved] == [4, 8]
+    torch.manual_seed(123)  # another process: another global generator state
+    head_b, hist_b = run(trunk_b, head_b, resume_state=saved[0])
+    assert hist_b["loss"] == hist_a["loss"]
     for k, v in head_a.state_dict().items():
         torch.testing.assert_close(head_b.state_dict()[k], v, rtol=0, atol=0)
     for k, v in trunk.state_dict().items():
         torch.testing.assert_close(trunk_b.state_dict()[k], v, rtol=0, atol=0)
 
 
+def _full(trunk, pre: Conv5Pyramid) -> Conv5Pyramid:
+    """conv5 maps from prefix maps (the fc-only source pools fixed conv5 maps)."""
+    with torch.no_grad():
+        return Conv5Pyramid([trunk.forward_tail(f.float()[None], 2)[0] for f in pre.fmaps], pre.scaled_sizes,
+                            pre.image_size)
+
+
+def test_cached_windows_batches_mix_images_with_the_foreground_share():
+    trunk, head, items, load, proj = _setup(n_items=6)
+    params = _params(batch_size=16, chunk_iters=3, chunk_images=4, fg_fraction=0.25)
+    src = CachedWindows(items, [], lambda it: _full(trunk, load(it)), LEVELS, proj, 2, params)
+    batches = list(src.batches(0, 6))
+    assert len(batches) == 6
+    for x, y in batches:
+        assert x.shape == (16, head.in_dim) and int((y < 2).sum()) == 4 and int((y == 2).sum()) == 12
+    again = list(src.batches(0, 6))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    # a resume inside a chunk replays its draw: iterations 4.. equal the uninterrupted ones
+    tail = list(src.batches(4, 6))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[4:], tail))
+
+
 def test_bad_arguments_are_named():
     trunk, head, items, load, proj = _setup(n_items=2)
     with pytest.raises(ValueError, match="n_tail"):
-        finetune_head_and_tail(head, trunk, 4, items, [], load, LEVELS, proj, 2, iters=1, lr=0.01, lr_steps=[],
-                               progress=False)
+        TunedTailWindows(trunk, 4, items, [], load, LEVELS, proj, 2, _params())
     with pytest.raises(ValueError, match="images_per_batch"):
-        finetune_head_and_tail(head, trunk, 1, items, [], load, LEVELS, proj, 2, iters=1, lr=0.01, lr_steps=[],
-                               images_per_batch=0, progress=False)
+        TunedTailWindows(trunk, 1, items, [], load, LEVELS, proj, 2, _params(images_per_batch=0))

@@ -1,0 +1,157 @@
+"""A run of the engine: its output folder, logging, seeds, and the stages it loads or builds.
+
+A stage is one keyed step of a flow (:class:`Stage`): it names its inputs (the outputs of earlier
+stages), computes a key of everything that affects its output (its settings and its inputs'
+identities), and either loads a valid output for that key or builds it. What a stage returns is
+an :class:`Output`: its value and its *identity*, the key plus a digest of the output's content
+where one is cheap to read (zip CRCs), which the stages downstream put in their own keys. So a
+changed setting, or an input that was rebuilt into other bytes, rebuilds everything downstream;
+a stage whose key is unchanged is loaded, not recomputed.
+
+Randomness. Every stage that draws random numbers from torch's or numpy's global generators seeds
+them itself at its start (:meth:`Run.seed`), so its result does not depend on which stages were
+loaded and which were built before it in the same process: a rerun after a kill gives the result
+of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from detector.artifacts import digest
+from detector.config import Config, save_config
+
+__all__ = ["Run", "Stage", "Output", "StopAfter", "setup_logging", "setup_torch", "peak_memory_mb"]
+
+log = logging.getLogger("sppnet")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Output(Generic[T]):
+    """A stage's value and its identity (what downstream keys are made of)."""
+
+    value: T
+    identity: str
+
+
+class StopAfter(Exception):
+    """Raised by :meth:`Run.stage` after the stage named by ``stop_after`` (its output is kept)."""
+
+
+class Stage(Generic[T]):
+    """One keyed step. Subclasses set ``name``, and implement :meth:`settings`, :meth:`load` and
+    :meth:`build` (and :meth:`identity` when their output's content can be digested cheaply).
+
+    Args:
+        inputs: the outputs of earlier stages this one is made from.
+    """
+
+    name: str = ""
+
+    def __init__(self, *inputs: Output) -> None:
+        self.inputs = inputs
+
+    def settings(self) -> Any:
+        """The JSON-able settings that change this stage's output (config sections, ids)."""
+        return None
+
+    @property
+    def key(self) -> str:
+        """Digest of the stage name, its settings and its inputs' identities."""
+        if not hasattr(self, "_key"):
+            self._key = digest(self.name, self.settings(), [i.identity for i in self.inputs])
+        return self._key
+
+    def load(self) -> T | None:
+        """The output made under :attr:`key`, checked, or None when there is none (or it is stale
+        or damaged)."""
+        return None
+
+    def build(self) -> T:
+        """Compute (and store) the output."""
+        raise NotImplementedError
+
+    def identity(self, value: T) -> str:
+        """The output's identity; by default the key (outputs that are a function of the key)."""
+        return self.key
+
+
+def setup_logging(out_dir: Path | None = None, name: str = "log.txt") -> None:
+    """INFO logging to stderr, and to ``out_dir/name`` when given."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / name))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def setup_torch(cfg: Config) -> None:
+    """torch's intra-op threads (``num_threads``, 0 = torch's default) and the global seeds."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process and its finished children, in MiB (Linux ru_maxrss)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+class Run:
+    """The context of one ``train`` or ``evaluate`` call.
+
+    Opening a run creates ``out_dir``, sends the log there (``log_name``), sets the torch thread
+    count and seeds, and writes the resolved config with the command line.
+
+    Args:
+        cfg: the resolved config.
+        out_dir: where outputs go (default ``cfg.output_dir``).
+        log_name: the log file's name in ``out_dir``.
+        stop_after: a stage name; :meth:`stage` raises :class:`StopAfter` once it has run.
+        argv: the command line to record (default ``sys.argv``).
+    """
+
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, log_name: str = "log.txt",
+                 stop_after: str | None = None, argv: Sequence[str] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir or cfg.output_dir)
+        self.stop_after = stop_after
+        self.timings: dict[str, float] = {}
+        setup_logging(self.out, log_name)
+        setup_torch(cfg)
+        save_config(cfg, self.out, list(argv) if argv is not None else sys.argv)
+
+    def seed(self, offset: int = 0) -> None:
+        """Seed torch's and numpy's global generators with ``cfg.seed + offset``."""
+        torch.manual_seed(self.cfg.seed + offset)
+        np.random.seed(self.cfg.seed + offset)
+
+    def stage(self, stage: Stage[T]) -> Output[T]:
+        """Load ``stage``'s output for its key, or build it; log which and how long it took."""
+        t0 = time.perf_counter()
+        value = stage.load()
+        reused = value is not None
+        if value is None:
+            log.info("stage %s: building (key %s)", stage.name, stage.key)
+            value = stage.build()
+        out = Output(value, stage.identity(value))
+        self.timings[stage.name] = time.perf_counter() - t0
+        log.info("stage %s: %s in %.1f s", stage.name, "loaded" if reused else "built", self.timings[stage.name])
+        if self.stop_after == stage.name:
+            raise StopAfter(stage.name)
+        return out
+

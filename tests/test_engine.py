@@ -1,0 +1,167 @@
+"""The stage engine: a stage is loaded when nothing it depends on changed, rebuilt (with everything
+downstream) when a setting or an input changes, and a stage killed midway leaves nothing that a
+rerun takes for valid."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector.artifacts import content_id, digest, load_keyed, save_keyed, verify
+from detector.config import Config, DataConfig
+from detector.engine.run import Output, Run, Stage, StopAfter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Numbers(Stage[dict]):
+    """Upstream toy stage: writes ``value`` (a setting) times a ramp."""
+
+    name = "numbers"
+
+    def __init__(self, folder: Path, value: float, log: list) -> None:
+        super().__init__()
+        self.folder, self.value, self.log = folder, value, log
+
+    def settings(self) -> object:
+        return {"value": self.value}
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "numbers.pt"
+
+    def load(self) -> dict | None:
+        return load_keyed(self.path, self.key)
+
+    def build(self) -> dict:
+        self.log.append(self.name)
+        out = {"x": torch.arange(4.0) * self.value}
+        save_keyed(self.path, self.key, out)
+        return out
+
+    def identity(self, value: dict) -> str:
+        return digest(self.key, content_id(self.path))
+
+
+class Sum(Stage[dict]):
+    """Downstream toy stage: the sum of its input, keyed by the input's identity."""
+
+    name = "sum"
+
+    def __init__(self, folder: Path, numbers: Output[dict], log: list) -> None:
+        super().__init__(numbers)
+        self.folder, self.log = folder, log
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "sum.pt"
+
+    def load(self) -> dict | None:
+        return load_keyed(self.path, self.key)
+
+    def build(self) -> dict:
+        self.log.append(self.name)
+        out = {"s": self.inputs[0].value["x"].sum()}
+        save_keyed(self.path, self.key, out)
+        return out
+
+
+def _run(tmp_path: Path, value: float, stop_after: str | None = None) -> tuple[list, dict | None]:
+    cfg = Config(output_dir=str(tmp_path / "run"), data=DataConfig(root=str(tmp_path)))
+    run = Run(cfg, log_name="log.txt", stop_after=stop_after, argv=["test"])
+    built: list = []
+    try:
+        nums = run.stage(Numbers(run.out, value, built))
+        total = run.stage(Sum(run.out, nums, built))
+    except StopAfter:
+        return built, None
+    return built, total.value
+
+
+def test_unchanged_stages_are_loaded_not_rebuilt(tmp_path):
+    built, out = _run(tmp_path, 2.0)
+    assert built == ["numbers", "sum"] and float(out["s"]) == 12.0
+    built, out = _run(tmp_path, 2.0)
+    assert built == [] and float(out["s"]) == 12.0
+
+
+def test_a_changed_setting_rebuilds_the_stage_and_everything_downstream(tmp_path):
+    _run(tmp_path, 2.0)
+    built, out = _run(tmp_path, 3.0)
+    assert built == ["numbers", "sum"] and float(out["s"]) == 18.0
+
+
+def test_an_upstream_output_rebuilt_into_other_bytes_rebuilds_downstream(tmp_path):
+    _run(tmp_path, 2.0)
+    path = tmp_path / "run" / "numbers.pt"
+    # the same key, other content: the file is replaced (e.g. rebuilt on another machine)
+    key = torch.load(path, weights_only=True)["key"]
+    save_keyed(path, key, {"x": torch.arange(4.0) * 5})
+    built, out = _run(tmp_path, 2.0)
+    assert built == ["sum"] and float(out["s"]) == 30.0
+    # rebuilt into the same bytes: nothing downstream is redone
+    path.unlink()
+    built, _ = _run(tmp_path, 5.0)
+    built, out = _run(tmp_path, 5.0)
+    assert built == [] and float(out["s"]) == 30.0
+
+
+def test_a_damaged_output_is_rebuilt_not_used(tmp_path):
+    _run(tmp_path, 2.0)
+    path = tmp_path / "run" / "sum.pt"
+    data = bytearray(path.read_bytes())
+    n = len(data)
+    data[n // 3: n // 3 + 40] = b"\xff" * 40  # same size, other bytes
+    path.write_bytes(bytes(data))
+    assert verify(path) is not None
+    built, out = _run(tmp_path, 2.0)
+    assert built == ["sum"] and float(out["s"]) == 12.0 and verify(path) is None
+
+
+def test_stop_after_keeps_the_stage_and_stops(tmp_path):
+    built, out = _run(tmp_path, 2.0, stop_after="numbers")
+    assert built == ["numbers"] and out is None
+    built, out = _run(tmp_path, 2.0)
+    assert built == ["sum"] and float(out["s"]) == 12.0
+
+
+KILLED_WRITER = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+from detector.artifacts import save_keyed
+big = torch.randn(64, 1024, 1024)  # 256 MB: the write takes long enough to be killed inside it
+print("writing", flush=True)
+save_keyed({path!r}, "k", {{"x": big}})
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stage_killed_while_writing_leaves_nothing_taken_for_valid(tmp_path):
+    """SIGKILL a process in the middle of writing a keyed output: the rerun finds no output under the
+    final name (only a temp file of a dead process, which opening the folder removes), or, if the
+    write had finished, a complete one that passes its content check: never a partial one."""
+    from detector.artifacts import remove_stale_temps
+
+    path = tmp_path / "out" / "stage.pt"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), path=str(path))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    tmp = path.with_name(f".{path.name}.{proc.pid}.tmp")
+    deadline = time.time() + 120
+    while not (tmp.is_file() and tmp.stat().st_size > 1 << 20) and not path.is_file() and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if path.is_file():  # the write finished first: what is there is complete
+        assert verify(path) is None and load_keyed(path, "k") is not None
+    else:
+        assert tmp.is_file() and load_keyed(path, "k") is None
+        assert remove_stale_temps(path.parent) == 1
+    assert not list(path.parent.glob(".*.tmp"))
