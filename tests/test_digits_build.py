@@ -155,9 +155,25 @@ def test_stamp_logic(tmp_path):
     assert not list(tmp_path.glob(".d.*"))  # no temp or old folders left
     # a stamp from another generator version is not "already built"
     stamp = json.loads((out / STAMP_NAME).read_text())
-    (out / STAMP_NAME).write_text(json.dumps({**stamp, "version": -1}))
+    (out / STAMP_NAME).write_text(json.dumps({**stamp, "version": -1, "key": "made-by-version--1"}))
     with pytest.raises(DatasetExistsError, match="version"):
         make_digits_dataset(out, seed=1, n_trainval=2, n_test=1)
+
+
+def test_a_changed_file_makes_the_set_be_rebuilt(tmp_path, caplog):
+    """The stamp records every file's SHA-1: an image damaged in place or a deleted annotation is
+    seen on the next run, named, and the set rebuilt to the same bytes."""
+    out = tmp_path / "d"
+    make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
+    jpg = sorted((out / "JPEGImages").glob("*.jpg"))[0]
+    good = jpg.read_bytes()
+    jpg.write_bytes(good[:100] + b"\x00" * 50 + good[150:])
+    (out / "Annotations" / "000002.xml").unlink()
+    with caplog.at_level("WARNING"):
+        s = make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
+    assert not s["skipped"] and jpg.name in caplog.text and "000002.xml" in caplog.text
+    assert jpg.read_bytes() == good and (out / "Annotations" / "000002.xml").is_file()
+    assert make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)["skipped"]
 
 
 def test_refuses_foreign_folder(tmp_path):
@@ -194,7 +210,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # a partial folder left by a killed run (dead pid) is removed by the next run
     monkeypatch.setattr(dg, "_render_task", real)
-    stale = tmp_path / ".x.partial-999999999"
+    stale = tmp_path / ".x.999999999.tmp"
     (stale / "JPEGImages").mkdir(parents=True)
     make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
     assert not stale.exists() and (out / STAMP_NAME).is_file()
@@ -229,3 +245,15 @@ def test_workers_import_no_torch_and_package_exports_resolve():
             "assert 'torch' not in sys.modules and 'PIL.Image' not in sys.modules, 'heavy import'; "
             "import detector.data as d; assert all(getattr(d, n) is not None for n in d.__all__)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_stamp_without_file_hashes_is_rebuilt_to_the_same_set(tmp_path):
+    """A set made before stamps carried a key and file hashes is rebuilt (same bytes), not refused."""
+    out = tmp_path / "d"
+    make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)
+    jpgs = {p.name: p.read_bytes() for p in (out / "JPEGImages").glob("*.jpg")}
+    stamp = json.loads((out / STAMP_NAME).read_text())
+    (out / STAMP_NAME).write_text(json.dumps({k: v for k, v in stamp.items() if k not in ("key", "files")}))
+    assert not make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)["skipped"]
+    assert {p.name: p.read_bytes() for p in (out / "JPEGImages").glob("*.jpg")} == jpgs
+    assert make_digits_dataset(out, seed=0, n_trainval=2, n_test=1)["skipped"]

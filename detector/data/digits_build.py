@@ -12,7 +12,7 @@ Layout written under ``out`` (exactly as Pascal VOC 2007)::
     JPEGImages/<id>.jpg          fixed JPEG quality
     ImageSets/Main/{trainval,train,val,test}.txt
     ImageSets/Main/<class>_<split>.txt   "<id> <flag>", flag 1 / -1 / 0 (only difficult instances)
-    .complete.json               stamp: version + parameters + summary; written last
+    .complete.json               stamp: key (version + parameters), summary, a SHA-1 of every file; written last
 
 Boxes are project xyxy until the XML is written; :func:`detector.boxes.xyxy_to_voc` converts them
 there.
@@ -24,6 +24,12 @@ XML and list). The bytes also depend on the OpenCV / libjpeg build and the bundl
 versions the stamp records under ``environment``. The 1797 digits are split first (stratified by class)
 into disjoint train / val / test pools; trainval images use only train+val digits and test images only
 test digits.
+
+Reuse (``detector.artifacts``): a folder whose stamp carries the same key is the finished data set
+only when every file it lists still has the recorded SHA-1 (a damaged or edited file makes it be
+rebuilt, with a warning naming the files); it is built in a temp folder ``.<name>.<pid>.tmp`` next
+to ``out`` and moved into place only when complete, so a killed build leaves no ``out`` that could
+be taken for a finished one, and its temp folder is removed by the next build.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from detector.artifacts import digest, remove_stale_temps, write_text
 from detector.data.digits_draw import (
     DIGIT_CLASSES,
     DigitsParams,
@@ -157,12 +164,6 @@ def _xml(image_id: str, height: int, width: int, background: str, objects: list[
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 _WORKER: dict[str, Any] = {}  # sources handed to spawned workers by _init_worker
 
 
@@ -211,18 +212,20 @@ def _looks_like_dataset(path: Path) -> bool:
     return path.is_dir() and all(c.name in _LAYOUT for c in path.iterdir())
 
 
-def _clean_stale_partials(out: Path) -> None:
-    """Remove ``.<name>.partial-<pid>`` folders left by runs that were killed (their pid is gone)."""
-    for d in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-            continue  # that run is still going
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+def _manifest(root: Path) -> dict[str, str]:
+    """SHA-1 of every file of a built data set except the stamp: ``{relative path: hex}``."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != STAMP_NAME:
+            out[f.relative_to(root).as_posix()] = hashlib.sha1(f.read_bytes()).hexdigest()
+    return out
+
+
+def _changed_files(root: Path, manifest: dict[str, str]) -> list[str]:
+    """Files of the manifest that are missing or whose content changed, and files not in it."""
+    now = _manifest(root)
+    changed = [f for f, h in manifest.items() if now.get(f) != h]
+    return changed + sorted(set(now) - set(manifest))
 
 
 def make_digits_dataset(
@@ -240,7 +243,8 @@ def make_digits_dataset(
 
     The data set is rendered into a sibling temp folder and moved into place with ``os.replace`` only
     when complete, together with the stamp ``out/.complete.json``; an interrupted run leaves no ``out``
-    that could be mistaken for a finished one.
+    that could be mistaken for a finished one. A finished set is reused only when every file still
+    has the content the stamp records (else it is rebuilt, with a warning naming the files).
 
     Args:
         out: destination folder.
@@ -267,26 +271,34 @@ def make_digits_dataset(
         raise ValueError(f"objects_per_image must be 1 <= lo <= hi, got {p.objects_per_image}")
     out = Path(out)
     stamp_path = out / STAMP_NAME
-    want = {"version": DATASET_VERSION, "params": _params_key(p)}
+    key = digest("digits", DATASET_VERSION, _params_key(p))
+    rebuild_changed = False
     if stamp_path.is_file():
         try:
             stamp = json.loads(stamp_path.read_text())
         except (OSError, json.JSONDecodeError):
             stamp = {}
-        have = {"version": stamp.get("version"), "params": stamp.get("params")}
-        if have == want:
-            summary = dict(stamp.get("summary", {}))
-            summary.update(skipped=True, seconds=round(time.perf_counter() - t0, 3), out=str(out))
-            log.info("%s: already built (seed %d, %d trainval, %d test); nothing to do",
-                     out, p.seed, p.n_trainval, p.n_test)
-            return summary
-        if not force:
-            diff = {k: (have["params"].get(k) if isinstance(have["params"], dict) else None, v)
-                    for k, v in want["params"].items()
-                    if not isinstance(have["params"], dict) or have["params"].get(k) != v}
-            if have["version"] != want["version"]:
-                diff["version"] = (have["version"], want["version"])
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *ab) for k, ab in diff.items()))
+        if stamp.get("key") == key:
+            changed = _changed_files(out, stamp.get("files", {}))
+            if not changed:
+                summary = dict(stamp.get("summary", {}))
+                summary.update(skipped=True, seconds=round(time.perf_counter() - t0, 3), out=str(out))
+                log.info("%s: already built (seed %d, %d trainval, %d test); nothing to do",
+                         out, p.seed, p.n_trainval, p.n_test)
+                return summary
+            log.warning("%s: %d file(s) differ from the data set that was built (%s%s); rebuilding it", out,
+                        len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
+            rebuild_changed = True
+        elif "key" not in stamp and stamp.get("version") == DATASET_VERSION and stamp.get("params") == _params_key(p):
+            log.info("%s: stamp of an earlier format (no file hashes); rebuilding the same set to record them", out)
+            rebuild_changed = True
+        elif not force:
+            have_params = stamp.get("params") if isinstance(stamp.get("params"), dict) else {}
+            want = _params_key(p)
+            diff = {k: (have_params.get(k), v) for k, v in want.items() if have_params.get(k) != v}
+            if stamp.get("version") != DATASET_VERSION:
+                diff["version"] = (stamp.get("version"), DATASET_VERSION)
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise DatasetExistsError(
                 f"{out} already holds a digits data set built with other parameters ({changes}); "
                 f"pass --force (force=True) to rebuild it or choose another --out"
@@ -297,15 +309,15 @@ def make_digits_dataset(
                 f"{out} exists and is not a finished digits data set (no {STAMP_NAME}); "
                 "pass --force (force=True) to replace it or choose another --out"
             )
-    if out.exists() and not _looks_like_dataset(out):
+    if out.exists() and not _looks_like_dataset(out) and not rebuild_changed:
         raise DatasetExistsError(
             f"{out} holds files other than a VOC layout (Annotations/, JPEGImages/, ImageSets/); "
             "refusing to replace it: remove it yourself or choose another --out"
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_temps(out.parent)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
@@ -313,12 +325,12 @@ def make_digits_dataset(
     try:
         summary = _build(tmp, p, workers, progress)
         summary["params"] = _params_key(p)
-        stamp = {"version": DATASET_VERSION, "params": _params_key(p), "summary": summary,
-                 "environment": _environment()}
-        _atomic_write(tmp / STAMP_NAME, (json.dumps(stamp, indent=1) + "\n").encode())
+        stamp = {"key": key, "version": DATASET_VERSION, "params": _params_key(p), "summary": summary,
+                 "environment": _environment(), "files": _manifest(tmp)}
+        write_text(tmp / STAMP_NAME, json.dumps(stamp, indent=1) + "\n")
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old.{os.getpid()}.tmp"
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:
