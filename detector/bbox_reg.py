@@ -161,8 +161,8 @@ def fit_bbox_regressor(
     features: Tensor,
     proposals: Tensor,
     targets_gt: Tensor,
-    lam: float = 4000.0,
-    whiten_eps: float = 0.001,
+    lam: float,
+    whiten_eps: float,
     form: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fit one class's whitened ridge regressor (spec §8).

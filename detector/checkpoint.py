@@ -102,7 +102,9 @@ def _build(st: dict) -> SPPDetector:
     fc6 = head_sd["fc6.weight"]  # (F, D)
     has_cls = "cls_score.weight" in head_sd
     names = list(st["class_names"])
-    head = FCHead(int(fc6.shape[1]), fc_dim=int(fc6.shape[0]), num_classes=len(names) if has_cls else None)
+    # dropout acts only in training; a loaded detector only runs inference
+    head = FCHead(int(fc6.shape[1]), fc_dim=int(fc6.shape[0]), num_classes=len(names) if has_cls else None,
+                  dropout=0.0)
     head.load_state_dict(head_sd)
     sv = st["svms"]
     svms = LinearSVMs(sv["weight"], sv["bias"], float(sv["feature_scale"]))

@@ -117,9 +117,10 @@ class SPPClassifier(nn.Module):
         self,
         backbone: nn.Module,
         num_classes: int,
-        fc_dim: int = 1024,
-        levels: Sequence[int] = (1, 2, 3, 6),
-        dropout: float = 0.5,
+        *,
+        fc_dim: int,
+        levels: Sequence[int],
+        dropout: float,
         spp: bool = True,
         nospp_conv5: int = 13,
     ) -> None:

@@ -216,6 +216,7 @@ class PretrainConfig:
     momentum: Frac = 0.9
     weight_decay: NonNegFloat = 5e-4
     fc_dim: PosInt = 1024  # fc6/fc7 width of the classifier head
+    dropout: Frac = 0.5  # dropout after the classifier's fc6 and fc7 during training (spec §1)
     levels: Levels = (1, 2, 3, 6)  # pyramid of the classifier's SPP layer
     crops_per_image: PosInt = 8  # object crops taken per training image
     bg_per_image: Count = 2  # background crops (IoU < 0.3 with every object) per image

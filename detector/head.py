@@ -157,9 +157,10 @@ class FCHead(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        fc_dim: int = 4096,
+        fc_dim: int,
         num_classes: int | None = None,
-        dropout: float = 0.5,
+        *,
+        dropout: float,
         init_std: float = 0.01,
         init_bias: float = 1.0,
     ) -> None:

@@ -171,9 +171,9 @@ def nms_top_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresho
 def detections_from_scores(
     boxes: Tensor,
     scores: Tensor,
-    score_thresh: float = -1.5,
-    nms_thresh: float = 0.3,
-    max_per_class: int = 100,
+    score_thresh: float,
+    nms_thresh: float,
+    max_per_class: int,
     image_size: tuple[int, int] | None = None,
     return_indices: bool = False,
 ) -> dict[str, Tensor]:

@@ -17,9 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["select_scales", "project_boxes", "TARGET_SIDE"]
+__all__ = ["select_scales", "project_boxes"]
 
-TARGET_SIDE = 208  # spec §5: sz_conv_standard (13) * step_standard (16) pixels
 
 
 def _check_boxes(boxes: Tensor, where: str) -> Tensor:
@@ -46,7 +45,7 @@ def _nearest(values: Tensor, targets: Tensor) -> Tensor:
 
 
 def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Sequence[int] | Tensor,
-                  target_side: float = TARGET_SIDE) -> Tensor:
+                  target_side: float) -> Tensor:
     """Per-box scale choice of the released code (spec §5).
 
     ``s* = round(208 * S_min / sqrt(area))`` with ``S_min`` the image's shorter side and ``area``
@@ -64,7 +63,8 @@ def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Seque
         image_size: (height, width) of the original image.
         scale_sizes: the resized shorter side of each scale, as actually used (e.g. 480, 576, 688,
             864, 1200; smaller where a max-size cap applied).
-        target_side: 208 (spec §5).
+        target_side: the window side aimed at (spec §5: sz_conv_standard 13 x step_standard 16 = 208;
+            config ``features.target_side``).
     Returns:
         Tensor[R] int64: index into ``scale_sizes``.
 

@@ -28,10 +28,10 @@ class ProjectionParams:
     stride: int
     offset0: float
     shrink: float
-    target_side: float = 208.0
+    target_side: float
 
     @staticmethod
-    def of(backbone: torch.nn.Module, target_side: float = 208.0) -> "ProjectionParams":
+    def of(backbone: torch.nn.Module, target_side: float) -> "ProjectionParams":
         return ProjectionParams(int(backbone.stride), float(backbone.proj_offset0), float(backbone.proj_shrink),
                                 float(target_side))
 

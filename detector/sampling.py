@@ -33,9 +33,9 @@ def label_windows(
     gt_boxes: Tensor,
     gt_labels: Tensor,
     num_classes: int,
-    fg_iou: float = 0.5,
-    bg_low: float = 0.1,
-    bg_high: float = 0.5,
+    fg_iou: float,
+    bg_low: float,
+    bg_high: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fine-tuning label of each window from its best-overlapping GT box.
 

@@ -60,8 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float = 0.001,
-                  pos_weight: float = 2.0, bias: float = 10.0) -> dict[str, float]:
+def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float, pos_weight: float,
+                  bias: float) -> dict[str, float]:
     """The liblinear primal objective of a linear SVM, split into its terms (float64).
 
     ``C * pos_weight * sum_pos max(0, 1 - s) + C * sum_neg max(0, 1 + s) + 1/2 ||w||^2 + 1/2 (b/bias)^2``
@@ -85,9 +85,9 @@ def svm_objective(w: Tensor, b: float, pos: Tensor, neg: Tensor, C: float = 0.00
 def train_linear_svm(
     pos: Tensor,
     neg: Tensor,
-    C: float = 0.001,
-    pos_weight: float = 2.0,
-    bias: float = 10.0,
+    C: float,
+    pos_weight: float,
+    bias: float,
     tol: float = 1e-4,
     max_iter: int = 10000,
     random_state: int = 0,
@@ -192,7 +192,7 @@ class HardNegativeMiner:
 
     Usage::
 
-        miner = HardNegativeMiner(K, F)
+        miner = HardNegativeMiner(K, F, **spec_options)   # C, pos_weight, bias, hard/evict thresholds
         for c in range(K): miner.add_positives(c, gt_feats_of_class_c)   # GT boxes only
         for img in images:                                                # no flips
             miner.process_image(feats, neg_mask, keys)                    # feats scaled to norm 20
@@ -226,12 +226,13 @@ class HardNegativeMiner:
         self,
         num_classes: int,
         feat_dim: int,
-        C: float = 0.001,
-        pos_weight: float = 2.0,
-        bias: float = 10.0,
-        hard_thresh: float = -1.0001,
-        evict_thresh: float = -1.2,
-        retrain_every: int = 2000,
+        *,
+        C: float,
+        pos_weight: float,
+        bias: float,
+        hard_thresh: float,
+        evict_thresh: float,
+        retrain_every: int,
         tol: float = 1e-4,
         max_iter: int = 10000,
         class_names: Sequence[str] | None = None,

@@ -96,7 +96,7 @@ def test_fit_recovers_constant_shift_and_scale_exactly_even_with_lambda_4000():
     gt[:, 2] += 0.1 * w
     gt[:, 1] -= 0.1 * h
     gt[:, 3] += 0.1 * h
-    beta, mu, t_inv = fit_bbox_regressor(feats, props, gt, lam=4000.0)
+    beta, mu, t_inv = fit_bbox_regressor(feats, props, gt, lam=4000.0, whiten_eps=0.001)
     torch.testing.assert_close(mu, torch.tensor([0.1, 0.0, 0.0, math.log(1.2)], dtype=torch.float64), atol=1e-6, rtol=0)
     reg = BoxRegressor.from_per_class([(beta, mu, t_inv)], feats.shape[1])
     torch.testing.assert_close(decode(props, packed_deltas(reg.weight, feats))[:, 0], gt, atol=1e-3, rtol=1e-5)
@@ -108,11 +108,11 @@ def test_fit_recovers_feature_dependent_deltas():
     c = torch.tensor([0.05, -0.02, 0.1, -0.1], dtype=torch.float64)
     d_true = feats.double() @ A + c  # (N, 4)
     gt = decode(props.double(), d_true)
-    beta, mu, t_inv = fit_bbox_regressor(feats, props, gt, lam=1e-3)
+    beta, mu, t_inv = fit_bbox_regressor(feats, props, gt, lam=1e-3, whiten_eps=0.001)
     pred = predict_one_class(feats, beta, mu, t_inv)
     torch.testing.assert_close(pred, d_true, atol=1e-5, rtol=1e-4)
     # strong ridge shrinks toward the mean delta
-    beta4k, mu4k, tinv4k = fit_bbox_regressor(feats, props, gt, lam=4000.0)
+    beta4k, mu4k, tinv4k = fit_bbox_regressor(feats, props, gt, lam=4000.0, whiten_eps=0.001)
     err_small = (pred - d_true).norm()
     err_big = (predict_one_class(feats, beta4k, mu4k, tinv4k) - d_true).norm()
     err_mean = (d_true - d_true.mean(0)).norm()
@@ -122,8 +122,8 @@ def test_fit_recovers_feature_dependent_deltas():
 def test_dual_and_primal_fits_agree_when_n_below_d():
     g, feats, props = _synthetic(n=40, d=100, seed=2)
     gt = props + torch.randn(40, 4, generator=g) * 3
-    bd = fit_bbox_regressor(feats, props, gt, lam=50.0, form="dual")
-    bp = fit_bbox_regressor(feats, props, gt, lam=50.0, form="primal")
+    bd = fit_bbox_regressor(feats, props, gt, lam=50.0, whiten_eps=0.001, form="dual")
+    bp = fit_bbox_regressor(feats, props, gt, lam=50.0, whiten_eps=0.001, form="primal")
     for a, b in zip(bd, bp):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
@@ -141,7 +141,7 @@ def test_packed_predict_equals_per_class_predict():
     assert deltas.shape == (25, 3, 4)
     for c in (0, 2):
         idx = labels == c
-        ref = predict_one_class(x, *fit_bbox_regressor(feats[idx], props[idx], gt[idx], lam=100.0))
+        ref = predict_one_class(x, *fit_bbox_regressor(feats[idx], props[idx], gt[idx], lam=100.0, whiten_eps=0.001))
         torch.testing.assert_close(deltas[:, c].double(), ref, atol=1e-5, rtol=1e-4)
     assert torch.all(deltas[:, 1] == 0)
     p = props[:25]

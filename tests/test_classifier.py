@@ -28,7 +28,8 @@ W = 0.125  # ZF-5 width multiplier for tests: 12/32/48/48/32 channels
 
 def tiny(num_classes: int = 3, spp: bool = True, fc_dim: int = 32) -> SPPClassifier:
     torch.manual_seed(0)
-    return SPPClassifier(build_backbone("zf5", width_mult=W), num_classes, fc_dim=fc_dim, spp=spp)
+    return SPPClassifier(build_backbone("zf5", width_mult=W), num_classes, fc_dim=fc_dim, levels=(1, 2, 3, 6),
+                         dropout=0.5, spp=spp)
 
 
 def test_spp_width_independent_of_input_size():
@@ -284,7 +285,8 @@ def test_training_with_windows_learns():
     err = evaluate_warped(model, crops, size=64)
     assert err["n"] == len(crops) and err["error"] < min(before, 0.5), (before, err)
     # the no-SPP baseline ignores the windows (a fixed pool5 grid pools the whole crop)
-    nospp = SPPClassifier(build_backbone("zf5", width_mult=W), 2, fc_dim=32, spp=False, nospp_conv5=3)  # 64 px
+    nospp = SPPClassifier(build_backbone("zf5", width_mult=W), 2, fc_dim=32, levels=(1, 2, 3, 6), dropout=0.5,
+                          spp=False, nospp_conv5=3)  # 64 px
     h = train_classifier(nospp, crops, mode="nospp", sizes=(64,), epochs=1, batch_size=8, lr=1e-3, momentum=0.9,
                          weight_decay=0.0, seed=0, optimizer="adamw", progress=False)
     assert len(h) == 1 and evaluate_warped(nospp, crops, size=64)["n"] == len(crops)

@@ -193,6 +193,7 @@ BAD_VALUES = [
     # head
     ("head.fc_dim=0", "head.fc_dim must be >= 1"),
     ("head.dropout=1", "head.dropout must be in [0, 1)"),
+    ("pretrain.dropout=-0.1", "pretrain.dropout must be in [0, 1)"),
     # finetune
     ("finetune.iters=-5", "finetune.iters must be >= 1, got -5"),
     ("finetune.iters=0", "finetune.iters must be >= 1"),

@@ -9,7 +9,7 @@ from detector.head import FCHead, LowRankLinear, svd_factorize
 
 def _head(in_dim=64, fc_dim=48, num_classes=None, seed=0):
     torch.manual_seed(seed)
-    return FCHead(in_dim, fc_dim, num_classes=num_classes)
+    return FCHead(in_dim, fc_dim, num_classes=num_classes, dropout=0.5)
 
 
 def test_features_deterministic_in_train_mode_and_match_reference():
@@ -37,7 +37,7 @@ def test_forward_without_classifier_returns_fc7():
 
 def test_init_per_spec():
     torch.manual_seed(0)
-    head = FCHead(2000, 1000, num_classes=20)
+    head = FCHead(2000, 1000, num_classes=20, dropout=0.5)
     assert abs(head.fc6.weight.std().item() - 0.01) < 5e-4
     assert torch.all(head.fc6.bias == 1) and torch.all(head.fc7.bias == 1)
     assert torch.all(head.cls_score.bias == 0) and head.cls_score.out_features == 21

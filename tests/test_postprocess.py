@@ -10,6 +10,8 @@ from torchvision.ops import batched_nms
 
 from detector.postprocess import detections_from_scores, nms, nms_per_label, nms_top_per_label, topk_per_class
 
+SPEC = {"score_thresh": -1.5, "nms_thresh": 0.3, "max_per_class": 100}  # spec §9 (detector.config.TestConfig)
+
 
 def _slow_greedy_nms(boxes, scores, thresh):
     """Reference: the spec's greedy NMS written with +1 IoU on 1-based inclusive boxes."""
@@ -69,7 +71,8 @@ def test_per_class_boxes_and_indices():
     base = _random_boxes(g, R)
     boxes = base[:, None, :] + torch.arange(K).float()[None, :, None] * 1000  # classes far apart
     scores = torch.rand(R, K, generator=g)
-    out = detections_from_scores(boxes, scores, score_thresh=0.0, nms_thresh=0.3, return_indices=True)
+    out = detections_from_scores(boxes, scores, score_thresh=0.0, nms_thresh=0.3, max_per_class=100,
+                                 return_indices=True)
     torch.testing.assert_close(out["boxes"], boxes[out["window_index"], out["labels"]])
     torch.testing.assert_close(out["scores"], scores[out["window_index"], out["labels"]])
 
@@ -86,7 +89,7 @@ def test_top_k_per_class_and_threshold():
     assert lab1.numel() == 7 and torch.all(lab1 > -1.5)
     torch.testing.assert_close(lab1, scores[:, 1].sort(descending=True).values[:7])
     # strict threshold: a score equal to the threshold is dropped
-    out2 = detections_from_scores(boxes[:1], torch.tensor([[-1.5, -1.4]]))
+    out2 = detections_from_scores(boxes[:1], torch.tensor([[-1.5, -1.4]]), **SPEC)
     assert out2["labels"].tolist() == [1]
 
 
@@ -157,9 +160,9 @@ def test_topk_per_class_mask():
 
 def test_clipping_and_empty_boxes():
     boxes = torch.tensor([[-10.0, -5.0, 50.0, 40.0], [120.0, 10.0, 150.0, 20.0]])  # 2nd is outside a 100-wide image
-    out = detections_from_scores(boxes, torch.tensor([[1.0], [2.0]]), image_size=(30, 100))
+    out = detections_from_scores(boxes, torch.tensor([[1.0], [2.0]]), image_size=(30, 100), **SPEC)
     torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 50.0, 30.0]]))
-    empty = detections_from_scores(torch.zeros(0, 4), torch.zeros(0, 5))
+    empty = detections_from_scores(torch.zeros(0, 4), torch.zeros(0, 5), **SPEC)
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
@@ -171,7 +174,7 @@ def test_iou_identity_used_in_docs():
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="boxes"):
-        detections_from_scores(torch.zeros(3, 4), torch.zeros(4, 2))
+        detections_from_scores(torch.zeros(3, 4), torch.zeros(4, 2), **SPEC)
 
 
 def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():

@@ -17,28 +17,28 @@ ZF = dict(stride=16, offset0=20.0, shrink=6.5)  # 0-based offset0 (spec's 1-base
 def test_scale_choice_spec_examples():
     # S_min = 375: 100x100 -> s* 780 -> 688; 200x150 -> 450 -> 480; 31x31 -> 2516 -> 1200
     boxes = torch.tensor([[10.0, 10, 110, 110], [0, 0, 200, 150], [50, 60, 81, 91]])
-    assert select_scales(boxes, (375, 500), CODE_SCALES).tolist() == [2, 0, 4]
+    assert select_scales(boxes, (375, 500), CODE_SCALES, target_side=208).tolist() == [2, 0, 4]
 
 
 def test_scale_choice_ties_degenerate_and_order():
     # S_min 528, a 208x208 box: s* = 528, exactly between 480 and 576 -> the smaller (480)
     box = torch.tensor([[0.0, 0, 208, 208]])
-    assert select_scales(box, (528, 700), (480, 576)).tolist() == [0]
-    assert select_scales(box, (528, 700), (576, 480)).tolist() == [1]  # still 480, whatever the order
+    assert select_scales(box, (528, 700), (480, 576), target_side=208).tolist() == [0]
+    assert select_scales(box, (528, 700), (576, 480), target_side=208).tolist() == [1]  # still 480, whatever the order
     # one pixel more and 576 wins: s* = round(208*529/208) = 529 -> |529-576| = 47 < 49
-    assert select_scales(box, (529, 700), (480, 576)).tolist() == [1]
+    assert select_scales(box, (529, 700), (480, 576), target_side=208).tolist() == [1]
     # a zero-area box is tiny: the largest scale
-    assert select_scales(torch.tensor([[5.0, 5, 5, 9]]), (375, 500), CODE_SCALES).tolist() == [4]
-    assert select_scales(torch.zeros((0, 4)), (375, 500), CODE_SCALES).shape == (0,)
+    assert select_scales(torch.tensor([[5.0, 5, 5, 9]]), (375, 500), CODE_SCALES, target_side=208).tolist() == [4]
+    assert select_scales(torch.zeros((0, 4)), (375, 500), CODE_SCALES, target_side=208).shape == (0,)
     with pytest.raises(ValueError, match=r"Tensor\[R, 4\]"):
-        select_scales(torch.zeros(4), (375, 500), CODE_SCALES)
+        select_scales(torch.zeros(4), (375, 500), CODE_SCALES, target_side=208)
 
 
 def test_scale_choice_is_the_released_codes_not_the_papers():
     # 100x100 at S_min 375: s* = round(208*375/100) = 780 -> 688; the paper's rule (scaled area
     # 10000*(s/375)^2 nearest 224^2 = 50176) would pick 874 (54321)
     boxes = torch.tensor([[10.0, 10, 110, 110]])
-    assert select_scales(boxes, (375, 500), CODE_SCALES).tolist() == [2]
+    assert select_scales(boxes, (375, 500), CODE_SCALES, target_side=208).tolist() == [2]
 
 
 def test_projection_hand_cases_scale_one():

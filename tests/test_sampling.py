@@ -6,6 +6,8 @@ import torch
 
 from detector.sampling import label_windows, sample_windows
 
+IOU = {"fg_iou": 0.5, "bg_low": 0.1, "bg_high": 0.5}  # spec §6 (detector.config.FinetuneConfig)
+
 
 def test_label_windows_hand_cases():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 120.0, 110.0]])
@@ -19,7 +21,7 @@ def test_label_windows_hand_cases():
         [100.0, 100.0, 110.0, 110.0],  # IoU 0.5 with gt1 -> class 0
         [500.0, 500.0, 510.0, 510.0],  # IoU 0 -> unused
     ])
-    labels, max_iou, gt_index = label_windows(props, gt, gt_labels, num_classes=3)
+    labels, max_iou, gt_index = label_windows(props, gt, gt_labels, num_classes=3, **IOU)
     assert labels.tolist() == [2, 2, 3, 3, -1, 0, -1]
     torch.testing.assert_close(max_iou, torch.tensor([1.0, 0.5, 0.4, 0.1, 1 / 11, 0.5, 0.0]))
     assert gt_index.tolist()[:6] == [0, 0, 0, 0, 0, 1]
@@ -28,13 +30,13 @@ def test_label_windows_hand_cases():
 def test_label_windows_argmax_picks_best_gt_class():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0]])
     props = torch.tensor([[1.5, 0.0, 11.5, 10.0]])  # closer to gt1
-    labels, _, idx = label_windows(props, gt, torch.tensor([0, 1]), num_classes=2)
+    labels, _, idx = label_windows(props, gt, torch.tensor([0, 1]), num_classes=2, **IOU)
     assert labels.tolist() == [1] and idx.tolist() == [1]
 
 
 def test_label_windows_without_gt():
     labels, max_iou, idx = label_windows(torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.zeros(0, 4),
-                                         torch.zeros(0, dtype=torch.int64), num_classes=3)
+                                         torch.zeros(0, dtype=torch.int64), num_classes=3, **IOU)
     assert labels.tolist() == [-1] and max_iou.tolist() == [0.0] and idx.tolist() == [-1]
 
 

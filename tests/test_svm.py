@@ -10,6 +10,9 @@ import torch
 
 from detector.svm import HardNegativeMiner, LinearSVMs, svm_objective, svm_scores, train_linear_svm
 
+# spec §7 (detector.config.SVMConfig)
+SPEC = {"C": 0.001, "pos_weight": 2.0, "bias": 10.0, "hard_thresh": -1.0001, "evict_thresh": -1.2, "retrain_every": 2000}
+
 
 def _dual_reference(pos, neg, C, pos_weight, bias):
     """Solve liblinear's dual (bias as a regularised feature of value `bias`) with L-BFGS-B."""
@@ -53,8 +56,8 @@ def test_spec_options_on_overlapping_data_match_reference():
     pos, neg = pos * s, neg * s
     w, b = train_linear_svm(pos, neg, C=0.001, pos_weight=2.0, bias=10.0)
     w_ref, b_ref = _dual_reference(pos, neg, 0.001, 2.0, 10.0)
-    ours = svm_objective(w, b, pos, neg)
-    ref = svm_objective(w_ref, b_ref, pos, neg)
+    ours = svm_objective(w, b, pos, neg, 0.001, 2.0, 10.0)
+    ref = svm_objective(w_ref, b_ref, pos, neg, 0.001, 2.0, 10.0)
     assert ours["total"] == pytest.approx(ref["total"], rel=1e-3)
     # the positive weight matters: without it the objective of our solution is different
     assert ours["pos_loss"] > 0 and ours["neg_loss"] > 0
@@ -62,7 +65,7 @@ def test_spec_options_on_overlapping_data_match_reference():
 
 def test_train_requires_both_classes():
     with pytest.raises(ValueError, match="at least one positive"):
-        train_linear_svm(torch.randn(3, 4), torch.zeros(0, 4))
+        train_linear_svm(torch.randn(3, 4), torch.zeros(0, 4), C=0.001, pos_weight=2.0, bias=10.0)
 
 
 def test_svm_scores_one_matmul():
@@ -100,7 +103,7 @@ def _image(g, n_easy, n_hard, n_pos_other=2):
 
 def test_hard_negative_mining_finds_planted_hard_negatives(caplog):
     g = torch.Generator().manual_seed(0)
-    miner = HardNegativeMiner(num_classes=2, feat_dim=4, retrain_every=5, class_names=["a", "b"])
+    miner = HardNegativeMiner(num_classes=2, feat_dim=4, **{**SPEC, "retrain_every": 5}, class_names=["a", "b"])
     pos0 = torch.tensor([10.0, -30.0, 1.0, 1.0]) + 0.1 * torch.randn(30, 4, generator=g)
     pos1 = torch.tensor([-30.0, 10.0, 1.0, 1.0]) + 0.1 * torch.randn(30, 4, generator=g)
     miner.add_positives(0, pos0)
@@ -136,7 +139,7 @@ def test_hard_negative_mining_finds_planted_hard_negatives(caplog):
 
 
 def test_mining_dedups_keys_within_and_across_images():
-    miner = HardNegativeMiner(num_classes=1, feat_dim=2, retrain_every=10**6)
+    miner = HardNegativeMiner(num_classes=1, feat_dim=2, **{**SPEC, "retrain_every": 10**6})
     miner.add_positives(0, torch.tensor([[5.0, 0.0], [6.0, 0.0]]))
     feats = torch.tensor([[-5.0, 0.0], [-5.0, 0.0], [-6.0, 1.0]])
     mask = torch.ones(3, 1, dtype=torch.bool)
@@ -152,7 +155,7 @@ def test_mining_dedups_keys_within_and_across_images():
 
 
 def test_class_without_positives_never_fires():
-    miner = HardNegativeMiner(num_classes=2, feat_dim=2)
+    miner = HardNegativeMiner(num_classes=2, feat_dim=2, **SPEC)
     miner.add_positives(0, torch.tensor([[5.0, 0.0]]))
     miner.process_image(torch.tensor([[-5.0, 0.0], [0.0, 3.0]]), torch.ones(2, 2, dtype=torch.bool))
     W, b = miner.finish()
@@ -160,7 +163,7 @@ def test_class_without_positives_never_fires():
 
 
 def test_bad_inputs_have_clear_messages():
-    miner = HardNegativeMiner(num_classes=2, feat_dim=3)
+    miner = HardNegativeMiner(num_classes=2, feat_dim=3, **SPEC)
     with pytest.raises(ValueError, match="neg_mask"):
         miner.process_image(torch.randn(4, 3), torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="class id"):
@@ -171,7 +174,7 @@ def test_max_hard_per_image_keeps_the_highest_scoring_negatives():
     from detector.svm import HardNegativeMiner
 
     g = torch.Generator().manual_seed(0)
-    miner = HardNegativeMiner(1, 3, max_hard_per_image=2)
+    miner = HardNegativeMiner(1, 3, **SPEC, max_hard_per_image=2)
     miner.add_positives(0, torch.randn(20, 3, generator=g) + torch.tensor([3.0, 0.0, 0.0]))
     miner.process_image(torch.randn(30, 3, generator=g) - torch.tensor([3.0, 0.0, 0.0]), torch.ones(30, 1, dtype=torch.bool))
     before = miner.num_negatives(0)

@@ -22,17 +22,18 @@ __all__ = ["random_detector", "random_boxes"]
 
 def random_detector(
     width_mult: float = 1.0,
-    fc_dim: int = 4096,
+    fc_dim: int | None = None,
     num_classes: int = 20,
     scales: Sequence[int] = (688,),
-    levels: Sequence[int] = (1, 2, 3, 6),
+    levels: Sequence[int] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> "SPPDetector":
     """A random-weight ZF-5 SPPDetector for timing only (timing does not depend on weights).
 
-    Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim``, random SVMs and box regressors,
-    class names ``class0..``; scores are meaningless.
+    Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim`` and SPP ``levels`` (default: the
+    paper's, ``detector.config`` defaults), random SVMs and box regressors, class names ``class0..``;
+    scores are meaningless.
     """
     import dataclasses
 
@@ -45,11 +46,13 @@ def random_detector(
     from detector.spp import spp_out_dim
     from detector.svm import LinearSVMs
 
+    fc_dim = fc_dim or Config().head.fc_dim
+    levels = tuple(levels or Config().features.levels)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     backbone = build_backbone("zf5", width_mult=width_mult, weights="none")
     d = spp_out_dim(backbone.out_channels, levels)
-    head = FCHead(d, fc_dim=fc_dim, num_classes=None)
+    head = FCHead(d, fc_dim=fc_dim, num_classes=None, dropout=Config().head.dropout)
     k = num_classes
     svms = LinearSVMs(torch.randn(fc_dim, k, generator=g) * 1e-3, torch.zeros(k), 1.0)
     bbox = BoxRegressor(torch.randn(d + 1, 4 * k, generator=g) * 1e-4, 1.0)

@@ -130,7 +130,7 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
     t0 = time.perf_counter()
     backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights)
     K = len(data.train.class_names)
-    model = SPPClassifier(backbone, K, fc_dim=pc.fc_dim, levels=pc.levels, spp=pc.mode != "nospp",
+    model = SPPClassifier(backbone, K, fc_dim=pc.fc_dim, levels=pc.levels, dropout=pc.dropout, spp=pc.mode != "nospp",
                           nospp_conv5=_conv5_side(backbone, max(pc.sizes)))
     input_std = float(preprocess_crops(data.train.images[:64], model.input_format).std())
     if pc.init == "kaiming" and bc.weights == "none":
