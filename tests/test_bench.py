@@ -1,8 +1,12 @@
-"""detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes.
+"""detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes,
+the spp section, BENCHMARKS.md blocks and tools/benchmark.py's error style.
 
 Shape shorthand: R windows.
 """
 from __future__ import annotations
+
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,10 @@ import torch
 
 from detector.bench.random_model import random_boxes, random_detector
 from detector.bench.rcnn_compare import compare_rcnn, format_comparison
+from detector.bench.runner import update_section
+from detector.bench.spp import section_spp
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +71,33 @@ def test_random_boxes_inside_the_image_and_seeded():
     assert bool((a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= 120).all() and (a[:, 3] <= 90).all())
     assert bool(((a[:, 2] - a[:, 0]) >= 20).all() and ((a[:, 3] - a[:, 1]) >= 20).all())
     assert torch.equal(a, a.round())
+
+
+def test_section_spp_small_map():
+    md, ratios = section_spp(runs=1, n_windows=20, shape=(4, 9, 11))
+    assert ratios["spp_pool_equals_roi_pool"] == 1.0
+    assert ratios["spp_pool_vs_roi_pool_speedup"] == ratios["spp_pool_vs_roi_pool_speedup_1thread"] > 0
+    assert "Outputs identical: yes" in md and "| 1 | `spp_pool` (sparse table, one call) |" in md
+
+
+def test_update_section_replaces_its_block_only(tmp_path):
+    path = tmp_path / "B.md"
+    update_section(path, "a", "## a\n\nfirst")  # a missing file gets a header
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n") and "<!-- benchmark:a -->\n## a\n\nfirst\n<!-- /benchmark:a -->" in text
+    path.write_text(path.read_text() + "\nhand-written note\n")
+    update_section(path, "b", "## b\n\nother")
+    update_section(path, "a", "## a\n\nsecond")
+    text = path.read_text()
+    assert "first" not in text and "second" in text and "other" in text and "hand-written note" in text
+    assert text.index("benchmark:a") < text.index("hand-written note") < text.index("benchmark:b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B.md"]  # written atomically, no temp left
+
+
+def test_benchmark_tool_bad_voc_root_is_one_error_line(tmp_path, capsys):
+    main = runpy.run_path(str(TOOLS / "benchmark.py"))["main"]
+    assert main(["--only", "memory", "--voc-root", str(tmp_path / "nope"), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("error: split file not found") and "Traceback" not in err
+    assert str(tmp_path / "nope") in errors[0]
