@@ -1,10 +1,11 @@
 """detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes,
-the spp section, BENCHMARKS.md blocks and tools/benchmark.py's error style.
+the spp section, BENCHMARKS.md blocks, and the error style of tools/benchmark.py and tools/compare_rcnn.py.
 
 Shape shorthand: R windows.
 """
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -101,3 +102,28 @@ def test_benchmark_tool_bad_voc_root_is_one_error_line(tmp_path, capsys):
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(errors) == 1 and errors[0].startswith("error: split file not found") and "Traceback" not in err
     assert str(tmp_path / "nope") in errors[0]
+
+
+def test_run_rcnn_comparison_writes_what_it_prints(tmp_path):
+    from detector.bench.rcnn_compare import run_rcnn_comparison
+
+    rep = run_rcnn_comparison(width_mult=0.0625, fc_dim=32, num_images=1, n_proposals=8, ss_mode="fast",
+                              threads=0, scale_sets=((64,), (64, 96)), out=tmp_path / "cmp.json", command="cmd")
+    lines = rep.text().splitlines()
+    assert lines[0] == "model: random ZF-5 width 0.0625, fc 32"
+    assert lines[-4:-2] == [f"rcnn_conv_speedup_1_sc: {rep.data['speedup']['1-sc (64)']['conv']:.2f}",
+                            f"rcnn_overall_speedup_1_sc: {rep.data['speedup']['1-sc (64)']['overall']:.2f}"]
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["command"] == "cmd" and saved["proposals"] == [8] and saved["model"] == rep.model
+    assert saved["selective_search_boxes"][0] <= 8 and len(saved["image_names"]) == 1
+
+
+def test_compare_rcnn_tool_user_errors(tmp_path, capsys):
+    main = runpy.run_path(str(TOOLS / "compare_rcnn.py"))["main"]
+    assert main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert errors == [f"error: checkpoint not found: {tmp_path / 'none.pt'}"] and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # a bad argument is argparse's error
+        main(["--random-zf5", "-n", "0"])
+    assert e.value.code == 2 and "-n must be >= 1" in capsys.readouterr().err
