@@ -1,4 +1,4 @@
-"""detector.eval (voc_ap, comp4, coco, plots): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
+"""detector.eval (voc_ap, comp4, coco, plots, score_files): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
 
 Boxes in the eval_class cases are written directly in VOC coordinates (1-based inclusive), as in
 the devkit and the spec's examples.
@@ -487,6 +487,57 @@ def test_cli_on_bccd_jittered_gt(bccd_root: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["--data-root", str(bccd_root), "--split", "test", "--results", str(res)]) == 2
     assert "NotAnImage" in capsys.readouterr().err
+
+
+def _voc_annotations(root: Path) -> None:
+    """Two annotated images (no image files: scoring reads annotations only), split 'val'."""
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    objs = {"img0": [("cat", (11, 21, 60, 90))], "img1": [("dog", (5, 5, 30, 25)), ("cat", (40, 40, 90, 99))]}
+    for image_id, boxes in objs.items():
+        xml = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                      f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in boxes)
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>120</width><height>100</height><depth>3</depth></size>{xml}</annotation>")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img0\nimg1\n")
+
+
+def test_score_comp4_files_perfect_detections(tmp_path: Path):
+    from detector.eval import score_comp4_files
+
+    _voc_annotations(tmp_path / "voc")
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "comp4_det_val_cat.txt").write_text("img0 0.9 11 21 60 90\nimg1 0.8 40 40 90 99\n")
+    (res / "comp4_det_val_dog.txt").write_text("img1 0.7 5 5 30 25\n")
+    rep = score_comp4_files(tmp_path / "voc", "val", res, coco=False, argv=["x"])
+    lines = rep.text().splitlines()
+    assert lines[0] == "val: 2 images, metric VOC07 11-point" and lines[-1] == "mAP: 1.000000"
+    assert lines[-2] == f"wrote {res / 'eval.json'} and {res / 'pr_curves.png'}"
+    saved = json.loads((res / "eval.json").read_text())
+    assert saved["mAP"] == pytest.approx(1.0) and saved["argv"] == ["x"] and saved["coco"] is None
+    assert sorted(p.name for p in res.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_eval_detections_tool_user_errors(tmp_path: Path, capsys):
+    main = runpy.run_path(str(REPO / "tools/eval_detections.py"))["main"]
+    _voc_annotations(tmp_path / "voc")
+    args = ["--data-root", str(tmp_path / "voc"), "--split", "val", "--no-coco", "--results"]
+
+    def one_error() -> str:
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in err
+        return errors[0]
+
+    assert main(args + [str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in one_error()
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "comp4_det_val_cat.txt").write_text("img0 0.9 11 21 60\n")  # a field short
+    assert main(args + [str(tmp_path / "res")]) == 2
+    assert "comp4_det_val_cat.txt:1: expected" in one_error()
+    assert main(["--data-root", str(tmp_path / "nope")] + args[2:] + [str(tmp_path / "res")]) == 2
+    assert "split file not found" in one_error()
 
 
 def test_bad_detection_dicts_are_clear_errors():

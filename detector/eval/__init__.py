@@ -6,15 +6,17 @@ Modules:
     comp4    ``comp4_det_<split>_<class>.txt`` writing and reading
     coco     COCO ground truth / results dicts and ``COCOeval`` bbox AP
     plots    precision-recall curves to a PNG (matplotlib, object-oriented API)
+    score_files  comp4 result files of a split scored: AP, COCO AP, eval.json, PR curves
 
 pycocotools and matplotlib are imported only when a COCO figure or a plot is asked for.
 """
 from __future__ import annotations
 
-from detector.eval import coco, comp4, plots, voc_ap
+from detector.eval import coco, comp4, plots, score_files, voc_ap
 from detector.eval.coco import coco_detections, coco_evaluate, coco_ground_truth
-from detector.eval.comp4 import comp4_path, read_comp4, write_comp4
+from detector.eval.comp4 import ResultsFileError, comp4_path, read_comp4, write_comp4
 from detector.eval.plots import plot_pr_curves
+from detector.eval.score_files import ScoreReport, score_comp4_files
 from detector.eval.voc_ap import (
     RECALL_LEVELS_11,
     ClassDetections,
@@ -29,4 +31,4 @@ from detector.eval.voc_ap import (
     per_class_detections,
 )
 
-__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__]
+__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__, *score_files.__all__]
