@@ -437,17 +437,21 @@ def test_plot_pr_curves(tmp_path: Path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_pr_curves_leaves_the_backend_alone(tmp_path: Path):
+def test_plots_leave_the_backend_alone(tmp_path: Path):
     # a notebook user's backend must survive a plot: the library draws without pyplot
     code = ("import sys, matplotlib; matplotlib.use('svg'); "
             "from tests.test_evaluation import _records_and_dets; "
-            "from detector.eval import evaluate, plot_pr_curves; "
+            "from detector.eval import evaluate, plot_pr_curves, plot_recall_curve; "
             "recs, dets = _records_and_dets(); "
             f"plot_pr_curves(evaluate(recs, ('cat', 'dog'), dets), {str(tmp_path / 'pr.png')!r}); "
+            "curve = [{'k': k, 'recall@0.5': 0.1 * k, 'recall@0.7': 0.05 * k, 'AR': 0.04 * k} for k in (1, 2, 4)]; "
+            f"plot_recall_curve(curve, {str(tmp_path / 'recall.png')!r}, 'x'); "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pr.png", "recall.png"]  # no temp files left
 
 
 def test_class_ground_truth_uses_voc_edge():
