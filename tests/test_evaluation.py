@@ -1,4 +1,4 @@
-"""detector.eval (voc_ap, comp4, coco, plots, score_files): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
+"""detector.eval (voc_ap, comp4, coco, plots, score_files, jitter): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
 
 Boxes in the eval_class cases are written directly in VOC coordinates (1-based inclusive), as in
 the devkit and the spec's examples.
@@ -26,9 +26,11 @@ from detector.eval import (
     coco_ground_truth,
     eval_class,
     evaluate,
+    jitter_detections,
     plot_pr_curves,
     read_comp4,
     write_comp4,
+    write_jittered_comp4,
 )
 from detector.data.voc import ImageRecord, load_voc_split
 
@@ -467,9 +469,8 @@ def test_class_ground_truth_uses_voc_edge():
 def test_cli_on_bccd_jittered_gt(bccd_root: Path, tmp_path: Path, capsys):
     # jittered GT comp4 files in-process (tools/jitter_gt_comp4.py's function), then the CLI in a
     # subprocess as a user runs it
-    jitter = runpy.run_path(str(REPO / "tools/jitter_gt_comp4.py"))["jitter_detections"]
     recs, classes = load_voc_split(bccd_root, "test")
-    dets = jitter(recs, len(classes), noise=0.08, miss=0.1, dup=0.05, fp=1.0,
+    dets = jitter_detections(recs, len(classes), noise=0.08, miss=0.1, dup=0.05, fp=1.0,
                   generator=torch.Generator().manual_seed(0))
     res = tmp_path / "res"
     write_comp4(res, "test", classes, dets)
@@ -542,6 +543,20 @@ def test_eval_detections_tool_user_errors(tmp_path: Path, capsys):
     assert "comp4_det_val_cat.txt:1: expected" in one_error()
     assert main(["--data-root", str(tmp_path / "nope")] + args[2:] + [str(tmp_path / "res")]) == 2
     assert "split file not found" in one_error()
+    jitter = runpy.run_path(str(REPO / "tools/jitter_gt_comp4.py"))["main"]
+    assert jitter(["--data-root", str(tmp_path / "nope"), "--split", "val", "--out", str(tmp_path / "j")]) == 2
+    assert "split file not found" in one_error()
+
+
+def test_write_jittered_comp4_is_seeded(tmp_path: Path):
+    _voc_annotations(tmp_path / "voc")
+    (tmp_path / "voc" / "JPEGImages").mkdir()  # the split is read as for training: image files must exist
+    for image_id in ("img0", "img1"):
+        (tmp_path / "voc" / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"")
+    paths, n = write_jittered_comp4(tmp_path / "voc", "val", tmp_path / "a", miss=0.0, fp=0.0, seed=3)
+    again, _ = write_jittered_comp4(tmp_path / "voc", "val", tmp_path / "b", miss=0.0, fp=0.0, seed=3)
+    assert [p.name for p in paths] == ["comp4_det_val_cat.txt", "comp4_det_val_dog.txt"] and n >= 3
+    assert [p.read_text() for p in paths] == [p.read_text() for p in again]
 
 
 def test_bad_detection_dicts_are_clear_errors():
