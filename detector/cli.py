@@ -27,11 +27,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from detector.classifier import ClassifierCheckpointError
     from detector.data.digits_build import DatasetExistsError
     from detector.data.voc import VOCDataError
+    from detector.eval.comp4 import ResultsFileError
     from proposals.imageio import ImageError
     from proposals.store import ProposalFileError
 
     return (ConfigError, VOCDataError, CheckpointError, ClassifierCheckpointError, WeightsError, ImageError,
-            ProposalFileError, ArtifactError, DatasetExistsError, FileNotFoundError)
+            ProposalFileError, ArtifactError, DatasetExistsError, ResultsFileError, FileNotFoundError)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,13 @@
-"""detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes.
+"""detector.bench: the SPP-net vs R-CNN timing comparison (its table and derived times), random boxes,
+the spp section, BENCHMARKS.md blocks, and the error style of tools/benchmark.py and tools/compare_rcnn.py.
 
 Shape shorthand: R windows.
 """
 from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +15,10 @@ import torch
 
 from detector.bench.random_model import random_boxes, random_detector
 from detector.bench.rcnn_compare import compare_rcnn, format_comparison
+from detector.bench.runner import update_section
+from detector.bench.spp import section_spp
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +72,58 @@ def test_random_boxes_inside_the_image_and_seeded():
     assert bool((a[:, 0] >= 0).all() and (a[:, 1] >= 0).all() and (a[:, 2] <= 120).all() and (a[:, 3] <= 90).all())
     assert bool(((a[:, 2] - a[:, 0]) >= 20).all() and ((a[:, 3] - a[:, 1]) >= 20).all())
     assert torch.equal(a, a.round())
+
+
+def test_section_spp_small_map():
+    md, ratios = section_spp(runs=1, n_windows=20, shape=(4, 9, 11))
+    assert ratios["spp_pool_equals_roi_pool"] == 1.0
+    assert ratios["spp_pool_vs_roi_pool_speedup"] == ratios["spp_pool_vs_roi_pool_speedup_1thread"] > 0
+    assert "Outputs identical: yes" in md and "| 1 | `spp_pool` (sparse table, one call) |" in md
+
+
+def test_update_section_replaces_its_block_only(tmp_path):
+    path = tmp_path / "B.md"
+    update_section(path, "a", "## a\n\nfirst")  # a missing file gets a header
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n") and "<!-- benchmark:a -->\n## a\n\nfirst\n<!-- /benchmark:a -->" in text
+    path.write_text(path.read_text() + "\nhand-written note\n")
+    update_section(path, "b", "## b\n\nother")
+    update_section(path, "a", "## a\n\nsecond")
+    text = path.read_text()
+    assert "first" not in text and "second" in text and "other" in text and "hand-written note" in text
+    assert text.index("benchmark:a") < text.index("hand-written note") < text.index("benchmark:b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B.md"]  # written atomically, no temp left
+
+
+def test_benchmark_tool_bad_voc_root_is_one_error_line(tmp_path, capsys):
+    main = runpy.run_path(str(TOOLS / "benchmark.py"))["main"]
+    assert main(["--only", "memory", "--voc-root", str(tmp_path / "nope"), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("error: split file not found") and "Traceback" not in err
+    assert str(tmp_path / "nope") in errors[0]
+
+
+def test_run_rcnn_comparison_writes_what_it_prints(tmp_path):
+    from detector.bench.rcnn_compare import run_rcnn_comparison
+
+    rep = run_rcnn_comparison(width_mult=0.0625, fc_dim=32, num_images=1, n_proposals=8, ss_mode="fast",
+                              threads=0, scale_sets=((64,), (64, 96)), out=tmp_path / "cmp.json", command="cmd")
+    lines = rep.text().splitlines()
+    assert lines[0] == "model: random ZF-5 width 0.0625, fc 32"
+    assert lines[-4:-2] == [f"rcnn_conv_speedup_1_sc: {rep.data['speedup']['1-sc (64)']['conv']:.2f}",
+                            f"rcnn_overall_speedup_1_sc: {rep.data['speedup']['1-sc (64)']['overall']:.2f}"]
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["command"] == "cmd" and saved["proposals"] == [8] and saved["model"] == rep.model
+    assert saved["selective_search_boxes"][0] <= 8 and len(saved["image_names"]) == 1
+
+
+def test_compare_rcnn_tool_user_errors(tmp_path, capsys):
+    main = runpy.run_path(str(TOOLS / "compare_rcnn.py"))["main"]
+    assert main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert errors == [f"error: checkpoint not found: {tmp_path / 'none.pt'}"] and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # a bad argument is argparse's error
+        main(["--random-zf5", "-n", "0"])
+    assert e.value.code == 2 and "-n must be >= 1" in capsys.readouterr().err

@@ -229,7 +229,14 @@ def test_cli(tmp_path, capsys):
     spec.loader.exec_module(mod)
     out = tmp_path / "cli"
     assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--workers", "1"]) == 0
+    capsys.readouterr()
     assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--seed", "3"]) == 2  # clear error
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out} already holds") and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # a bad count is argparse's error
+        mod.main(["--out", str(out), "--trainval", "1", "--test", "1"])
+    assert e.value.code == 2 and "need --trainval >= 2" in capsys.readouterr().err
     assert mod.main(["--out", str(out), "--trainval", "2", "--test", "1", "--seed", "3", "--force"]) == 0
     assert os.path.isfile(out / STAMP_NAME)
     assert json.loads((out / STAMP_NAME).read_text())["params"]["seed"] == 3

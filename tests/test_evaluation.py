@@ -1,4 +1,4 @@
-"""detector.eval (voc_ap, comp4, coco, plots): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
+"""detector.eval (voc_ap, comp4, coco, plots, score_files, jitter): hand-computed VOCevaldet cases, a slow MATLAB-transcribed reference, comp4, COCO.
 
 Boxes in the eval_class cases are written directly in VOC coordinates (1-based inclusive), as in
 the devkit and the spec's examples.
@@ -26,9 +26,11 @@ from detector.eval import (
     coco_ground_truth,
     eval_class,
     evaluate,
+    jitter_detections,
     plot_pr_curves,
     read_comp4,
     write_comp4,
+    write_jittered_comp4,
 )
 from detector.data.voc import ImageRecord, load_voc_split
 
@@ -437,17 +439,21 @@ def test_plot_pr_curves(tmp_path: Path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_pr_curves_leaves_the_backend_alone(tmp_path: Path):
+def test_plots_leave_the_backend_alone(tmp_path: Path):
     # a notebook user's backend must survive a plot: the library draws without pyplot
     code = ("import sys, matplotlib; matplotlib.use('svg'); "
             "from tests.test_evaluation import _records_and_dets; "
-            "from detector.eval import evaluate, plot_pr_curves; "
+            "from detector.eval import evaluate, plot_pr_curves, plot_recall_curve; "
             "recs, dets = _records_and_dets(); "
             f"plot_pr_curves(evaluate(recs, ('cat', 'dog'), dets), {str(tmp_path / 'pr.png')!r}); "
+            "curve = [{'k': k, 'recall@0.5': 0.1 * k, 'recall@0.7': 0.05 * k, 'AR': 0.04 * k} for k in (1, 2, 4)]; "
+            f"plot_recall_curve(curve, {str(tmp_path / 'recall.png')!r}, 'x'); "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pr.png", "recall.png"]  # no temp files left
 
 
 def test_class_ground_truth_uses_voc_edge():
@@ -463,9 +469,8 @@ def test_class_ground_truth_uses_voc_edge():
 def test_cli_on_bccd_jittered_gt(bccd_root: Path, tmp_path: Path, capsys):
     # jittered GT comp4 files in-process (tools/jitter_gt_comp4.py's function), then the CLI in a
     # subprocess as a user runs it
-    jitter = runpy.run_path(str(REPO / "tools/jitter_gt_comp4.py"))["jitter_detections"]
     recs, classes = load_voc_split(bccd_root, "test")
-    dets = jitter(recs, len(classes), noise=0.08, miss=0.1, dup=0.05, fp=1.0,
+    dets = jitter_detections(recs, len(classes), noise=0.08, miss=0.1, dup=0.05, fp=1.0,
                   generator=torch.Generator().manual_seed(0))
     res = tmp_path / "res"
     write_comp4(res, "test", classes, dets)
@@ -487,6 +492,71 @@ def test_cli_on_bccd_jittered_gt(bccd_root: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["--data-root", str(bccd_root), "--split", "test", "--results", str(res)]) == 2
     assert "NotAnImage" in capsys.readouterr().err
+
+
+def _voc_annotations(root: Path) -> None:
+    """Two annotated images (no image files: scoring reads annotations only), split 'val'."""
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    objs = {"img0": [("cat", (11, 21, 60, 90))], "img1": [("dog", (5, 5, 30, 25)), ("cat", (40, 40, 90, 99))]}
+    for image_id, boxes in objs.items():
+        xml = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                      f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in boxes)
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>120</width><height>100</height><depth>3</depth></size>{xml}</annotation>")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img0\nimg1\n")
+
+
+def test_score_comp4_files_perfect_detections(tmp_path: Path):
+    from detector.eval import score_comp4_files
+
+    _voc_annotations(tmp_path / "voc")
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "comp4_det_val_cat.txt").write_text("img0 0.9 11 21 60 90\nimg1 0.8 40 40 90 99\n")
+    (res / "comp4_det_val_dog.txt").write_text("img1 0.7 5 5 30 25\n")
+    rep = score_comp4_files(tmp_path / "voc", "val", res, coco=False, argv=["x"])
+    lines = rep.text().splitlines()
+    assert lines[0] == "val: 2 images, metric VOC07 11-point" and lines[-1] == "mAP: 1.000000"
+    assert lines[-2] == f"wrote {res / 'eval.json'} and {res / 'pr_curves.png'}"
+    saved = json.loads((res / "eval.json").read_text())
+    assert saved["mAP"] == pytest.approx(1.0) and saved["argv"] == ["x"] and saved["coco"] is None
+    assert sorted(p.name for p in res.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_eval_detections_tool_user_errors(tmp_path: Path, capsys):
+    main = runpy.run_path(str(REPO / "tools/eval_detections.py"))["main"]
+    _voc_annotations(tmp_path / "voc")
+    args = ["--data-root", str(tmp_path / "voc"), "--split", "val", "--no-coco", "--results"]
+
+    def one_error() -> str:
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in err
+        return errors[0]
+
+    assert main(args + [str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in one_error()
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "comp4_det_val_cat.txt").write_text("img0 0.9 11 21 60\n")  # a field short
+    assert main(args + [str(tmp_path / "res")]) == 2
+    assert "comp4_det_val_cat.txt:1: expected" in one_error()
+    assert main(["--data-root", str(tmp_path / "nope")] + args[2:] + [str(tmp_path / "res")]) == 2
+    assert "split file not found" in one_error()
+    jitter = runpy.run_path(str(REPO / "tools/jitter_gt_comp4.py"))["main"]
+    assert jitter(["--data-root", str(tmp_path / "nope"), "--split", "val", "--out", str(tmp_path / "j")]) == 2
+    assert "split file not found" in one_error()
+
+
+def test_write_jittered_comp4_is_seeded(tmp_path: Path):
+    _voc_annotations(tmp_path / "voc")
+    (tmp_path / "voc" / "JPEGImages").mkdir()  # the split is read as for training: image files must exist
+    for image_id in ("img0", "img1"):
+        (tmp_path / "voc" / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"")
+    paths, n = write_jittered_comp4(tmp_path / "voc", "val", tmp_path / "a", miss=0.0, fp=0.0, seed=3)
+    again, _ = write_jittered_comp4(tmp_path / "voc", "val", tmp_path / "b", miss=0.0, fp=0.0, seed=3)
+    assert [p.name for p in paths] == ["comp4_det_val_cat.txt", "comp4_det_val_dog.txt"] and n >= 3
+    assert [p.read_text() for p in paths] == [p.read_text() for p in again]
 
 
 def test_bad_detection_dicts_are_clear_errors():

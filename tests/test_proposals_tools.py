@@ -1,4 +1,5 @@
-"""tools/compute_proposals.py and tools/proposal_recall.py end to end on a two-image VOC folder."""
+"""tools/compute_proposals.py and tools/proposal_recall.py end to end on a two-image VOC folder, and
+their user errors (one ``error:`` line, exit code 2)."""
 from __future__ import annotations
 
 import importlib.util
@@ -66,3 +67,19 @@ def test_compute_missing_split_is_a_clean_exit(tmp_path, capsys):
                                           "--out", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: split file not found") and "Traceback" not in err
+
+
+def test_recall_user_errors_are_one_line(tmp_path, capsys):
+    root = tmp_path / "voc"
+    _voc(root)
+    recall = _tool("proposal_recall").main
+    args = ["--data-root", str(root), "--split", "test", "--proposals"]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    for path, words in ((tmp_path / "none.npz", "none.npz"), (tmp_path / "bad.npz", "bad.npz")):
+        assert recall(args + [str(path)]) == 2
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and words in errors[0], err
+        assert "Traceback" not in err
+    assert recall(["--data-root", str(root), "--split", "nosplit", "--proposals", str(tmp_path / "none.npz")]) == 2
+    assert capsys.readouterr().err.startswith("error: split file not found")

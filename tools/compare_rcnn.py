@@ -10,24 +10,16 @@ without a trained model. Images: the split's first N images (``--data-root``), e
 (500x375) real photos bundled with scikit-image / scikit-learn. Proposals: selective search on the
 image, padded with random boxes up to ``--proposals`` when it returns fewer (the count is logged
 and written). Prints the paper-shaped table and ``name: value`` lines; ``--out`` writes the JSON.
+The flow is ``detector.bench.rcnn_compare.run_rcnn_comparison``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-from pathlib import Path
 
-import numpy as np
-import torch
-
-from detector.bench import inputs as TI
-from detector.bench.random_model import random_detector
-from detector.bench.rcnn_compare import compare_rcnn, format_comparison
-
-log = logging.getLogger("compare_rcnn")
+from detector.bench.rcnn_compare import run_rcnn_comparison
+from detector.cli import run_tool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,67 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the comparison as JSON here")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     if args.num_images < 1:
-        sys.exit("-n must be >= 1")
+        p.error("-n must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = " ".join(["python", "tools/compare_rcnn.py", *(sys.argv[1:] if argv is None else argv)])
 
-    if args.random_zf5:
-        det = random_detector(width_mult=args.width_mult, fc_dim=args.fc_dim, seed=args.seed, device=args.device)
-        model = f"random ZF-5 width {args.width_mult}, fc {args.fc_dim}"
-    else:
-        from detector.detector import CheckpointError, SPPDetector
+    def body() -> None:
+        report = run_rcnn_comparison(
+            checkpoint=None if args.random_zf5 else args.checkpoint, width_mult=args.width_mult, fc_dim=args.fc_dim,
+            data_root=args.data_root, split=args.split, num_images=args.num_images, n_proposals=args.proposals,
+            ss_mode=args.ss_mode, threads=args.threads, batch_size=args.batch_size,
+            scale_sets=((args.scale_1,), tuple(args.scales_5)), svd_rank=args.svd_rank, device=args.device,
+            seed=args.seed, out=args.out, command=command)
+        print(report.text())
 
-        try:
-            det = SPPDetector.load(args.checkpoint, device=args.device)
-        except CheckpointError as e:
-            sys.exit(str(e))
-        model = f"{args.checkpoint} ({det.arch}, width {det.width_mult})"
-    if args.svd_rank > 0:
-        det.compress_fc(args.svd_rank)
-        model += f", fc SVD rank {args.svd_rank}"
-
-    if args.data_root:
-        from detector.data.voc import VOCDataError, load_voc_split
-        from proposals.imageio import read_image
-
-        try:
-            records = load_voc_split(args.data_root, args.split)[0][: args.num_images]
-        except (VOCDataError, OSError) as e:
-            sys.exit(f"--data-root {args.data_root}: {e}")
-        images = [(r.image_id, read_image(r.path)) for r in records]
-    else:
-        images = TI.voc_sized_photos(args.num_images)
-    props, n_ss = [], []
-    for i, (name, im) in enumerate(images):
-        boxes, k = TI.proposals_for(im, args.proposals, args.ss_mode, seed=args.seed + i)
-        props.append(boxes)
-        n_ss.append(k)
-        log.info("%s %dx%d: %d selective-search boxes, %d random boxes added", name, im.shape[1], im.shape[0],
-                 k, boxes.shape[0] - k)
-
-    cmp = compare_rcnn(det, [im for _, im in images], props,
-                       scale_sets=((args.scale_1,), tuple(args.scales_5)),
-                       batch_size=args.batch_size or None, progress=True)
-    cmp.update(model=model, selective_search_boxes=n_ss, image_names=[n for n, _ in images],
-               command=" ".join(["python", "tools/compare_rcnn.py", *(argv if argv is not None else sys.argv[1:])]),
-               cpu_count=os.cpu_count())
-    print(f"model: {model}")
-    print(format_comparison(cmp))
-    for lab, sp in cmp["speedup"].items():
-        key = lab.split(" ")[0].replace("-", "_")
-        print(f"rcnn_conv_speedup_{key}: {sp['conv']:.2f}")
-        print(f"rcnn_overall_speedup_{key}: {sp['overall']:.2f}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(cmp, indent=1, default=str))
-        os.replace(tmp, out)
-    return 0
+    return run_tool(body)
 
 
 if __name__ == "__main__":

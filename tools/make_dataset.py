@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 
-from detector.data.digits_build import DatasetExistsError, make_digits_dataset
+from detector.cli import run_tool
+from detector.data.digits_build import make_digits_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,26 +25,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="rendering processes (the output does not depend on it)")
     ap.add_argument("--force", action="store_true", help="rebuild a data set made with other parameters")
     args = ap.parse_args(argv)
+    if args.trainval < 2 or args.test < 1:
+        ap.error(f"need --trainval >= 2 and --test >= 1, got {args.trainval} and {args.test}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("make_dataset")
-    try:
+
+    def body() -> None:
         s = make_digits_dataset(args.out, seed=args.seed, n_trainval=args.trainval, n_test=args.test,
                                 workers=max(1, args.workers), force=args.force, progress=sys.stderr.isatty())
-    except (DatasetExistsError, ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 2
-    splits = ("trainval", "train", "val", "test")
-    log.info("images per split:  %s", ", ".join(f"{k} {s['images'][k]}" for k in splits))
-    log.info("objects per split: %s", ", ".join(f"{k} {s['objects'][k]}" for k in splits))
-    log.info("difficult:         %s", ", ".join(f"{k} {s['difficult'][k]}" for k in splits))
-    log.info("objects per class: %s", ", ".join(f"{k} {v}" for k, v in s["per_class"].items()))
-    log.info("objects per image %d..%d; object side (longer side of box) %.0f..%.0f px; image side %d..%d px",
-             s["objects_per_image"]["min"], s["objects_per_image"]["max"], s["object_side_px"]["min"],
-             s["object_side_px"]["max"], s["image_side_px"]["min"], s["image_side_px"]["max"])
-    log.info("distinct digit instances: trainval %d, test %d, shared %d", s["distinct_digits"]["trainval"],
-             s["distinct_digits"]["test"], s["distinct_digits"]["shared"])
-    log.info("%s in %.1f s", "checked" if s["skipped"] else f"wrote {s['out']}", s["seconds"])
-    return 0
+        splits = ("trainval", "train", "val", "test")
+        log.info("images per split:  %s", ", ".join(f"{k} {s['images'][k]}" for k in splits))
+        log.info("objects per split: %s", ", ".join(f"{k} {s['objects'][k]}" for k in splits))
+        log.info("difficult:         %s", ", ".join(f"{k} {s['difficult'][k]}" for k in splits))
+        log.info("objects per class: %s", ", ".join(f"{k} {v}" for k, v in s["per_class"].items()))
+        log.info("objects per image %d..%d; object side (longer side of box) %.0f..%.0f px; image side %d..%d px",
+                 s["objects_per_image"]["min"], s["objects_per_image"]["max"], s["object_side_px"]["min"],
+                 s["object_side_px"]["max"], s["image_side_px"]["min"], s["image_side_px"]["max"])
+        log.info("distinct digit instances: trainval %d, test %d, shared %d", s["distinct_digits"]["trainval"],
+                 s["distinct_digits"]["test"], s["distinct_digits"]["shared"])
+        log.info("%s in %.1f s", "checked" if s["skipped"] else f"wrote {s['out']}", s["seconds"])
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

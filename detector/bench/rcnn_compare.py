@@ -6,10 +6,19 @@ Shape shorthand (one alphabet for the whole project):
 Timing follows spec §10: "conv time" is the full-image conv at 1 or 5 scales (SPP) or crop + conv
 of all windows (R-CNN, :mod:`detector.rcnn`); "fc time" is pooling + fc6/fc7 for all windows;
 proposals are excluded.
+
+:func:`run_rcnn_comparison` is the whole of ``tools/compare_rcnn.py``: it picks the model (a
+checkpoint or a random full-width ZF-5) and the images (a split's first N or bundled VOC-sized
+photos), makes the proposals, times both modes and writes the JSON.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 import statistics
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -21,7 +30,9 @@ from detector.rcnn import StageTimer, default_batch_size, rcnn_pooled_features
 if TYPE_CHECKING:  # pragma: no cover
     from detector.detector import SPPDetector
 
-__all__ = ["compare_rcnn", "format_comparison"]
+__all__ = ["compare_rcnn", "format_comparison", "RcnnComparison", "run_rcnn_comparison"]
+
+log = logging.getLogger(__name__)
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -201,3 +212,112 @@ def format_comparison(cmp: dict[str, Any]) -> str:
     foot = (f"{cmp['images']} images, {statistics.median(n_props):.0f} proposals per image (median), "
             f"{cmp['threads']} threads, device {cmp['device']}, R-CNN batch {cmp['batch_size']}; proposals excluded.")
     return "\n".join(rows) + "\n\n" + foot
+
+
+@dataclass
+class RcnnComparison:
+    """What :func:`run_rcnn_comparison` measured.
+
+    Attributes:
+        model: the model in words (checkpoint or random ZF-5, width, SVD rank).
+        data: :func:`compare_rcnn`'s dict plus ``model``, ``selective_search_boxes`` (per image),
+            ``image_names``, ``command`` and ``cpu_count``: what the JSON file holds.
+    """
+
+    model: str
+    data: dict[str, Any]
+
+    def text(self) -> str:
+        """The printed report: the model, the paper-shaped table, then ``name: value`` speedup lines."""
+        lines = [f"model: {self.model}", format_comparison(self.data)]
+        for lab, sp in self.data["speedup"].items():
+            key = lab.split(" ")[0].replace("-", "_")
+            lines.append(f"rcnn_conv_speedup_{key}: {sp['conv']:.2f}")
+            lines.append(f"rcnn_overall_speedup_{key}: {sp['overall']:.2f}")
+        return "\n".join(lines)
+
+
+def run_rcnn_comparison(
+    *,
+    checkpoint: str | Path | None = None,
+    width_mult: float = 1.0,
+    fc_dim: int = 4096,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    num_images: int = 3,
+    n_proposals: int = 2000,
+    ss_mode: str = "fast+",
+    threads: int = 2,
+    batch_size: int = 0,
+    scale_sets: Sequence[Sequence[int]] = ((688,), (480, 576, 688, 864, 1200)),
+    svd_rank: int = 0,
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path | None = None,
+    command: str = "",
+) -> RcnnComparison:
+    """SPP-net vs R-CNN mode timing on a checkpoint or a random ZF-5, on a split or bundled photos.
+
+    Both modes use the same model and the same proposals per image; proposals are excluded from
+    the times. Proposals: selective search on the image (``ss_mode``), padded with random boxes up
+    to ``n_proposals`` when it returns fewer (the count is logged and kept).
+
+    Args:
+        checkpoint: ``model.pt``; None: a random ZF-5 of ``width_mult`` with fc6/fc7 of ``fc_dim``
+            and random SVMs (timing does not depend on the weights).
+        data_root: VOC-layout folder whose ``split``'s first ``num_images`` images are timed;
+            None: ``num_images`` VOC-sized (500x375) real photos bundled with scikit-image / -learn.
+        threads: torch intra-op threads (0 = torch default).
+        batch_size: R-CNN windows per conv batch (0 = the device default).
+        scale_sets: SPP scale sets to time (paper: 688 and the 5 scales).
+        svd_rank: compress fc6/fc7 to this rank (0 = off).
+        seed: torch and numpy seed, and the seed of the padding boxes (plus the image index).
+        out: write the comparison as JSON here (atomically).
+        command: the command line, kept in the JSON.
+    Raises:
+        ValueError: ``num_images`` < 1. CheckpointError / VOCDataError / ImageError: inputs that
+            cannot be used (named).
+    """
+    from detector.bench import inputs
+    from detector.bench.random_model import random_detector
+    from detector.detector import SPPDetector
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if checkpoint is None:
+        det = random_detector(width_mult=width_mult, fc_dim=fc_dim, seed=seed, device=device)
+        model = f"random ZF-5 width {width_mult}, fc {fc_dim}"
+    else:
+        det = SPPDetector.load(checkpoint, device=device)
+        model = f"{checkpoint} ({det.arch}, width {det.width_mult})"
+    if svd_rank > 0:
+        det.compress_fc(svd_rank)
+        model += f", fc SVD rank {svd_rank}"
+    if data_root:
+        from detector.data.voc import load_voc_split
+        from proposals.imageio import read_image
+
+        records = load_voc_split(data_root, split)[0][:num_images]
+        images = [(r.image_id, read_image(r.path)) for r in records]
+    else:
+        images = inputs.voc_sized_photos(num_images)
+    props, n_ss = [], []
+    for i, (name, im) in enumerate(images):
+        boxes, k = inputs.proposals_for(im, n_proposals, ss_mode, seed=seed + i)
+        props.append(boxes)
+        n_ss.append(k)
+        log.info("%s %dx%d: %d selective-search boxes, %d random boxes added", name, im.shape[1], im.shape[0],
+                 k, boxes.shape[0] - k)
+    cmp = compare_rcnn(det, [im for _, im in images], props, scale_sets=scale_sets,
+                       batch_size=batch_size or None, progress=True)
+    cmp.update(model=model, selective_search_boxes=n_ss, image_names=[n for n, _ in images], command=command,
+               cpu_count=os.cpu_count())
+    if out:
+        from detector.artifacts import write_text
+
+        write_text(out, json.dumps(cmp, indent=1, default=str))
+    return RcnnComparison(model=model, data=cmp)

@@ -1,7 +1,7 @@
-"""Benchmark sections of tools/benchmark.py beyond ``spp``: R-CNN mode, detection vs torchvision
-detectors, selective search, memory, and the same figures on a GPU. Each section function returns
-``(markdown, ratios)`` where ``ratios`` maps machine-readable names to numbers (printed as
-``name: value`` lines).
+"""Benchmark sections of tools/benchmark.py beyond ``spp`` (:mod:`detector.bench.spp`): R-CNN mode,
+detection vs torchvision detectors, selective search, memory, and the same figures on a GPU. Each
+section function returns ``(markdown, ratios)`` where ``ratios`` maps machine-readable names to
+numbers (printed as ``name: value`` lines).
 
 Shape shorthand: R proposals in one image, C conv5 channels, Hs x Ws conv5 size at scale s.
 """
@@ -266,6 +266,17 @@ def conv5_cache_bytes(height: int, width: int, scales: Sequence[int], channels: 
 
 def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[str, dict[str, float]]:
     """Peak memory of detection; conv5 cache per image (float16, 5 scales); VOC07 trainval disk."""
+    # the VOC folder first: a bad voc_root fails before minutes of timing
+    if voc_root:
+        from detector.data.voc import load_voc_split
+
+        recs, _ = load_voc_split(voc_root, "trainval", log_summary=False)
+        sizes = [(r.height, r.width) for r in recs]
+        source = f"image sizes read from {voc_root} trainval ({len(sizes)} images)"
+    else:
+        sizes = [(375, 500)] * 5011
+        source = ("assumed: 5011 images, each 500x375 or 375x500 (VOC 2007's typical size: the longer side is "
+                  "500 for almost all images; transposed sizes give the same cache size)")
     ratios: dict[str, float] = {}
     lines = ["| quantity | value |", "|---|---|"]
     for scales in ((688,), FIVE_SCALES):
@@ -277,16 +288,6 @@ def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[st
     per_img = conv5_cache_bytes(375, 500, FIVE_SCALES)
     lines.append(f"| conv5 cache of one 500x375 image, 5 scales, float16, C=256 | {per_img / 2**20:.2f} MiB |")
     ratios["conv5_cache_mb_per_image_5scale_fp16"] = per_img / 2**20
-    if voc_root:
-        from detector.data.voc import load_voc_split
-
-        recs, _ = load_voc_split(voc_root, "trainval", log_summary=False)
-        sizes = [(r.height, r.width) for r in recs]
-        source = f"image sizes read from {voc_root} trainval ({len(sizes)} images)"
-    else:
-        sizes = [(375, 500)] * 5011
-        source = ("assumed: 5011 images, each 500x375 or 375x500 (VOC 2007's typical size: the longer side is "
-                  "500 for almost all images; transposed sizes give the same cache size)")
     cache = {}
     memo: dict[tuple[int, int], int] = {}
     for hw in sizes:

@@ -1,20 +1,26 @@
 """Detection evaluation: exact Pascal VOC AP (the only ``+1`` arithmetic of the project), devkit
-comp4 results files, COCO AP through pycocotools, precision-recall plots.
+comp4 results files, COCO AP through pycocotools, precision-recall plots, proposal recall on a split.
 
 Modules:
     voc_ap   the devkit's ``VOCevaldet``: per-class matching, 11-point and area AP, mAP
     comp4    ``comp4_det_<split>_<class>.txt`` writing and reading
     coco     COCO ground truth / results dicts and ``COCOeval`` bbox AP
-    plots    precision-recall curves to a PNG (matplotlib, object-oriented API)
+    plots    precision-recall and proposal-recall curves to PNGs (matplotlib, object-oriented API)
+    score_files      comp4 result files of a split scored: AP, COCO AP, eval.json, PR curves
+    proposal_report  recall of a proposal file on a split: tables, recall.json, recall.png
+    jitter           synthetic comp4 files made from a split's ground truth (to exercise scoring)
 
 pycocotools and matplotlib are imported only when a COCO figure or a plot is asked for.
 """
 from __future__ import annotations
 
-from detector.eval import coco, comp4, plots, voc_ap
+from detector.eval import coco, comp4, jitter, plots, proposal_report, score_files, voc_ap
 from detector.eval.coco import coco_detections, coco_evaluate, coco_ground_truth
-from detector.eval.comp4 import comp4_path, read_comp4, write_comp4
-from detector.eval.plots import plot_pr_curves
+from detector.eval.comp4 import ResultsFileError, comp4_path, read_comp4, write_comp4
+from detector.eval.jitter import jitter_detections, write_jittered_comp4
+from detector.eval.plots import plot_pr_curves, plot_recall_curve
+from detector.eval.proposal_report import PROPOSAL_BUDGETS, RecallReport, proposal_recall_report
+from detector.eval.score_files import ScoreReport, score_comp4_files
 from detector.eval.voc_ap import (
     RECALL_LEVELS_11,
     ClassDetections,
@@ -29,4 +35,5 @@ from detector.eval.voc_ap import (
     per_class_detections,
 )
 
-__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__]
+__all__ = [*voc_ap.__all__, *comp4.__all__, *coco.__all__, *plots.__all__, *score_files.__all__,
+           *proposal_report.__all__, *jitter.__all__]

@@ -21,9 +21,13 @@ import torch
 
 from detector.eval.voc_ap import ClassDetections, per_class_detections
 
-__all__ = ["comp4_path", "write_comp4", "read_comp4"]
+__all__ = ["ResultsFileError", "comp4_path", "write_comp4", "read_comp4"]
 
 log = logging.getLogger(__name__)
+
+
+class ResultsFileError(ValueError):
+    """A results file (or folder) that cannot be scored: names the file, line and problem."""
 
 
 def comp4_path(results_dir: str | Path, split: str, class_name: str) -> Path:
@@ -88,8 +92,8 @@ def read_comp4(
     Returns:
         ``{class_name: ClassDetections}`` in file order.
     Raises:
-        ValueError: a malformed line (file and line number named), a non-finite number, or an
-            image id not in ``image_ids`` (named).
+        ResultsFileError: a malformed line (file and line number named), a non-finite number, or
+            an image id not in ``image_ids`` (named).
     """
     known = set(image_ids) if image_ids is not None else None
     out: dict[str, ClassDetections] = {}
@@ -106,16 +110,16 @@ def read_comp4(
             if not tok:
                 continue
             if len(tok) != 6:
-                raise ValueError(f"{path}:{ln}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
+                raise ResultsFileError(f"{path}:{ln}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
                                  f"got {len(tok)} fields: {line.strip()!r}")
             try:
                 v = [float(t) for t in tok[1:]]
             except ValueError:
-                raise ValueError(f"{path}:{ln}: not a number in {line.strip()!r}") from None
+                raise ResultsFileError(f"{path}:{ln}: not a number in {line.strip()!r}") from None
             if not all(math.isfinite(x) for x in v):
-                raise ValueError(f"{path}:{ln}: non-finite value in {line.strip()!r}")
+                raise ResultsFileError(f"{path}:{ln}: non-finite value in {line.strip()!r}")
             if known is not None and tok[0] not in known:
-                raise ValueError(f"{path}:{ln}: image '{tok[0]}' is not in split '{split}'")
+                raise ResultsFileError(f"{path}:{ln}: image '{tok[0]}' is not in split '{split}'")
             ids.append(tok[0])
             vals.append(v)
         arr = np.asarray(vals, dtype=np.float64).reshape(-1, 5)  # (N, 5)

@@ -1,4 +1,5 @@
-"""Precision-recall curves of an evaluation, drawn to a PNG.
+"""Plots of evaluations, drawn to PNGs: precision-recall curves of a detector, and proposal recall
+against the number of proposals per image.
 
 Shape shorthand (used across the project):
     N: detections of one class      K: foreground classes
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from detector.artifacts import atomic_path
 from detector.eval.voc_ap import EvalResult
 
-__all__ = ["plot_pr_curves"]
+__all__ = ["plot_pr_curves", "plot_recall_curve"]
 
 
 def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
@@ -52,4 +55,37 @@ def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+    return path
+
+
+def plot_recall_curve(curve: Sequence[Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """Recall@0.5, recall@0.7 and average recall against the first k proposals per image (log k).
+
+    Args:
+        curve: rows ``{"k": k, "recall@0.5": ..., "recall@0.7": ..., "AR": ...}`` in increasing k
+            (:func:`proposals.proposal_recall`'s rows).
+        path: the PNG to write, atomically (parent folders are created).
+        title: the plot's title.
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg
+    ax = fig.subplots()
+    for key in ("recall@0.5", "recall@0.7", "AR"):
+        ax.plot([c["k"] for c in curve], [c[key] for c in curve], label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("proposals per image (first k)")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)  # the temp name has no .png suffix: format named
     return path
