@@ -152,8 +152,8 @@ class WithinChannelLRN(nn.Module):
         mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
         if torch.is_grad_enabled() and x.requires_grad:
             return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
-        # inference: the same arithmetic in place on mean_sq (no three fresh map-sized temporaries;
-        # conv1's LRN at 688 px was 0.41 of ZF-5's 0.89 s on 2 cores, 0.25 s in place; same values)
+        # inference: the same arithmetic in place on mean_sq: no three fresh map-sized temporaries
+        # (conv1's LRN is a large share of ZF-5's time on a CPU; BENCHMARKS.md "detect")
         return mean_sq.mul_(self.alpha).add_(1.0).pow_(-self.beta).mul_(x)
 
     def extra_repr(self) -> str:
@@ -217,9 +217,8 @@ class ZF5(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"ZF5 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
-        # channels-last runs the convs, LRNs and pools ~1.6x faster on CPU (full ZF-5 at 688x917,
-        # 2 threads: 0.39 vs 0.87 s with the in-place LRN; tools/benchmark.py --only detect); the
-        # conv5 map is handed back in the default layout
+        # the prefix runs channels-last (faster convs, LRNs and pools on a CPU); the conv5 map is
+        # handed back in the default layout
         return self.forward_tail(self.forward_prefix(x, 3), 3)  # (N, C, Hs, Ws)
 
     tail_units = 3  # conv3, conv4, conv5 (stride 16, no pooling between them)
@@ -232,8 +231,7 @@ class ZF5(nn.Module):
     def forward_prefix(self, x: Tensor, n: int) -> Tensor:
         """conv1 .. the unit before the last ``n``: Tensor[N, 3, H, W] -> Tensor[N, C', Hs, Ws]."""
         _check_tail(self, n)
-        # channels-last runs the convs, LRNs and pools ~1.6x faster on CPU (full ZF-5 at 688x917,
-        # 2 threads: 0.39 vs 0.87 s with the in-place LRN; tools/benchmark.py --only detect)
+        # channels-last: the convs, LRNs and pools run ~1.6x faster on a CPU (BENCHMARKS.md "detect")
         x = x.contiguous(memory_format=torch.channels_last)
         # ReLU in place on the fresh conv outputs (a conv's backward needs its input, not its
         # output, so autograd allows it; torchvision's VGG does the same): no map-sized allocation

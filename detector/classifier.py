@@ -7,7 +7,7 @@ Shape shorthand (one alphabet for the whole project):
 
 This is the paper's classification network (spec §1, paper §2-3) sized for pre-training the trunk
 on crops of a detection training split, which is how a machine without ImageNet weights gets
-trained conv layers (issue 5 item 5). Two heads:
+trained conv layers. Two heads:
 
 ``spp=True`` (SPP-net)
     :class:`detector.spp.SpatialPyramidPool` over the whole conv5 map (levels 1, 2, 3, 6 by

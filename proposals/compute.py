@@ -28,7 +28,7 @@ import multiprocessing as mp
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -82,6 +82,32 @@ def _read_checked(path: Path, ids: list[str], what: str) -> dict[str, np.ndarray
         log.warning("%s %s holds other images than expected; recomputing it", what, path)
         return None
     return data
+
+
+def _run_shards(todo: list[tuple], workers: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Compute the shards of ``todo`` (in ``workers`` spawned processes, or here when <= 1) and yield
+    ``(shard index, proposals)`` as each finishes; problems of skipped images are logged."""
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker()
+        for task in todo:
+            n, data, problems = _run_chunk(task)
+            for msg in problems:
+                log.warning(msg)
+            yield n, data
+        return
+    ctx = mp.get_context("spawn")  # safe with torch/OpenCV threads in the parent
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(_run_chunk, task) for task in todo]
+        try:
+            for fut in as_completed(futures):
+                n, data, problems = fut.result()
+                for msg in problems:
+                    log.warning(msg)
+                yield n, data
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def proposals_key(items: Sequence[tuple[str, str | Path]], options: dict, chunk_size: int = 8,
@@ -168,29 +194,9 @@ def compute_proposals_for_images(
     bar = tqdm(total=len(items), initial=sum(len(c) for c in results.values()), unit="img",
                desc="proposals", disable=not progress)
     try:
-        if workers <= 1 or len(todo) <= 1:
-            _init_worker()
-            for task in todo:
-                n, data, problems = _run_chunk(task)
-                for msg in problems:
-                    log.warning(msg)
-                results[n] = data
-                bar.update(len(data))
-        else:
-            ctx = mp.get_context("spawn")  # safe with torch/OpenCV threads in the parent
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = [pool.submit(_run_chunk, task) for task in todo]
-                try:
-                    for fut in as_completed(futures):
-                        n, data, problems = fut.result()
-                        for msg in problems:
-                            log.warning(msg)
-                        results[n] = data
-                        bar.update(len(data))
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        for n, data in _run_shards(todo, workers):
+            results[n] = data
+            bar.update(len(data))
     finally:
         bar.close()
 

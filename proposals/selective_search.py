@@ -15,28 +15,8 @@ Modes of :func:`selective_search`
                Selective search merges touching objects of similar colour early (cells in a smear,
                digits on a page), so some objects never get a box of their own; the grid guarantees
                every object a window with IoU >= 0.5 in expectation, and selective search supplies
-               the tight boxes. Measured (BCCD test, 72 images 640x480, 945 objects, max_boxes
-               2000, CPU seconds per image with one OpenCV thread on a loaded shared machine):
-
-               ====================================  =====  =====  =====  ======
-               variant                               R@0.5  R@0.7  boxes  s/img
-               ====================================  =====  =====  =====  ======
-               OpenCV fast, full image (issue 4)     0.77   --     --     1.7
-               OpenCV quality, full image (issue 4)  0.86   --     --     5.5
-               OpenCV fast, full image (here)        0.871  0.533  1059   3.29
-               fast, image at 0.5 scale, no grid     0.837  0.505  479    (0.4)*
-               fast+ grid ordered coarse-to-fine     0.996  0.615  2000   0.55
-               fast+ grid 3 aspect ratios (1,.5,2)   0.987  0.628  2000   0.59
-               fast+ with ss_side 256                0.995  0.563  2000   0.32
-               fast+ (default: grid hash-shuffled)   0.978  0.571  2000   0.58
-               ====================================  =====  =====  =====  ======
-
-               (*) 24-image subset; wall time 1.7 s under load. A grid alone (32 px, stride 0.5)
-               reaches 0.979 / 0.276 with 2241 boxes: selective search supplies the tight boxes.
-               "here" rows were measured in one session (machine load ~7-13 on 2 cores inflates
-               CPU times ~2x against the issue's 1.7 s). Synthetic digits (40 test images
-               320-500 px, digits 12-168 px, min_size 20 caps recall@0.5 at 0.82): fast 0.706 /
-               1.43 s; fast+ 0.672 / 0.64 s; fast+ with min_size 12, grid_min 16: 0.819 / 0.66 s.
+               the tight boxes. The recall and time of each mode on BCCD and digits, which chose
+               "fast+" as the default, are in BENCHMARKS.md ("selective_search" notes).
 
 Output and order (all modes)
 ----------------------------

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from detector.artifacts import content_id, digest, load_keyed, save_keyed, verify

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

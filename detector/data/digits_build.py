@@ -228,6 +228,51 @@ def _changed_files(root: Path, manifest: dict[str, str]) -> list[str]:
     return changed + sorted(set(now) - set(manifest))
 
 
+def _reuse(out: Path, p: DigitsParams, key: str, force: bool) -> dict | None:
+    """The stamp's summary when ``out`` holds this exact data set, intact; None when it must be
+    (re)built. Raises DatasetExistsError when ``out`` holds something else and ``force`` is not set."""
+    stamp_path = out / STAMP_NAME
+    rebuild_changed = False
+    if stamp_path.is_file():
+        try:
+            stamp = json.loads(stamp_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stamp = {}
+        if stamp.get("key") == key:
+            changed = _changed_files(out, stamp.get("files", {}))
+            if not changed:
+                log.info("%s: already built (seed %d, %d trainval, %d test); nothing to do",
+                         out, p.seed, p.n_trainval, p.n_test)
+                return dict(stamp.get("summary", {}))
+            log.warning("%s: %d file(s) differ from the data set that was built (%s%s); rebuilding it", out,
+                        len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
+            rebuild_changed = True
+        elif "key" not in stamp and stamp.get("version") == DATASET_VERSION and stamp.get("params") == _params_key(p):
+            log.info("%s: stamp of an earlier format (no file hashes); rebuilding the same set to record them", out)
+            rebuild_changed = True
+        elif not force:
+            have_params = stamp.get("params") if isinstance(stamp.get("params"), dict) else {}
+            diff = {k: (have_params.get(k), v) for k, v in _params_key(p).items() if have_params.get(k) != v}
+            if stamp.get("version") != DATASET_VERSION:
+                diff["version"] = (stamp.get("version"), DATASET_VERSION)
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise DatasetExistsError(
+                f"{out} already holds a digits data set built with other parameters ({changes}); "
+                f"pass --force (force=True) to rebuild it or choose another --out"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DatasetExistsError(
+            f"{out} exists and is not a finished digits data set (no {STAMP_NAME}); "
+            "pass --force (force=True) to replace it or choose another --out"
+        )
+    if out.exists() and not _looks_like_dataset(out) and not rebuild_changed:
+        raise DatasetExistsError(
+            f"{out} holds files other than a VOC layout (Annotations/, JPEGImages/, ImageSets/); "
+            "refusing to replace it: remove it yourself or choose another --out"
+        )
+    return None
+
+
 def make_digits_dataset(
     out: str | Path,
     seed: int = 0,
@@ -270,50 +315,11 @@ def make_digits_dataset(
     if not (1 <= p.objects_per_image[0] <= p.objects_per_image[1]):
         raise ValueError(f"objects_per_image must be 1 <= lo <= hi, got {p.objects_per_image}")
     out = Path(out)
-    stamp_path = out / STAMP_NAME
     key = digest("digits", DATASET_VERSION, _params_key(p))
-    rebuild_changed = False
-    if stamp_path.is_file():
-        try:
-            stamp = json.loads(stamp_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            stamp = {}
-        if stamp.get("key") == key:
-            changed = _changed_files(out, stamp.get("files", {}))
-            if not changed:
-                summary = dict(stamp.get("summary", {}))
-                summary.update(skipped=True, seconds=round(time.perf_counter() - t0, 3), out=str(out))
-                log.info("%s: already built (seed %d, %d trainval, %d test); nothing to do",
-                         out, p.seed, p.n_trainval, p.n_test)
-                return summary
-            log.warning("%s: %d file(s) differ from the data set that was built (%s%s); rebuilding it", out,
-                        len(changed), ", ".join(changed[:5]), " ..." if len(changed) > 5 else "")
-            rebuild_changed = True
-        elif "key" not in stamp and stamp.get("version") == DATASET_VERSION and stamp.get("params") == _params_key(p):
-            log.info("%s: stamp of an earlier format (no file hashes); rebuilding the same set to record them", out)
-            rebuild_changed = True
-        elif not force:
-            have_params = stamp.get("params") if isinstance(stamp.get("params"), dict) else {}
-            want = _params_key(p)
-            diff = {k: (have_params.get(k), v) for k, v in want.items() if have_params.get(k) != v}
-            if stamp.get("version") != DATASET_VERSION:
-                diff["version"] = (stamp.get("version"), DATASET_VERSION)
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise DatasetExistsError(
-                f"{out} already holds a digits data set built with other parameters ({changes}); "
-                f"pass --force (force=True) to rebuild it or choose another --out"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise DatasetExistsError(
-                f"{out} exists and is not a finished digits data set (no {STAMP_NAME}); "
-                "pass --force (force=True) to replace it or choose another --out"
-            )
-    if out.exists() and not _looks_like_dataset(out) and not rebuild_changed:
-        raise DatasetExistsError(
-            f"{out} holds files other than a VOC layout (Annotations/, JPEGImages/, ImageSets/); "
-            "refusing to replace it: remove it yourself or choose another --out"
-        )
+    summary = _reuse(out, p, key, force)
+    if summary is not None:
+        summary.update(skipped=True, seconds=round(time.perf_counter() - t0, 3), out=str(out))
+        return summary
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent)

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from detector.artifacts import content_id, digest, load_keyed, remove_stale_temps, save_keyed, write_json
+from detector.artifacts import content_id, load_keyed, remove_stale_temps, save_keyed, write_json
 from detector.checkpoint import CheckpointError
 from detector.config import Config
-from detector.data.voc import ImageRecord
+from detector.data.voc import ImageRecord, VOCDataError
 from detector.detector import STAGES, SPPDetector
 from detector.engine.data import test_records, training_data
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
@@ -40,7 +39,7 @@ from detector.eval import EvalResult, coco_evaluate, evaluate as voc_evaluate, p
 from proposals import propose
 from proposals.imageio import ImageError, read_image
 
-__all__ = ["evaluate", "build_detector", "EvalReport", "timing_table", "SHARD"]
+__all__ = ["evaluate", "score", "build_detector", "EvalReport", "timing_table", "SHARD"]
 
 log = logging.getLogger(__name__)
 
@@ -262,30 +261,49 @@ def evaluate(
     run = Run(cfg, out_dir=out, log_name="test_log.txt", argv=argv)
     ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "model.pt"
     det = build_detector(cfg, ckpt)
-    root = Path(cfg.output_dir)
-    if held_out:
-        data = training_data(cfg, raw_boxes=True, class_names=det.class_names)
-        records = data.held_out
-        if not records:
-            raise ValueError("--held-out: no images are held out (set data.val_split or data.val_fraction > 0)")
-        log.info("scoring the %d training images held out from fine-tuning (%s)", len(records),
-                 f"data.val_split '{cfg.data.val_split}'" if cfg.data.val_split else
-                 f"{cfg.data.val_fraction:.0%} of '{cfg.data.train_split}', seed {cfg.seed}")
-        trained = ProposalsStage(cfg, cfg.data.train_split, data.with_proposals(), root, cfg.proposals.train_file)
-        if cfg.proposals.method != "file" and not trained.path.is_file():
-            # the training run's proposals are not here: compute only the held-out images'
-            trained = ProposalsStage(cfg, f"{cfg.data.train_split}-heldout", records, root)
-        props = run.stage(trained)
-    else:
-        records, n_all = test_records(cfg, name, det.class_names)
-        if len(records) < n_all:
-            log.warning("scoring only the first %d of %d %s images (data.max_test_images)", len(records), n_all, name)
-        props = run.stage(ProposalsStage(cfg, name, records, root, cfg.proposals.test_file))
+    records, props = _records_and_proposals(cfg, run, det, name, held_out)
     opts = det.params.proposal_options or proposal_options(cfg.proposals)
     timed = time_proposals if cfg.proposals.method != "file" else 0
     detected = run.stage(DetectStage(det, ckpt, records, props, out, mode, timed, opts)).value
+    report = score(det, records, props.value, detected, out, name, metric, mode, ckpt)
+    if compare_rcnn:
+        from detector.bench.rcnn_compare import compare_rcnn as compare, format_comparison
 
-    # score
+        n = min(compare_rcnn, len(records))
+        cmp = compare(det, [read_image(r.path) for r in records[:n]],
+                      [torch.as_tensor(props.value[r.image_id]) for r in records[:n]])
+        write_json(out / "compare_rcnn.json", json.loads(json.dumps(cmp, default=str)))
+        report.comparison = format_comparison(cmp)
+    return report
+
+
+def _records_and_proposals(cfg: Config, run: Run, det: SPPDetector, name: str, held_out: bool
+                           ) -> tuple[list[ImageRecord], Output[dict]]:
+    """The images to score and their proposals (stage ``proposals``)."""
+    root = Path(cfg.output_dir)
+    if not held_out:
+        records, n_all = test_records(cfg, name, det.class_names)
+        if len(records) < n_all:
+            log.warning("scoring only the first %d of %d %s images (data.max_test_images)", len(records), n_all, name)
+        return records, run.stage(ProposalsStage(cfg, name, records, root, cfg.proposals.test_file))
+    data = training_data(cfg, raw_boxes=True, class_names=det.class_names)
+    records = data.held_out
+    if not records:
+        raise VOCDataError("--held-out: no images are held out (set data.val_split or data.val_fraction > 0)")
+    log.info("scoring the %d training images held out from fine-tuning (%s)", len(records),
+             f"data.val_split '{cfg.data.val_split}'" if cfg.data.val_split else
+             f"{cfg.data.val_fraction:.0%} of '{cfg.data.train_split}', seed {cfg.seed}")
+    trained = ProposalsStage(cfg, cfg.data.train_split, data.with_proposals(), root, cfg.proposals.train_file)
+    if cfg.proposals.method != "file" and not trained.path.is_file():
+        # the training run's proposals are not here: compute only the held-out images'
+        trained = ProposalsStage(cfg, f"{cfg.data.train_split}-heldout", records, root)
+    return records, run.stage(trained)
+
+
+def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detected: dict, out: Path, name: str,
+          metric: Literal["07", "area"], mode: str, checkpoint: Path) -> EvalReport:
+    """Stage ``score``: comp4 files, VOC AP (devkit semantics), COCO AP, PR curves, timing and
+    ``eval.json`` of the detections of ``records``."""
     dets = {r.image_id: detected["dets"][r.image_id] for r in records}
     class_names = det.class_names
     write_comp4(out / "results", name, class_names, dets)
@@ -298,20 +316,10 @@ def evaluate(
             per_image.setdefault(k, []).append(v)
     timing = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
               for k, v in per_image.items() if v}
-    peak = peak_memory_mb()
     report = {"split": name, "images": len(records), "mode": mode, "scales": list(det.params.scales),
-              "mean_proposals": mean_count({r.image_id: props.value[r.image_id] for r in records}),
-              "peak_memory_mb": peak, "failed_images": detected["failed"], "timing_s_per_image": timing,
-              "coco": coco, "checkpoint": str(ckpt), **result.to_dict()}
+              "mean_proposals": mean_count({r.image_id: props[r.image_id] for r in records}),
+              "peak_memory_mb": peak_memory_mb(), "failed_images": detected["failed"], "timing_s_per_image": timing,
+              "coco": coco, "checkpoint": str(checkpoint), **result.to_dict()}
     write_json(out / "eval.json", report)
-    comparison = ""
-    if compare_rcnn:
-        from detector.bench.rcnn_compare import compare_rcnn as compare, format_comparison
-
-        n = min(compare_rcnn, len(records))
-        cmp = compare(det, [read_image(r.path) for r in records[:n]],
-                      [torch.as_tensor(props.value[r.image_id]) for r in records[:n]])
-        (out / "compare_rcnn.json").write_text(json.dumps(cmp, indent=1, default=str))
-        comparison = format_comparison(cmp)
     return EvalReport(split=name, result=result, coco=coco, timing=timing, out_dir=out, report=report,
-                      per_image=per_image, comparison=comparison)
+                      per_image=per_image)
