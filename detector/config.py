@@ -6,8 +6,9 @@ rejects unknown keys and values of the wrong type, then checks every value again
 with its field (range, choices, agreement with other fields) and reports all broken rules at once,
 before any work starts. It returns a frozen :class:`Config`.
 
-Only ``tools/`` and :func:`detector.detector.build_detector` read a Config; library code takes
-explicit arguments.
+Only the engine (``detector.engine``: its stages, ``train``, ``evaluate``, ``build_detector``) and
+``tools/`` read a Config; library code takes explicit arguments, or one config section as its
+parameters dataclass (``FinetuneConfig``, ``SVMConfig``, ``BBoxRegConfig``).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ DEVICE = Rule(lambda v: re.fullmatch(r"cpu|cuda|cuda:\d+|auto", v) is not None,
 
 PosInt = Annotated[int, at_least(1)]
 Count = Annotated[int, at_least(0)]  # where 0 is special ("all", "off"), the field's comment says so
-Seed = Annotated[int, between(0, 2**32 - 1)]  # the range numpy's legacy seeding takes (tools/_common.py)
+Seed = Annotated[int, between(0, 2**32 - 1)]  # the range numpy's legacy seeding takes (detector.engine.run.setup_torch)
 PosFloat = Annotated[float, above(0)]
 NonNegFloat = Annotated[float, at_least(0)]
 Frac = Annotated[float, between(0, 1, hi_open=True)]  # [0, 1): probabilities, momenta, IoUs that exclude 1
