@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -28,16 +29,18 @@ import torch
 from torch import nn
 
 from detector.bbox_reg import BoxRegressor
-from detector.boxes import as_boxes
+from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
 from detector.pyramid import image_pyramid, resized_size
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.svm import LinearSVMs
 from proposals import propose
-from proposals.imageio import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageError, read_image, to_rgb_uint8
+from proposals.imageio import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageError, pil_to_rgb, read_image, to_rgb_uint8
 
 __all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES"]
+
+log = logging.getLogger(__name__)
 
 STAGES = ("proposals", "conv", "pool", "fc", "svm", "bbox", "nms")
 SCORES = ("svm", "svm+softmax")
@@ -286,10 +289,12 @@ class SPPDetector(nn.Module):
     def _prepare_image(self, image: Any) -> tuple[np.ndarray, str]:
         if isinstance(image, (str, Path)):
             return read_image(image), str(image)
-        name = "<array>" if isinstance(image, np.ndarray) else f"<{type(image).__name__}>"
-        if not isinstance(image, np.ndarray):
-            image = np.asarray(image)  # PIL image -> ndarray
-        img = to_rgb_uint8(image, name=name)
+        if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image: any mode, converted by PIL
+            name = f"<PIL image, mode {image.mode}>"
+            img = pil_to_rgb(image, name=name)
+        else:
+            name = "<array>" if isinstance(image, np.ndarray) else f"<{type(image).__name__}>"
+            img = to_rgb_uint8(image if isinstance(image, np.ndarray) else np.asarray(image), name=name)
         h, w = img.shape[:2]
         if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
             raise ImageError(f"{name}: image is {w}x{h}; sides must be within [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px")
@@ -305,8 +310,9 @@ class SPPDetector(nn.Module):
         """Detect objects in one image.
 
         Args:
-            image: H x W x 3 uint8 RGB array, a PIL image, or a file path (grayscale, RGBA and
-                16-bit images are converted; see proposals.imageio). Sides must be within
+            image: H x W x 3 uint8 RGB array, a PIL image of any mode (palette, CMYK, YCbCr, ...
+                are converted by PIL), or a file path (grayscale, RGBA and 16-bit images are
+                converted; see proposals.imageio). A bare ndarray is taken as RGB. Sides must be within
                 [32, 10000] px; an unreadable or out-of-range image raises ``ImageError`` naming it.
             proposals (Tensor[R, 4] | None): xyxy boxes in original-image pixels; None = run
                 selective search on the image (the proposal time is then in ``last_timings``).
@@ -328,6 +334,7 @@ class SPPDetector(nn.Module):
                 ).reshape(-1, 4)
             else:
                 boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
+                _warn_unusable(boxes, h, w, name)
         boxes = boxes.to(self.device)
         if boxes.shape[0] == 0:
             return _empty_detections()
@@ -400,6 +407,16 @@ class SPPDetector(nn.Module):
         if scales:
             det.params = dataclasses.replace(det.params, scales=tuple(scales))
         return det.compress_fc(det.params.svd_rank if svd_rank is None else int(svd_rank))
+
+
+def _warn_unusable(boxes: torch.Tensor, h: int, w: int, name: str) -> None:
+    """Warn when given proposals are empty, inverted or wholly outside the image: they cannot
+    yield a detection (clipping to the image leaves them without area), so they drop out."""
+    inside = clip_boxes(boxes, h, w)
+    bad = ~valid_boxes_mask(inside)  # (R,)
+    if bool(bad.any()):
+        log.warning("%s: %d of %d given proposals are empty, inverted (x2 <= x1 or y2 <= y1) or outside the "
+                    "%dx%d image; they cannot yield detections", name, int(bad.sum()), boxes.shape[0], w, h)
 
 
 def _empty_detections() -> dict[str, torch.Tensor]:

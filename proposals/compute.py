@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from detector.artifacts import digest, remove_stale_temps, verify, write_text
-from proposals.imageio import ImageError, read_image
+from proposals.imageio import ImageError, decode_image
 from proposals.selective_search import propose
 from proposals.store import ProposalFileError, read_npz, read_npz_meta, save_proposals
 
@@ -55,7 +55,9 @@ def _run_chunk(task: tuple) -> tuple[int, dict[str, np.ndarray], list[str]]:
     problems: list[str] = []
     for image_id, path in items:
         try:
-            img = read_image(path)
+            img, warning = decode_image(path)
+            if warning:
+                problems.append(f"image {image_id!r}: {warning}")
         except ImageError as e:
             if not skip_bad:
                 raise ImageError(f"image {image_id!r}: {e}") from None

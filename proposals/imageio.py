@@ -10,11 +10,15 @@ used with an :class:`ImageError` naming the file and the problem.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageError", "to_rgb_uint8", "read_image", "MIN_IMAGE_SIDE", "MAX_IMAGE_SIDE"]
+__all__ = ["ImageError", "to_rgb_uint8", "pil_to_rgb", "read_image", "decode_image", "MIN_IMAGE_SIDE",
+           "MAX_IMAGE_SIDE"]
+
+log = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 32  # px; smaller images cannot hold a min_size=20 proposal with any context
 MAX_IMAGE_SIDE = 10000  # px; larger files are almost certainly not photos meant for detection
@@ -73,22 +77,51 @@ def to_rgb_uint8(image: np.ndarray, name: str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
-               max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
-    """Read an image file as ``uint8 [H, W, 3]`` RGB.
+def pil_to_rgb(image, name: str = "<PIL image>") -> np.ndarray:
+    """A PIL image of any mode as ``uint8 [H, W, 3]`` RGB.
 
-    OpenCV reads the file (``IMREAD_UNCHANGED``, so 16-bit and alpha are seen and normalised by
-    :func:`to_rgb_uint8`); PIL is tried when OpenCV cannot decode it. EXIF orientation is not applied
-    (the annotation tools of VOC-style data sets use the stored pixel order).
+    Palette ("P", "PA"), CMYK, YCbCr, LAB, HSV, grey-with-alpha and the RGB variants are converted
+    by PIL's own colour conversion (alpha dropped, not composited); 16-bit grey ("I;16*", and "I"
+    with values in 0..65535) keeps its top 8 bits as :func:`to_rgb_uint8` does; bilevel ("1")
+    becomes 0/255. A floating-point image ("F") has no defined pixel range and is refused by name.
 
-    Args:
-        path: image file.
-        min_side, max_side: allowed range of each side in pixels.
-    Returns:
-        ndarray uint8 [H, W, 3] RGB.
     Raises:
-        ImageError: missing, empty (0 bytes) or undecodable file, or a side outside
-            ``[min_side, max_side]``; the message names the file and the problem.
+        ImageError: mode "F", or "I" with values outside 0..65535 (the mode is named).
+    """
+    mode = image.mode
+    if mode in ("RGB", "L"):
+        return to_rgb_uint8(np.asarray(image), name=name)
+    if mode == "1":
+        return to_rgb_uint8(np.asarray(image.convert("L")), name=name)
+    if mode.startswith("I;16"):
+        return to_rgb_uint8(np.asarray(image).astype(np.uint16), name=name)
+    if mode == "I":
+        a = np.asarray(image)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ImageError(f"{name}: 32-bit integer image (PIL mode 'I') with values outside 0..65535; "
+                             f"convert it to 8 or 16 bits first")
+        return to_rgb_uint8(a.astype(np.uint16), name=name)
+    if mode == "F":
+        raise ImageError(f"{name}: floating-point image (PIL mode 'F') has no defined pixel range; convert it "
+                         f"to 'L' or 'RGB' first")
+    try:
+        return to_rgb_uint8(np.asarray(image.convert("RGB")), name=name)
+    except ValueError:  # a mode PIL converts only through another ("La" -> "LA")
+        try:
+            return to_rgb_uint8(np.asarray(image.convert(mode.upper()).convert("RGB")), name=name)
+        except ValueError as e:
+            raise ImageError(f"{name}: PIL cannot convert an image of mode {mode!r} to RGB ({e})") from None
+
+
+def decode_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
+                 max_side: int = MAX_IMAGE_SIDE) -> tuple[np.ndarray, str | None]:
+    """:func:`read_image` that also says what was wrong with a file it could still decode.
+
+    Returns:
+        (image uint8 [H, W, 3] RGB, warning): the warning names the file and the problem (a
+        truncated JPEG decoded with its missing rows grey), or is None.
+    Raises:
+        ImageError: as :func:`read_image`.
     """
     import cv2
 
@@ -99,18 +132,34 @@ def read_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
         raise ImageError(f"{p}: file is empty (0 bytes)")
     data = np.fromfile(str(p), dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    warning = None
     if img is not None:
         if img.ndim == 3 and img.shape[2] == 3:
             img = img[:, :, ::-1]  # BGR -> RGB
         elif img.ndim == 3 and img.shape[2] == 4:
             img = img[:, :, [2, 1, 0, 3]]  # BGRA -> RGBA
+        img = to_rgb_uint8(img, name=str(p))
     else:
-        try:
-            from PIL import Image
+        from PIL import Image, ImageFile
 
+        try:
             with Image.open(p) as im:
-                im = im.convert("RGB") if im.mode not in ("L", "I;16", "RGB", "RGBA") else im
-                img = np.asarray(im)
+                try:
+                    img = pil_to_rgb(im, name=str(p))
+                except OSError as e:
+                    if "truncated" not in str(e):
+                        raise
+                    # what can be decoded of a cut-off file: PIL fills the missing rows with grey
+                    old = ImageFile.LOAD_TRUNCATED_IMAGES
+                    ImageFile.LOAD_TRUNCATED_IMAGES = True
+                    try:
+                        with Image.open(p) as im2:
+                            img = pil_to_rgb(im2, name=str(p))
+                    finally:
+                        ImageFile.LOAD_TRUNCATED_IMAGES = old
+                    warning = f"{p}: {e}; decoded what the file holds (the missing part is grey)"
+        except ImageError:
+            raise
         except Exception as e:  # PIL raises many types for corrupt files
             raise ImageError(f"{p}: cannot decode image ({type(e).__name__}: {e})") from None
     h, w = img.shape[:2]
@@ -119,4 +168,29 @@ def read_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
     if max(h, w) > max_side:
         raise ImageError(f"{p}: image is {w}x{h} px, larger than {max_side} px on a side "
                          f"(resize it first)")
-    return to_rgb_uint8(img, name=str(p))
+    return img, warning
+
+
+def read_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
+               max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """Read an image file as ``uint8 [H, W, 3]`` RGB.
+
+    OpenCV reads the file (``IMREAD_UNCHANGED``, so 16-bit and alpha are seen and normalised by
+    :func:`to_rgb_uint8`); PIL is tried when OpenCV cannot decode it (any PIL mode is converted by
+    :func:`pil_to_rgb`). A truncated file is decoded as far as it goes, with one warning naming
+    it. EXIF orientation is not applied (the annotation tools of VOC-style data sets use the stored
+    pixel order).
+
+    Args:
+        path: image file.
+        min_side, max_side: allowed range of each side in pixels.
+    Returns:
+        ndarray uint8 [H, W, 3] RGB.
+    Raises:
+        ImageError: missing, empty (0 bytes) or undecodable file, or a side outside
+            ``[min_side, max_side]``; the message names the file and the problem.
+    """
+    img, warning = decode_image(path, min_side, max_side)
+    if warning:
+        log.warning("%s", warning)
+    return img

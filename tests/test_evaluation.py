@@ -404,6 +404,9 @@ def test_comp4_errors_name_file_and_image(tmp_path: Path):
     (tmp_path / "comp4_det_val_cat.txt").write_text("img0 0.9 1 1 5\n")
     with pytest.raises(ValueError, match=r"comp4_det_val_cat.txt:1: expected"):
         read_comp4(tmp_path, "val", ["cat"])
+    (tmp_path / "comp4_det_val_cat.txt").write_bytes(b"img0 0.9 1 1 5 5\n\xff\xfe binary\n")
+    with pytest.raises(ValueError, match=r"comp4_det_val_cat.txt: not a text results file"):
+        read_comp4(tmp_path, "val", ["cat"])
 
 
 # ----------------------------------------------------------------------------------------------

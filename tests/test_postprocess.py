@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 from torchvision.ops import nms as tv_nms
 
@@ -175,6 +176,22 @@ def test_iou_identity_used_in_docs():
 def test_shape_errors():
     with pytest.raises(ValueError, match="boxes"):
         detections_from_scores(torch.zeros(3, 4), torch.zeros(4, 2), **SPEC)
+
+
+def test_unusable_given_proposals_are_warned_about(caplog):
+    """Inverted, empty or wholly outside proposals cannot yield a detection; detect() says so."""
+    from detector.bench.random_model import random_detector
+
+    det = random_detector(width_mult=0.125, fc_dim=16, num_classes=2, scales=(96,))
+    img = np.full((80, 100, 3), 100, np.uint8)
+    good = [[10.0, 10.0, 50.0, 60.0]]
+    with caplog.at_level("WARNING"):
+        det.detect(img, proposals=torch.tensor(good))
+    assert "given proposals" not in caplog.text
+    bad = good + [[50.0, 10.0, 10.0, 60.0], [5.0, 5.0, 5.0, 30.0], [200.0, 10.0, 260.0, 60.0]]
+    with caplog.at_level("WARNING"):
+        det.detect(img, proposals=torch.tensor(bad))
+    assert "3 of 4 given proposals are empty, inverted" in caplog.text and "100x80 image" in caplog.text
 
 
 def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():

@@ -152,6 +152,9 @@ def test_split_file_parsing(tmp_path: Path):
         read_split_ids(root, "dup")
     with pytest.raises(VOCDataError, match=r"nosuch\.txt"):
         load_voc_split(root, "nosuch")
+    (root / "ImageSets/Main/empty.txt").write_text("\n  \n")
+    with pytest.raises(VOCDataError, match=r"empty\.txt: the split file lists no images"):
+        load_voc_split(root, "empty")
 
 
 def test_bad_bndbox_skipped(tmp_path: Path, caplog):

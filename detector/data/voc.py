@@ -113,7 +113,7 @@ def read_split_ids(root: str | Path, split: str) -> list[str]:
     2-column files such as ``000005  1`` work). Blank lines are ignored.
 
     Raises:
-        VOCDataError: the file is missing, or an id is listed twice (both named).
+        VOCDataError: the file is missing or lists no image, or an id is listed twice (named).
     """
     path = _split_file(Path(root), split)
     if not path.is_file():
@@ -123,6 +123,8 @@ def read_split_ids(root: str | Path, split: str) -> list[str]:
         tokens = line.split()
         if tokens:
             ids.append(tokens[0])
+    if not ids:
+        raise VOCDataError(f"{path}: the split file lists no images (split '{split}' under {root})")
     dups = [i for i, n in Counter(ids).items() if n > 1]
     if dups:
         raise VOCDataError(

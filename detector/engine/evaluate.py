@@ -37,7 +37,7 @@ from detector.engine.proposals import ProposalsStage, mean_count, proposal_optio
 from detector.engine.run import Output, Run, Stage, peak_memory_mb
 from detector.eval import EvalResult, coco_evaluate, evaluate as voc_evaluate, plot_pr_curves, write_comp4
 from proposals import propose
-from proposals.imageio import ImageError, read_image
+from proposals.imageio import ImageError, decode_image, read_image
 
 __all__ = ["evaluate", "score", "build_detector", "EvalReport", "timing_table", "SHARD"]
 
@@ -126,10 +126,13 @@ class DetectStage(Stage[dict]):
                 i0 += len(shard)
                 continue
             out: dict[str, Any] = {"ids": [r.image_id for r in shard], "dets": {}, "times": {}, "n_props": {},
-                                   "failed": []}
+                                   "failed": [], "warnings": []}
             for rec in shard:
                 try:
-                    image = read_image(rec.path)
+                    image, warning = decode_image(rec.path)
+                    if warning:
+                        log.warning("%s", warning)
+                        out["warnings"].append(warning)
                 except ImageError as e:
                     log.error("%s; scored with no detections", e)
                     out["dets"][rec.image_id] = _empty()
@@ -167,11 +170,12 @@ def _empty() -> dict[str, torch.Tensor]:
 
 
 def _merge(shards: list[dict]) -> dict:
-    out: dict[str, Any] = {"dets": {}, "times": {}, "n_props": {}, "failed": []}
+    out: dict[str, Any] = {"dets": {}, "times": {}, "n_props": {}, "failed": [], "warnings": []}
     for s in shards:
         for k in ("dets", "times", "n_props"):
             out[k].update(s[k])
         out["failed"] += list(s["failed"])
+        out["warnings"] += list(s.get("warnings", []))
     return out
 
 
@@ -211,7 +215,9 @@ class EvalReport:
         lines += [
             f"{r['images']} {self.split} images, {r['mean_proposals']:.0f} proposals per image, "
             f"scales {r['scales']}, mode {r['mode']}, peak memory {r['peak_memory_mb']:.0f} MiB"
-            + (f"; {len(r['failed_images'])} unreadable image(s) scored with no detections" if r['failed_images'] else ""),
+            + (f"; {len(r['failed_images'])} unreadable image(s) scored with no detections" if r['failed_images'] else "")
+            + (f"; {len(r['image_warnings'])} image(s) decoded with a warning (see eval.json)"
+               if r['image_warnings'] else ""),
             f"seconds per image (proposals timed on the first {len(self.per_image.get('proposals', []))} images; "
             f"total excludes proposals):",
             timing_table(self.per_image),
@@ -318,7 +324,8 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
               for k, v in per_image.items() if v}
     report = {"split": name, "images": len(records), "mode": mode, "scales": list(det.params.scales),
               "mean_proposals": mean_count({r.image_id: props[r.image_id] for r in records}),
-              "peak_memory_mb": peak_memory_mb(), "failed_images": detected["failed"], "timing_s_per_image": timing,
+              "peak_memory_mb": peak_memory_mb(), "failed_images": detected["failed"],
+              "image_warnings": detected["warnings"], "timing_s_per_image": timing,
               "coco": coco, "checkpoint": str(checkpoint), **result.to_dict()}
     write_json(out / "eval.json", report)
     return EvalReport(split=name, result=result, coco=coco, timing=timing, out_dir=out, report=report,

@@ -105,13 +105,17 @@ def read_comp4(
             continue
         ids: list[str] = []
         vals: list[list[float]] = []
-        for ln, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ResultsFileError(f"{path}: not a text results file (byte {e.start} is not UTF-8)") from None
+        for ln, line in enumerate(text.splitlines(), start=1):
             tok = line.split()
             if not tok:
                 continue
             if len(tok) != 6:
                 raise ResultsFileError(f"{path}:{ln}: expected '<image_id> <score> <x1> <y1> <x2> <y2>', "
-                                 f"got {len(tok)} fields: {line.strip()!r}")
+                                   f"got {len(tok)} fields: {line.strip()!r}")
             try:
                 v = [float(t) for t in tok[1:]]
             except ValueError:
