@@ -46,6 +46,7 @@ __all__ = [
     "remove_stale_temps",
     "verify",
     "content_id",
+    "tensor_digest",
     "load_torch",
     "load_keyed",
     "save_keyed",
@@ -196,6 +197,30 @@ def content_id(path: str | Path) -> str:
             return digest([(i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in z.infolist()])
     except (OSError, zipfile.BadZipFile) as e:
         raise ArtifactError(f"{path}: not a readable archive ({e})") from None
+
+
+def tensor_digest(obj: Any) -> str:
+    """Digest of every tensor in a nested dict / list (names, dtypes, shapes and bytes, in order),
+    ignoring everything else: two checkpoints holding the same weights have the same digest even
+    when their free-form metadata (timings) differ."""
+    import torch
+
+    h = hashlib.sha1()
+
+    def walk(prefix: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{prefix}|{t.dtype}|{tuple(x.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(f"{prefix}.{k}", x[k])
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{prefix}[{i}]", v)
+
+    walk("", obj)
+    return h.hexdigest()[:16]
 
 
 def load_torch(path: str | Path, verified: bool = False) -> Any:

@@ -360,9 +360,9 @@ def test_shipped_configs_load():
 
 
 def _config_texts_in_tests():
-    """Module-level YAML config texts that the test files write (e.g. test_pipeline.TINY), with
+    """Module-level YAML config texts that the test files write (e.g. conftest.TINY), with
     their ``str.format`` fields filled in."""
-    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+    for path in sorted(Path(__file__).parent.glob("*.py")):
         for node in ast.parse(path.read_text()).body:
             if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
                     and isinstance(node.value.value, str) and "output_dir:" in node.value.value):
@@ -373,7 +373,7 @@ def _config_texts_in_tests():
 
 def test_tiny_configs_of_the_tests_load(tmp_path: Path):
     found = dict(_config_texts_in_tests())
-    assert "test_pipeline.py:TINY" in found
+    assert "conftest.py:TINY" in found
     for name, text in found.items():
         p = tmp_path / "tiny.yaml"
         p.write_text(text)

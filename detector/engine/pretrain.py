@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from detector.artifacts import ArtifactError, content_id, digest, load_keyed, save_keyed, write_text
+from detector.artifacts import ArtifactError, digest, load_keyed, load_torch, save_keyed, tensor_digest, write_text
 from detector.backbones import build_backbone
 from detector.classifier import SPPClassifier, classifier_state, reinit_kaiming
 from detector.config import Config, config_to_dict, save_config
@@ -218,8 +218,8 @@ class PretrainStage(Stage[str]):
     def identity(self, value: str) -> str:
         p = Path(value)
         if p.is_file():
-            try:
-                return digest(self.key, content_id(p))
+            try:  # the weights, not the file's metadata (timings): a rebuild into the same weights is the same
+                return digest(self.key, tensor_digest(load_torch(p)))
             except ArtifactError:
                 st = p.stat()
                 return digest(self.key, st.st_size, st.st_mtime_ns)

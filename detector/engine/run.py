@@ -104,6 +104,24 @@ def setup_torch(cfg: Config) -> None:
     np.random.seed(cfg.seed)
 
 
+def numeric_environment() -> dict[str, str]:
+    """What can change floating-point results between machines: library versions, the CPU and the
+    instruction set torch's kernels use, thread counts."""
+    import platform
+
+    import cv2
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
+            "cpu": cpu, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "torch_threads": str(torch.get_num_threads()), "python": platform.python_version()}
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process and its finished children, in MiB (Linux ru_maxrss)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -131,6 +149,7 @@ class Run:
         self.out = Path(out_dir or cfg.output_dir)
         self.stop_after = stop_after
         self.timings: dict[str, float] = {}
+        self.identities: dict[str, str] = {}  # stage -> identity (its settings, inputs and content)
         setup_logging(self.out, log_name)
         setup_torch(cfg)
         save_config(cfg, self.out, list(argv) if argv is not None else sys.argv)
@@ -139,6 +158,16 @@ class Run:
         """Seed torch's and numpy's global generators with ``cfg.seed + offset``."""
         torch.manual_seed(self.cfg.seed + offset)
         np.random.seed(self.cfg.seed + offset)
+
+    def write_fingerprints(self, name: str = "fingerprints.json") -> Path:
+        """Write each finished stage's identity and the numeric environment to ``out/name``.
+
+        Two runs of one config on two machines can be compared file to file: the first stage whose
+        identity differs is where their results part (every later identity differs with it).
+        """
+        from detector.artifacts import write_json
+
+        return write_json(self.out / name, {"stages": self.identities, "environment": numeric_environment()})
 
     def stage(self, stage: Stage[T]) -> Output[T]:
         """Load ``stage``'s output for its key, or build it; log which and how long it took."""
@@ -149,6 +178,7 @@ class Run:
             log.info("stage %s: building (key %s)", stage.name, stage.key)
             value = stage.build()
         out = Output(value, stage.identity(value))
+        self.identities[stage.name] = out.identity
         self.timings[stage.name] = time.perf_counter() - t0
         log.info("stage %s: %s in %.1f s", stage.name, "loaded" if reused else "built", self.timings[stage.name])
         if self.stop_after == stage.name:

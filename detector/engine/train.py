@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from detector.artifacts import content_id, digest, load_keyed, save_keyed
+from detector.artifacts import content_id, digest, load_keyed, save_keyed, tensor_digest
 from detector.backbones import TrunkPrefix, build_backbone
 from detector.bbox_reg import BoxRegressor, train_box_regressors
 from detector.cache import Conv5Cache
@@ -345,6 +345,9 @@ class ModelStage(_TunedStage):
         det.save(self.path)
         return det
 
+    def identity(self, value: SPPDetector) -> str:
+        return digest(self.key, tensor_digest(value.state_dict()))
+
 
 def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None = None) -> Path:
     """Train a detector from ``cfg``; returns the path of ``model.pt`` (or of the output folder when
@@ -381,11 +384,13 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
         run.stage(ModelStage(*base, stats, svm, bbox))
     except StopAfter as e:
         log.info("stopped after stage %s (--stop-after)", e)
+        run.write_fingerprints()
         return run.out
     total = time.perf_counter() - t0
     from detector.artifacts import write_json
 
     write_json(run.out / "train_timings.json", {**run.timings, "total": total})
+    run.write_fingerprints()
     path = run.out / "model.pt"
     log.info("wrote %s (training took %.1f s this run; stage seconds %s)", path, total,
              {k: round(v, 1) for k, v in run.timings.items()})
