@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from detector.artifacts import content_id, digest, load_keyed, save_keyed, verify
@@ -164,3 +165,16 @@ def test_a_stage_killed_while_writing_leaves_nothing_taken_for_valid(tmp_path):
         assert tmp.is_file() and load_keyed(path, "k") is None
         assert remove_stale_temps(path.parent) == 1
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_device_auto_resolves_and_a_missing_gpu_is_named(tmp_path):
+    from detector.config import ConfigError
+    from detector.engine.run import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda:1'.*no CUDA device"):
+            resolve_device("cuda:1")
+    cfg = Config(output_dir=str(tmp_path / "run"), device="auto", data=DataConfig(root=str(tmp_path)))
+    assert Run(cfg, argv=["test"]).cfg.device == resolve_device("auto")

@@ -265,6 +265,7 @@ def evaluate(
     name = "heldout" if held_out else (split or cfg.data.test_split)
     out = Path(cfg.output_dir) / (f"test_{name}" + ("_rcnn" if mode == "rcnn" else ""))
     run = Run(cfg, out_dir=out, log_name="test_log.txt", argv=argv)
+    cfg = run.cfg  # with the device resolved
     ckpt = Path(checkpoint) if checkpoint else Path(cfg.output_dir) / "model.pt"
     det = build_detector(cfg, ckpt)
     records, props = _records_and_proposals(cfg, run, det, name, held_out)

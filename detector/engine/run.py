@@ -15,6 +15,7 @@ of an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import sys
@@ -27,9 +28,9 @@ import numpy as np
 import torch
 
 from detector.artifacts import digest
-from detector.config import Config, save_config
+from detector.config import Config, ConfigError, save_config
 
-__all__ = ["Run", "Stage", "Output", "StopAfter", "setup_logging", "setup_torch", "peak_memory_mb"]
+__all__ = ["Run", "Stage", "Output", "StopAfter", "setup_logging", "setup_torch", "resolve_device", "peak_memory_mb"]
 
 log = logging.getLogger("sppnet")
 
@@ -96,6 +97,19 @@ def setup_logging(out_dir: Path | None = None, name: str = "log.txt") -> None:
                         handlers=handlers, force=True)
 
 
+def resolve_device(name: str) -> str:
+    """``device`` of the config as torch takes it: "auto" is CUDA when available, else the CPU.
+
+    Raises:
+        ConfigError: a CUDA device asked for on a machine without one.
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} was asked for, but torch sees no CUDA device here (use cpu or auto)")
+    return name
+
+
 def setup_torch(cfg: Config) -> None:
     """torch's intra-op threads (``num_threads``, 0 = torch's default) and the global seeds."""
     if cfg.num_threads > 0:
@@ -145,13 +159,14 @@ class Run:
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, log_name: str = "log.txt",
                  stop_after: str | None = None, argv: Sequence[str] | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
         self.out = Path(out_dir or cfg.output_dir)
         self.stop_after = stop_after
         self.timings: dict[str, float] = {}
         self.identities: dict[str, str] = {}  # stage -> identity (its settings, inputs and content)
         setup_logging(self.out, log_name)
         setup_torch(cfg)
+        log.info("device %s, %d torch threads", cfg.device, torch.get_num_threads())
         save_config(cfg, self.out, list(argv) if argv is not None else sys.argv)
 
     def seed(self, offset: int = 0) -> None:

@@ -364,6 +364,7 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
         raise ValueError(f"stop_after must be one of {', '.join(TRAIN_STAGES)}, got {stop_after!r}")
     detect_params(cfg)  # test-time settings are checked before hours of training, not after
     run = Run(cfg, log_name="train_log.txt", stop_after=stop_after, argv=argv)
+    cfg = run.cfg  # with the device resolved
     t0 = time.perf_counter()
     data = training_data(cfg)
     log.info("%d classes; %d training images (%d for fine-tuning, %d held out for validation)",
