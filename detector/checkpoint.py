@@ -12,8 +12,8 @@ with ``torch.load(weights_only=True)``, so that loading can never run code::
     meta          free-form (resolved config, training figures)
 
 Version 1 files (``sppnet-detector-v1``, flat fields) are converted when read. Every way a file
-can fail (missing, unsafe, another format, missing fields, parts that do not fit together) raises
-:class:`CheckpointError` naming the file and the problem.
+can fail (missing, unsafe, another format, missing fields, class names that are not distinct
+strings, parts that do not fit together) raises :class:`CheckpointError` naming the file and the problem.
 """
 from __future__ import annotations
 
@@ -93,15 +93,33 @@ def _from_v1(st: dict) -> dict:
     }
 
 
+class _BadField(ValueError):
+    """A field whose value cannot be what it says (the message names the field)."""
+
+
+def _class_names(names: Any) -> list[str]:
+    """The checkpoint's ``class_names`` when they are distinct non-empty strings.
+
+    A string would split into one "class" per character, and repeated or non-string names would
+    mislabel detections: each raises :class:`_BadField`.
+    """
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise _BadField(f"class_names must be a list of non-empty strings, got {names!r}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise _BadField(f"class_names repeats {repeated}")
+    return list(names)
+
+
 def _build(st: dict) -> SPPDetector:
     """A detector from a version-2 dict; raises KeyError/ValueError/RuntimeError/WeightsError when
-    fields are missing or do not fit together."""
+    fields are missing or do not fit together (:class:`_BadField` for a field that is wrong alone)."""
+    names = _class_names(st["class_names"])
     backbone = build_backbone(st["arch"], width_mult=float(st["width_mult"]), weights="none")
     load_backbone_weights(backbone, st["backbone"], "the checkpoint's backbone")
     head_sd = st["head"]
     fc6 = head_sd["fc6.weight"]  # (F, D)
     has_cls = "cls_score.weight" in head_sd
-    names = list(st["class_names"])
     # dropout acts only in training; a loaded detector only runs inference
     head = FCHead(int(fc6.shape[1]), fc_dim=int(fc6.shape[0]), num_classes=len(names) if has_cls else None,
                   dropout=0.0)
@@ -141,6 +159,8 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> SPPDe
         det = _build(_from_v1(st) if fmt == _V1 else st)
     except KeyError as e:
         raise CheckpointError(f"{path}: the checkpoint lacks the field {e}") from None
+    except _BadField as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except (ValueError, RuntimeError, TypeError, WeightsError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: its parts do not fit together: {first}") from None

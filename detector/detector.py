@@ -37,6 +37,7 @@ from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.svm import LinearSVMs
 from proposals import propose
 from proposals.imageio import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageError, pil_to_rgb, read_image, to_rgb_uint8
+from proposals.store import ProposalFileError
 
 __all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES"]
 
@@ -316,6 +317,9 @@ class SPPDetector(nn.Module):
                 [32, 10000] px; an unreadable or out-of-range image raises ``ImageError`` naming it.
             proposals (Tensor[R, 4] | None): xyxy boxes in original-image pixels; None = run
                 selective search on the image (the proposal time is then in ``last_timings``).
+                Boxes of another shape, or with NaN/inf, raise ``ProposalFileError`` naming the
+                image; an empty set, and boxes that are empty, inverted or outside the image, give
+                no detections and a warning naming the image.
             score_threshold: keep detections scoring above this (default: ``params.score_thresh``;
                 SVM scores are margins, 0 is the decision boundary; with ``score ==
                 "svm+softmax"`` the class's log-probability is added).
@@ -333,10 +337,15 @@ class SPPDetector(nn.Module):
                     np.asarray(propose(img, **self.params.proposal_options), dtype=np.float32)
                 ).reshape(-1, 4)
             else:
-                boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
+                try:
+                    boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
+                except ValueError as e:  # wrong shape, NaN/inf, not numbers: the caller's input, named
+                    raise ProposalFileError(str(e)) from None
                 _warn_unusable(boxes, h, w, name)
         boxes = boxes.to(self.device)
         if boxes.shape[0] == 0:
+            if proposals is not None:
+                log.warning("%s: no proposals given (an empty [0, 4] set); no detections", name)
             return _empty_detections()
         with self._timed("conv"):
             pyr = self.compute_pyramid(img)

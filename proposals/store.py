@@ -53,7 +53,9 @@ NPZ_FORMAT = "sppnet-proposals-v1"
 
 
 class ProposalFileError(ValueError):
-    """A proposal file that cannot be read, or whose ids do not match the images asked for."""
+    """Proposals that cannot be used: a file that cannot be read, ids that do not match the images
+    asked for, or boxes of the wrong shape or with NaN/inf values (also those given to
+    ``SPPDetector.detect``). Names the file or the image."""
 
 
 def _check_boxes(boxes: np.ndarray, where: str) -> np.ndarray:
