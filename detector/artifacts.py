@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,6 +41,7 @@ __all__ = [
     "digest",
     "jsonable",
     "atomic_path",
+    "temp_path",
     "write_text",
     "write_json",
     "save_torch",
@@ -83,8 +85,26 @@ def digest(*parts: Any) -> str:
 # atomic writes
 
 
-def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _host() -> str:
+    """This machine's name as it appears in temp names (dots and underscores replaced)."""
+    return socket.gethostname().replace(".", "-").replace("_", "-") or "host"
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temp name of this process for ``path``: ``.<name>.<host>_<pid>.tmp`` next to it. The
+    host keeps processes of several machines writing to one shared folder apart."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_host()}_{os.getpid()}.tmp")
+
+
+def _temp_owner(tmp: Path) -> tuple[str, int]:
+    """(host, pid) of a temp name; names without a host are this host's."""
+    tag = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+    host, _, pid = tag.rpartition("_")
+    try:
+        return host or _host(), int(pid)
+    except ValueError:
+        return _host(), -1
 
 
 @contextlib.contextmanager
@@ -97,7 +117,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_for(path)
+    tmp = temp_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -139,18 +159,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | Path, recursive: bool = False) -> int:
-    """Delete temp files (and temp folders) named ``.<name>.<pid>.tmp`` whose writer process is
-    gone; returns the count. A temp of a live process (another writer) is kept.
+    """Delete temp files (and temp folders) of :func:`temp_path` whose writer process on this
+    machine is gone; returns the count. A temp of a live process (another writer), or of another
+    machine sharing the folder, is kept.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
     for tmp in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
-            pid = -1
+        host, pid = _temp_owner(tmp)
+        if host != _host():
+            continue
         if pid > 0 and pid != os.getpid() and _pid_alive(pid):
             continue
         log.info("removing %s left by an interrupted write", tmp)

@@ -33,7 +33,6 @@ Checkpoint (:func:`save_classifier`): a plain dict loadable with ``torch.load(we
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -268,12 +267,9 @@ def classifier_state(
 
 def save_classifier(path: str | Path, state: dict[str, Any]) -> Path:
     """Write a :func:`classifier_state` dict atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    from detector.artifacts import save_torch
+
+    return save_torch(path, state)
 
 
 def read_classifier_state(path: str | Path) -> dict[str, Any]:

@@ -740,8 +740,6 @@ def save_config(cfg: Config, out_dir: str | Path, argv: list[str] | None = None)
     out.mkdir(parents=True, exist_ok=True)
     d = config_to_dict(cfg)
     header = f"# argv: {json.dumps(list(argv))}\n" if argv is not None else ""
-    path = out / "resolved_config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump(d, sort_keys=False))
-    tmp.replace(path)
-    return path
+    from detector.artifacts import write_text
+
+    return write_text(out / "resolved_config.yaml", header + yaml.safe_dump(d, sort_keys=False))

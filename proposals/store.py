@@ -299,14 +299,13 @@ def save_proposals(path: str | Path, proposals: Mapping[str, np.ndarray], meta: 
     arrays = [_check_boxes(np.asarray(proposals[i]), f"proposals[{i!r}]") for i in proposals]
     counts = np.array([len(b) for b in arrays], dtype=np.int64)
     boxes = np.concatenate(arrays) if arrays else np.zeros((0, 4), np.float32)  # (sum R, 4)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    from detector.artifacts import atomic_path
+
+    with atomic_path(p) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=np.array(ids, dtype=str), counts=counts, boxes=boxes.astype(np.float32),
                  format=np.array(NPZ_FORMAT), meta=np.array(str(meta)))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, p)
     return p
 
 

@@ -119,7 +119,7 @@ def test_interrupted_build_resumes_without_corrupt_files(tmp_path):
     cache = Conv5Cache(root, key)
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    leftover = root / f".{cache.path('im2').name}.{dead_pid}.tmp"
+    leftover = root / f".{cache.path('im2').name}.{dead_pid}.tmp"  # a name without host: this machine's
     leftover.write_bytes(b"PK\x03\x04 partial")
     good = cache.path("im1").read_bytes()
     cache.path("im1").write_bytes(good[: len(good) // 2])

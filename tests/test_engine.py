@@ -153,7 +153,9 @@ def test_a_stage_killed_while_writing_leaves_nothing_taken_for_valid(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), path=str(path))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
-    tmp = path.with_name(f".{path.name}.{proc.pid}.tmp")
+    from detector.artifacts import temp_path
+
+    tmp = temp_path(path).with_name(temp_path(path).name.replace(f"_{os.getpid()}.tmp", f"_{proc.pid}.tmp"))
     deadline = time.time() + 120
     while not (tmp.is_file() and tmp.stat().st_size > 1 << 20) and not path.is_file() and time.time() < deadline:
         time.sleep(0.005)
@@ -178,3 +180,19 @@ def test_device_auto_resolves_and_a_missing_gpu_is_named(tmp_path):
             resolve_device("cuda:1")
     cfg = Config(output_dir=str(tmp_path / "run"), device="auto", data=DataConfig(root=str(tmp_path)))
     assert Run(cfg, argv=["test"]).cfg.device == resolve_device("auto")
+
+
+def test_temp_files_of_other_machines_sharing_the_folder_are_kept(tmp_path):
+    """In a job over several machines, a temp name carries its host and pid: only temps of dead
+    processes of this machine are stale; another machine's live writer is never disturbed."""
+    from detector.artifacts import _host, remove_stale_temps, temp_path
+
+    mine = temp_path(tmp_path / "a.pt")
+    assert mine.name == f".a.pt.{_host()}_{os.getpid()}.tmp"
+    dead = tmp_path / f".b.pt.{_host()}_999999999.tmp"
+    other = tmp_path / ".c.pt.some-other-node_1.tmp"
+    legacy = tmp_path / ".d.pt.999999999.tmp"  # no host: this machine's
+    for p in (mine, dead, other, legacy):
+        p.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path) == 2
+    assert mine.exists() and other.exists() and not dead.exists() and not legacy.exists()

@@ -8,7 +8,6 @@ Shape shorthand: R proposals in one image, C conv5 channels, Hs x Ws conv5 size 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -314,12 +313,9 @@ def save_inputs(path: str | Path, n_images: int = 3, n_props: int = 2000) -> Pat
     photos, props, n_ss = _inputs(n_images, n_props)
     data = {"names": [n for n, _ in photos], "images": [torch.from_numpy(im.copy()) for _, im in photos],
             "proposals": props, "n_selective_search": n_ss}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-    return path
+    from detector.artifacts import save_torch
+
+    return save_torch(path, data)
 
 
 def _load_inputs(path: str | Path | None, n_images: int, n_props: int

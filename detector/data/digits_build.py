@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from detector.artifacts import digest, remove_stale_temps, write_text
+from detector.artifacts import digest, remove_stale_temps, temp_path, write_text
 from detector.data.digits_draw import (
     DIGIT_CLASSES,
     DigitsParams,
@@ -323,7 +323,7 @@ def make_digits_dataset(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
@@ -336,7 +336,7 @@ def make_digits_dataset(
         write_text(tmp / STAMP_NAME, json.dumps(stamp, indent=1) + "\n")
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old.{os.getpid()}.tmp"
+            old = temp_path(out.with_name(out.name + ".old"))
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:

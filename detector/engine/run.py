@@ -27,6 +27,7 @@ from typing import Any, Generic, Sequence, TypeVar
 import numpy as np
 import torch
 
+from detector import distributed
 from detector.artifacts import digest
 from detector.config import Config, ConfigError, save_config
 
@@ -87,14 +88,22 @@ class Stage(Generic[T]):
         return self.key
 
 
-def setup_logging(out_dir: Path | None = None, name: str = "log.txt") -> None:
-    """INFO logging to stderr, and to ``out_dir/name`` when given."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out_dir / name))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+def setup_logging(out_dir: Path | None = None, name: str = "log.txt", rank: int = 0) -> None:
+    """INFO logging to stderr and to ``out_dir/name`` when given; in a distributed job only rank 0
+    does that, every other rank logs to ``out_dir/logs/rank<R>.txt``."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if rank:
+        fmt = f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
+        handlers: list[logging.Handler] = []
+        if out_dir is not None:
+            (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(out_dir / "logs" / f"rank{rank}.txt"))
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(out_dir / name))
+    logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
 
 
 def resolve_device(name: str) -> str:
@@ -159,15 +168,18 @@ class Run:
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, log_name: str = "log.txt",
                  stop_after: str | None = None, argv: Sequence[str] | None = None) -> None:
-        self.cfg = cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+        self.dist, device = distributed.init(resolve_device(cfg.device))
+        self.cfg = cfg = dataclasses.replace(cfg, device=device)
         self.out = Path(out_dir or cfg.output_dir)
         self.stop_after = stop_after
         self.timings: dict[str, float] = {}
         self.identities: dict[str, str] = {}  # stage -> identity (its settings, inputs and content)
-        setup_logging(self.out, log_name)
+        setup_logging(self.out, log_name, rank=self.dist.rank)
         setup_torch(cfg)
-        log.info("device %s, %d torch threads", cfg.device, torch.get_num_threads())
-        save_config(cfg, self.out, list(argv) if argv is not None else sys.argv)
+        log.info("device %s, %d torch threads%s", cfg.device, torch.get_num_threads(),
+                 f"; rank {self.dist.rank} of {self.dist.world}" if self.dist.active else "")
+        if self.dist.main:
+            save_config(cfg, self.out, list(argv) if argv is not None else sys.argv)
 
     def seed(self, offset: int = 0) -> None:
         """Seed torch's and numpy's global generators with ``cfg.seed + offset``."""
@@ -182,17 +194,33 @@ class Run:
         """
         from detector.artifacts import write_json
 
-        return write_json(self.out / name, {"stages": self.identities, "environment": numeric_environment()})
+        if not self.dist.main:
+            return self.out / name
+        return write_json(self.out / name, {"stages": self.identities, "environment": numeric_environment(),
+                                            "world_size": self.dist.world})
 
     def stage(self, stage: Stage[T]) -> Output[T]:
-        """Load ``stage``'s output for its key, or build it; log which and how long it took."""
+        """Load ``stage``'s output for its key, or build it; log which and how long it took.
+
+        In a distributed job every rank takes part: the output is loaded only when every rank can
+        load it, otherwise every rank builds (a stage's build splits its work across the ranks and
+        ends once every rank's share is written). A failure is logged with the rank and the stage.
+        """
         t0 = time.perf_counter()
-        value = stage.load()
-        reused = value is not None
-        if value is None:
-            log.info("stage %s: building (key %s)", stage.name, stage.key)
-            value = stage.build()
-        out = Output(value, stage.identity(value))
+        try:
+            value = stage.load()
+            reused = all(distributed.all_gather(value is not None))
+            if not reused:
+                log.info("stage %s: building (key %s)", stage.name, stage.key)
+                value = stage.build()
+            out = Output(value, stage.identity(value))
+        except StopAfter:
+            raise
+        except BaseException as e:
+            if self.dist.active:
+                log.error("rank %d of %d failed in stage %s: %s: %s", self.dist.rank, self.dist.world, stage.name,
+                          type(e).__name__, e)
+            raise
         self.identities[stage.name] = out.identity
         self.timings[stage.name] = time.perf_counter() - t0
         log.info("stage %s: %s in %.1f s", stage.name, "loaded" if reused else "built", self.timings[stage.name])

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
+from detector.artifacts import write_text
 from detector.eval.voc_ap import ClassDetections, per_class_detections
 from detector.data.voc import ImageRecord
 
@@ -93,10 +93,7 @@ def coco_evaluate(
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for nm, obj in (("coco_gt.json", gt), ("coco_dets.json", dets)):
-            p = Path(out_dir) / nm
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(json.dumps(obj))
-            os.replace(tmp, p)
+            write_text(Path(out_dir) / nm, json.dumps(obj))
     if not dets or not gt["annotations"]:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from detector.artifacts import write_text
 from detector.eval.voc_ap import ClassDetections, per_class_detections
 
 __all__ = ["ResultsFileError", "comp4_path", "write_comp4", "read_comp4"]
@@ -66,11 +66,8 @@ def write_comp4(
     paths = []
     for name, dets in zip(class_names, per_class):
         path = comp4_path(out, split, name)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes):
-                f.write(f"{i} {_fmt(s)} {_fmt(b[0])} {_fmt(b[1])} {_fmt(b[2])} {_fmt(b[3])}\n")
-        os.replace(tmp, path)
+        write_text(path, "".join(f"{i} {_fmt(s)} {_fmt(b[0])} {_fmt(b[1])} {_fmt(b[2])} {_fmt(b[3])}\n"
+                                 for i, s, b in zip(dets.image_ids, dets.scores, dets.voc_boxes)))
         paths.append(path)
     return paths
 

@@ -10,7 +10,6 @@ own) and keeps no figure in pyplot's global registry.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -51,10 +50,8 @@ def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
     if result.classes:
         ax.legend(loc="lower left", fontsize=8)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temp name has no .png suffix: format named
     return path
 
 
