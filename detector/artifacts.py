@@ -171,8 +171,8 @@ def remove_stale_temps(folder: str | Path, recursive: bool = False) -> int:
         host, pid = _temp_owner(tmp)
         if host != _host():
             continue
-        if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-            continue
+        if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            continue  # being written by this process or another live one
         log.info("removing %s left by an interrupted write", tmp)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
