@@ -121,8 +121,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+        _trace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _trace(path: Path) -> None:
+    """With ``SPPNET_WRITE_TRACE=<folder>`` set, append every file this process writes to
+    ``<folder>/writes.<host>_<pid>.txt`` (to check that no two processes of a job write one file)."""
+    folder = os.environ.get("SPPNET_WRITE_TRACE")
+    if folder:
+        with open(Path(folder) / f"writes.{_host()}_{os.getpid()}.txt", "a") as f:
+            f.write(f"{path.resolve()}\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detector import distributed
 from detector.boxes import pairwise_iou
 from detector.config import BBoxRegConfig
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
@@ -334,7 +335,7 @@ def train_box_regressors(
     seed: int,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
-) -> BoxRegressor:
+) -> BoxRegressor | None:
     """Per-class ridge regressors from pooled conv5 features to box deltas (spec §8).
 
     Samples: windows (GT boxes included) with IoU > ``params.min_iou`` to their best GT box,
@@ -342,16 +343,21 @@ def train_box_regressors(
     ``params.max_per_class`` samples (when > 0) keeps a random subset drawn with a generator
     seeded by ``seed``. Features are pooled at the spec §5 scale and multiplied by ``pool_scale``.
 
+    With several processes (``detector.distributed``) each rank pools the samples of its share of
+    the images, and rank 0 gathers them in image order and fits.
+
     Returns:
-        BoxRegressor: packed regressors (whitening folded in) for ``[x * pool_scale, 1]``.
+        BoxRegressor: packed regressors (whitening folded in) for ``[x * pool_scale, 1]``; None on
+        ranks other than 0.
     Raises:
         RuntimeError: no window of any item overlaps a GT box enough, or the features are not
             finite (the image is named).
     """
-    X: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    P: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    T: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    for item in tqdm(items, desc="box-regression samples", disable=not progress, unit="img"):
+    per_image: dict[int, list[tuple[int, Tensor, Tensor, Tensor]]] = {}
+    for i in tqdm(distributed.shard(range(len(items))), desc="box-regression samples", disable=not progress,
+                  unit="img"):
+        item = items[i]
+        per_image[i] = []
         if item.gt_boxes.shape[0] == 0:
             continue
         cand = candidates(item)
@@ -367,9 +373,19 @@ def train_box_regressors(
         cls = item.gt_labels[arg[keep]]
         for c in torch.unique(cls).tolist():
             m = cls == c
-            X[c].append(feats[m])
-            P[c].append(cand[keep][m])
-            T[c].append(item.gt_boxes[arg[keep]][m])
+            per_image[i].append((c, feats[m], cand[keep][m], item.gt_boxes[arg[keep]][m]))
+    for part in distributed.all_gather(per_image):  # every rank's images, then in image order
+        per_image.update(part)
+    if not distributed.current().main:
+        return None  # rank 0 fits and writes the regressors
+    X: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    P: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    T: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    for i in range(len(items)):
+        for c, x, p, t in per_image.pop(i, []):
+            X[c].append(x)
+            P[c].append(p)
+            T[c].append(t)
     g = torch.Generator().manual_seed(seed)
     samples: list[tuple[Tensor, Tensor, Tensor] | None] = []
     in_dim = None

@@ -33,7 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detector.artifacts import ArtifactError, content_id, digest, load_torch, remove_stale_temps, save_torch, verify, write_text
+from detector.artifacts import (
+    ArtifactError,
+    content_id,
+    digest,
+    load_torch,
+    remove_stale_temps,
+    save_torch,
+    verify,
+    write_text,
+)
 
 __all__ = ["Conv5Cache", "weights_hash", "conv5_cache_key", "CACHE_FORMAT"]
 

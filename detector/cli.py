@@ -53,9 +53,14 @@ def run_tool(fn: Callable[[], int | None], argv: Sequence[str] | None = None) ->
     Returns:
         the body's exit code (0 when it returns None), or 2.
     """
+    from detector import distributed
+
     try:
         return int(fn() or 0)
     except user_errors() as e:
         msg = str(e).strip() or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        rank = distributed.current()
+        print(f"error: {msg}" + (f" (rank {rank.rank} of {rank.world})" if rank.active else ""), file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()

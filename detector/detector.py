@@ -36,7 +36,14 @@ from detector.pyramid import image_pyramid, resized_size
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.svm import LinearSVMs
 from proposals import propose
-from proposals.imageio import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageError, pil_to_rgb, read_image, to_rgb_uint8
+from proposals.imageio import (
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    pil_to_rgb,
+    read_image,
+    to_rgb_uint8,
+)
 from proposals.store import ProposalFileError
 
 __all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES"]

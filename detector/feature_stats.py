@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from detector import distributed
 from detector.head import FCHead
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.train_items import TrainItem, candidates
@@ -35,7 +36,8 @@ def feature_norm_scales(
 
     Measured on at most ``max_images`` random images x ``max_rois`` random windows each (GT boxes
     included), pooled at the spec §5 scale, with a numpy generator seeded by ``seed`` (spec §7:
-    200 x 200, fixed seed).
+    200 x 200, fixed seed). With several processes each rank measures its share of the images and
+    the norms are gathered in image order, so the means are the one-process means.
 
     Returns:
         (fc7 scale, pool5 scale): multiply every feature (training and test) by them.
@@ -44,17 +46,17 @@ def feature_norm_scales(
     """
     g = np.random.default_rng(seed)
     chosen = g.permutation(len(items))[:max_images]
-    fc_norms, pool_norms = [], []
+    picks = [(int(i), g.permutation(candidates(items[int(i)]).shape[0])[:max_rois]) for i in chosen]
     head = head.to(device).eval()
-    for i in chosen:
-        item = items[int(i)]
-        cand = candidates(item)
-        pick = g.permutation(cand.shape[0])[:max_rois]
-        pooled = pool_regions(load_pyramid(item), cand[torch.as_tensor(pick)], levels, proj)  # (r, D)
-        pool_norms.append(pooled.norm(dim=1).cpu())
-        fc_norms.append(head.features(pooled.to(device)).norm(dim=1).cpu())
-    fc_mean = float(torch.cat(fc_norms).mean())
-    pool_mean = float(torch.cat(pool_norms).mean())
+    norms = {}  # position in `picks` -> (pool5 norms, fc7 norms); each rank measures its share
+    for pos, (i, pick) in distributed.shard(list(enumerate(picks))):
+        item = items[i]
+        pooled = pool_regions(load_pyramid(item), candidates(item)[torch.as_tensor(pick)], levels, proj)  # (r, D)
+        norms[pos] = (pooled.norm(dim=1).cpu(), head.features(pooled.to(device)).norm(dim=1).cpu())
+    for part in distributed.all_gather(norms):
+        norms.update(part)
+    pool_mean = float(torch.cat([norms[p][0] for p in range(len(picks))]).mean())  # in image order
+    fc_mean = float(torch.cat([norms[p][1] for p in range(len(picks))]).mean())
     for name, v in (("fc7", fc_mean), ("pool5", pool_mean)):
         if not np.isfinite(v):
             raise RuntimeError(f"{name} features are not finite (mean norm {v}): the trunk or head weights hold NaN/inf")

@@ -36,10 +36,12 @@ import math
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detector import distributed
 from detector.config import FinetuneConfig
 from detector.head import FCHead
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
@@ -96,8 +98,9 @@ class WindowSource(Protocol):
     def trainable(self) -> list[tuple[nn.Module, float]]:
         """Modules trained besides the head, each with its learning-rate multiplier."""
 
-    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(x Tensor[B, D], y Tensor[B] int64)`` for iterations ``start`` .. ``iters - 1``."""
+    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """``(x Tensor[b, D], y Tensor[b] int64, B)`` for iterations ``start`` .. ``iters - 1``: this
+        rank's ``b`` windows of the batch of ``B`` (all of them with one process)."""
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
         """Features and labels of the fixed validation windows under the current weights (None:
@@ -149,7 +152,7 @@ class CachedWindows:
     def trainable(self) -> list[tuple[nn.Module, float]]:
         return []
 
-    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor, int]]:
         p = self.params
         n_items = len(self.items)
         n_fg = int(round(p.batch_size * p.fg_fraction))
@@ -173,7 +176,8 @@ class CachedWindows:
                     raise ValueError(f"fine-tuning: {len(order)} images hold only {nfg + nbg} labelled windows "
                                      f"for {p.chunk_iters} batches (finetune.chunk_iters): a batch would be "
                                      f"empty; use more images or a smaller finetune.chunk_iters")
-                yield feats[idx], lab[idx]
+                lo, hi = _slice(len(idx))
+                yield feats[idx[lo:hi]], lab[idx[lo:hi]], len(idx)
                 it += 1
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
@@ -221,6 +225,9 @@ class TunedTailWindows:
         self.usable = [i for i, lab in enumerate(self.labels) if bool((lab >= 0).any())]
         if not self.usable:
             raise ValueError("fine-tuning: no training image has a labelled window")
+        first = self.load(self.items[self.usable[0]])
+        self.n_scales = len(first.fmaps)  # every item has the cache's scales
+        self._dim = int(trunk.out_channels) * sum(n * n for n in self.levels)
         self._val_sel = _validation_selection(self.val_items, num_classes, params)
 
     def trainable(self) -> list[tuple[nn.Module, float]]:
@@ -233,29 +240,37 @@ class TunedTailWindows:
                      for f in pre.fmaps]  # S x (C, Hs, Ws)
         return Conv5Pyramid(fmaps=fmaps, scaled_sizes=pre.scaled_sizes, image_size=pre.image_size)
 
-    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor, int]]:
         p = self.params
         per_image = p.batch_size // p.images_per_batch
         n_fg = int(round(per_image * p.fg_fraction))
+        info = distributed.current()
         for it in range(start, iters):
             g = torch.Generator().manual_seed(p.seed * 1_000_003 + it)  # per iteration: a resume replays it
-            feats, ys = [], []
+            plan = []  # (item index, windows, scale): every rank draws the whole batch, in one order
             for pick in torch.randint(len(self.usable), (p.images_per_batch,), generator=g).tolist():
                 idx = self.usable[pick]
                 sel, _, _ = sample_windows(self.labels, [idx], self.num_classes, n_fg, per_image, g)
                 win = torch.tensor([j for _, j in sel], dtype=torch.int64)  # (m,)
+                scale = int(torch.randint(self.n_scales, (1,), generator=g)) if p.random_scale else None
+                plan.append((idx, win, scale))
+            feats, ys = [], []
+            for idx, win, scale in plan[info.rank::info.world]:  # this rank's images of the batch
                 item, pre = self.items[idx], self.load(self.items[idx])
                 # the tail runs with gradients only on the maps the windows are pooled from
-                scales = ([int(torch.randint(len(pre.fmaps), (1,), generator=g))] if p.random_scale
-                          else list(range(len(pre.fmaps))))
+                scales = [scale] if scale is not None else list(range(len(pre.fmaps)))
                 pyr = Conv5Pyramid(
                     [self.trunk.forward_tail(pre.fmaps[s].to(self.device).float().unsqueeze(0), self.n_tail)[0]
                      for s in scales],
                     [pre.scaled_sizes[s] for s in scales], pre.image_size)
-                scale_index = torch.zeros(len(win), dtype=torch.int64) if p.random_scale else None
+                scale_index = torch.zeros(len(win), dtype=torch.int64) if scale is not None else None
                 feats.append(pool_regions(pyr, candidates(item)[win], self.levels, self.proj, scale_index))  # (m, D)
                 ys.append(self.labels[idx][win])
-            yield torch.cat(feats), torch.cat(ys)
+            n = sum(len(w) for _, w, _ in plan)
+            if not feats:  # more ranks than images in the batch: this rank adds nothing to it
+                yield torch.zeros((0, self._dim)), torch.zeros(0, dtype=torch.int64), n
+                continue
+            yield torch.cat(feats), torch.cat(ys), n
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
         if self._val_sel is None:
@@ -296,6 +311,24 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _slice(n: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[lo, hi)`` of ``n`` items (all of them with one process)."""
+    info = distributed.current()
+    return n * info.rank // info.world, n * (info.rank + 1) // info.world
+
+
+def _all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over the ranks (one collective on a flat buffer); a missing
+    gradient (a rank whose share of the batch was empty) counts as zero."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def finetune(
     head: FCHead,
     source: WindowSource,
@@ -313,6 +346,13 @@ def finetune(
     the source uses the sampling fields. Dropout draws from torch's global generator, whose state
     is part of the resume file.
 
+    With several processes (``detector.distributed``) every rank draws the same batch (the draws
+    are functions of the iteration), takes its share of it, and the gradients are summed over the
+    ranks (one all-reduce per step) into the batch's gradient: a step equals the one-process step
+    on the same windows up to the order of the float sum. ``batch_size`` is the whole batch over
+    all ranks, so the learning rate needs no change with the number of processes. Rank 0 writes
+    the resume file, which holds every rank's dropout state.
+
     Args:
         head: FCHead with a (K+1)-way ``cls_score`` (background = K).
         source: a :class:`WindowSource`.
@@ -324,8 +364,14 @@ def finetune(
         their best weights too.
     """
     device = torch.device(device)
+    info = distributed.current()
     head = head.to(device).train()
-    opt, base_lrs = _sgd([(head, 1.0), *source.trainable()], params.lr, params.momentum, params.weight_decay)
+    modules = [(head, 1.0), *source.trainable()]
+    opt, base_lrs = _sgd(modules, params.lr, params.momentum, params.weight_decay)
+    trained = [p for m, _ in modules for p in m.parameters()]
+    if info.active:  # every rank starts from rank 0's weights
+        for p in trained:
+            dist.broadcast(p.data, src=0)
     iters = int(params.iters)
     history: dict = {"iter": [], "loss": [], "val_iter": [], "val_error": [], "best_iter": 0, "best_val_error": None}
     start, best_err = 0, math.inf
@@ -336,7 +382,13 @@ def finetune(
         opt.load_state_dict(resume_state["optimizer"])
         best, best_err = (resume_state["best_head"], resume_state["best_source"]), resume_state["best_err"]
         history, start = resume_state["history"], int(resume_state["iter"])
-        _set_rng_state(resume_state["rng"], device)
+        rngs = resume_state["rng"]
+        if len(rngs) == info.world:
+            _set_rng_state(rngs[info.rank], device)
+        else:  # another number of processes than the run that saved it: a new dropout stream per rank
+            log.warning("fine-tuning resumes with %d processes where %d saved the state: dropout draws differ from "
+                        "an uninterrupted run", info.world, len(rngs))
+            torch.manual_seed(params.seed * 1_000_003 + start * 7919 + info.rank)
         log.info("fine-tuning resumes at iteration %d", start)
 
     def validation_error() -> float:
@@ -349,13 +401,20 @@ def finetune(
 
     bar = tqdm(total=iters, initial=start, desc=desc, disable=not progress, unit="it")
     it = start
-    for x, y in source.batches(start, iters):
+    for x, y, n in source.batches(start, iters):
         factor = 0.1 ** sum(it >= s for s in params.lr_steps)
         for grp, base in zip(opt.param_groups, base_lrs):
             grp["lr"] = base * factor
-        loss = F.cross_entropy(head(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not info.active:
+            loss = F.cross_entropy(head(x.to(device)), y.to(device))
+            loss.backward()
+        else:  # this rank's share of the batch's mean loss; the sum over ranks is the batch's gradient
+            loss = F.cross_entropy(head(x.to(device)), y.to(device), reduction="sum") / n
+            loss.backward()
+            _all_reduce_grads(trained)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
         opt.step()
         it += 1
         bar.update(1)
@@ -375,9 +434,11 @@ def finetune(
             log.info("iter %d: loss %.4f, val error %s", it, float(loss.detach()),
                      "n/a" if math.isnan(err) else f"{err:.4f}")
             if save_state is not None and it < iters:
-                save_state({"head": head.state_dict(), "source": source.state_dict(), "optimizer": opt.state_dict(),
-                            "best_head": best[0], "best_source": best[1], "best_err": best_err,
-                            "history": history, "iter": it, "rng": _rng_state(device)})
+                rngs = distributed.all_gather(_rng_state(device))  # every rank's dropout stream
+                if info.main:
+                    save_state({"head": head.state_dict(), "source": source.state_dict(),
+                                "optimizer": opt.state_dict(), "best_head": best[0], "best_source": best[1],
+                                "best_err": best_err, "history": history, "iter": it, "rng": rngs})
     bar.close()
     head.load_state_dict(best[0])
     source.load_state_dict(best[1])

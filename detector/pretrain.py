@@ -34,7 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from detector import distributed
 from detector.boxes import hflip_boxes
 from detector.classifier import SPPClassifier
 from detector.data.crops import CropSet
@@ -149,8 +151,15 @@ def train_classifier(
         device: where to train.
         resume: a state from ``on_epoch_end`` (``epoch``, ``model``, ``optimizer``, ``history``);
             training continues after that epoch.
-        on_epoch_end: called after every epoch with that state (for atomic resume files).
+        on_epoch_end: called after every epoch with that state (for atomic resume files), on rank 0
+            only in a distributed job.
         progress: tqdm bar per epoch.
+    With several processes (``detector.distributed``) the model is wrapped in
+    ``DistributedDataParallel``: every rank draws the same global batch of ``batch_size x world``
+    crops (the draws are functions of the epoch) and trains on its contiguous share, the gradients
+    are averaged into the global batch's; ``batch_size`` is per process (scale ``lr`` with the
+    global batch if you change the number of processes).
+
     Returns:
         History: one dict per epoch with ``epoch``, ``loss``, ``error`` (training top-1), ``size``
         (the size or "random"), ``lr``, ``seconds``.
@@ -175,8 +184,11 @@ def train_classifier(
         opt = torch.optim.AdamW(_param_groups(model, weight_decay, math.sqrt(input_std)), lr=lr)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adamw'")
+    info = distributed.current()
+    net = DistributedDataParallel(model) if info.active else model  # gradients averaged over the ranks
     M = len(train)
-    per_epoch = math.ceil(M / batch_size)
+    global_batch = batch_size * info.world  # every rank takes its batch_size of each global batch
+    per_epoch = math.ceil(M / global_batch)
     total = per_epoch * epochs
     history: list[dict[str, float]] = []
     start = 0
@@ -190,7 +202,7 @@ def train_classifier(
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(seed) * 1000 + epoch)
-        torch.manual_seed(int(seed) * 1000 + epoch)  # dropout
+        torch.manual_seed(int(seed) * 1000 + epoch + 7919 * info.rank)  # dropout (each rank its own stream)
         model.train()
         perm = torch.randperm(M, generator=g)
         loss_sum, wrong, seen = 0.0, 0, 0
@@ -204,19 +216,25 @@ def train_classifier(
             cur_lr = lr_at(it, total, lr, warmup_iters)
             for grp in opt.param_groups:
                 grp["lr"] = cur_lr * grp.get("lr_mult", 1.0)
-            idx = perm[b * batch_size:(b + 1) * batch_size]
+            idx = perm[b * global_batch:(b + 1) * global_batch]  # the global batch: same draws on every rank
             size = batch_size_schedule(mode, sizes, epoch, g)
+            flip = torch.rand(idx.shape[0], generator=g) < 0.5 if hflip else None
+            n_global = idx.shape[0]
+            if info.active:  # this rank's contiguous share of the global batch
+                lo, hi = n_global * info.rank // info.world, n_global * (info.rank + 1) // info.world
+                idx, flip = idx[lo:hi], None if flip is None else flip[lo:hi]
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)
-            flip = None
-            if hflip:
-                flip = torch.rand(idx.shape[0], generator=g) < 0.5
+            if flip is not None:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (N, 3, S, S)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             win = _batch_windows(model, train, idx, size, flip)  # (N, 4) or None
             y = train.labels[idx].to(device)
-            logits = model(x.to(device), win)  # (N, K+1)
-            loss = F.cross_entropy(logits, y)
+            logits = net(x.to(device), win)  # (N, K+1)
+            if info.active:  # DDP averages the ranks' gradients: scale so the average is the global mean's
+                loss = F.cross_entropy(logits, y, reduction="sum") * info.world / n_global
+            else:
+                loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"classifier loss is {loss.item()} at epoch {epoch + 1}, batch {b}; "
                                          f"lower pretrain.lr")
@@ -226,11 +244,14 @@ def train_classifier(
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             opt.step()
             n = idx.shape[0]
-            loss_sum += float(loss.detach()) * n
+            loss_sum += float(F.cross_entropy(logits.detach(), y, reduction="sum")) if info.active else \
+                float(loss.detach()) * n
             wrong += int((logits.argmax(1) != y).sum())
             seen += n
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}", size=size)
+        if info.active:  # the epoch's figures over every rank's samples
+            loss_sum, wrong, seen = (sum(v) for v in zip(*distributed.all_gather((loss_sum, wrong, seen))))
         rec = {
             "epoch": epoch + 1,
             "loss": loss_sum / seen,
@@ -242,7 +263,7 @@ def train_classifier(
         history.append(rec)
         log.info("%s epoch %d/%d: loss %.4f, train top-1 error %.4f, size %s, %.1f s", mode, epoch + 1, epochs,
                  rec["loss"], rec["error"], rec["size"], rec["seconds"])
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and info.main:
             on_epoch_end({"epoch": epoch, "model": copy.deepcopy(model.state_dict()),
                           "optimizer": copy.deepcopy(opt.state_dict()), "history": list(history)})
     model.eval()

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detector import distributed
 from detector.boxes import pairwise_iou
 from detector.config import SVMConfig
 from detector.projection import project_boxes, select_scales
@@ -217,6 +218,7 @@ class HardNegativeMiner:
         class_names: names for log lines.
         max_hard_per_image: after the first image, add at most this many new hard negatives per
             class and image, the highest-scoring first (0 = no cap, as the spec).
+        active: the classes to train (default all); a process of a distributed job trains its share.
     Attributes:
         W (Tensor[F, K]), b (Tensor[K]): the current classifiers.
         num_images (int): images processed so far.
@@ -237,6 +239,7 @@ class HardNegativeMiner:
         max_iter: int = 10000,
         class_names: Sequence[str] | None = None,
         max_hard_per_image: int = 0,
+        active: Sequence[int] | None = None,
     ) -> None:
         if num_classes <= 0 or feat_dim <= 0:
             raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
@@ -256,6 +259,10 @@ class HardNegativeMiner:
         self.W = torch.zeros(feat_dim, num_classes)  # (F, K)
         self.b = torch.zeros(num_classes)  # (K,)
         self.num_images = 0
+        # the classes this miner trains; the others keep W = 0 here (another process trains them).
+        # Scores are still computed against the whole [F, K] W, so a class's scores do not depend
+        # on which classes a process trains.
+        self.active = sorted(set(range(num_classes) if active is None else (int(c) for c in active)))
         self._caches = [_ClassCache(feat_dim) for _ in range(num_classes)]
 
     # ------------------------------------------------------------------------------------------
@@ -355,7 +362,7 @@ class HardNegativeMiner:
 
         added = 0
         retrained = 0
-        for c in range(self.num_classes):  # bookkeeping per class (not a hot path)
+        for c in self.active:  # bookkeeping per class (not a hot path)
             cache = self._caches[c]
             sel = torch.nonzero(candidates[:, c]).flatten()  # (n,)
             if sel.numel():
@@ -381,7 +388,8 @@ class HardNegativeMiner:
             (W, b): W (Tensor[F, K] float32), b (Tensor[K] float32). A class that never had both
             positives and negatives keeps W = 0 and gets b = -1000 (it never fires), with a warning.
         """
-        for c, cache in enumerate(self._caches):
+        for c in self.active:
+            cache = self._caches[c]
             if cache.num_added > 0 or cache.dirty or not cache.trained:
                 self._retrain(c)
             if not cache.trained:
@@ -497,6 +505,14 @@ def train_svms(
     Uses ``C``, ``pos_weight``, ``bias``, ``hard_thresh``, ``evict_thresh``, ``retrain_every`` and
     ``max_hard_per_image`` of ``params``.
 
+    Two passes over the images, as the original code mines from the conv5 cache: the first keeps
+    only the ground truth's features (the positives), the second computes each image's features
+    again and mines them, so memory holds one image's features and the miner's bounded caches,
+    whatever the number of images. With several processes (``detector.distributed``) the first
+    pass is split by image and its positives gathered in image order; the second is split by
+    class (each class is its own liblinear problem, mined over every image in order), and the
+    classes' weights are gathered: the result equals the one-process result.
+
     Args:
         head: the fine-tuned FCHead (its deterministic fc7, :meth:`FCHead.features`).
         items: training items (no flips, spec §7).
@@ -504,10 +520,9 @@ def train_svms(
         (W Tensor[F, K], b Tensor[K], stats dict).
     """
     head = head.to(device).eval()
-    # positives first: the miner needs them before the first retrain
-    feats_pos: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    cache: list[tuple[Tensor, Tensor]] = []
-    for item in tqdm(items, desc="SVM features", disable=not progress, unit="img"):
+
+    def image_features(item: "TrainItem") -> tuple[Tensor, int, Tensor]:
+        """(scaled fc7 of GT boxes then deduplicated proposals Tensor[G+R, F], G, negative mask [R, K])."""
         pyr = load_pyramid(item)
         props = item.proposals
         keep = _dedup_windows(pyr, props, proj) if props.shape[0] else torch.zeros(0, dtype=torch.int64)
@@ -517,24 +532,40 @@ def train_svms(
         if not bool(torch.isfinite(f).all()):
             raise RuntimeError(f"SVM features of image '{item.record.image_id}' are not finite: the trunk or "
                                f"head weights, or that image's conv5 cache entry, hold NaN/inf")
-        G = item.gt_boxes.shape[0]
-        for k in range(G):
-            feats_pos[int(item.gt_labels[k])].append(f[k:k + 1])
         iou = pairwise_iou(props, item.gt_boxes)  # (R, G)
         neg = torch.ones((props.shape[0], num_classes), dtype=torch.bool)
         for c in range(num_classes):
             m = item.gt_labels == c
             if m.any():
                 neg[:, c] = iou[:, m].max(dim=1).values < params.neg_iou
-        cache.append((f[G:].half(), neg))
+        return f, item.gt_boxes.shape[0], neg
+
+    # pass 1: the positives (every GT box), each rank its images, gathered in image order
+    mine_pos = {}
+    for i in tqdm(distributed.shard(range(len(items))), desc="SVM positives", disable=not progress, unit="img"):
+        f, G, _ = image_features(items[i])
+        mine_pos[i] = f[:G]  # (G, F)
+    for part in distributed.all_gather(mine_pos):
+        mine_pos.update(part)
+    feats_pos: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    for i, item in enumerate(items):
+        for k in range(item.gt_boxes.shape[0]):
+            feats_pos[int(item.gt_labels[k])].append(mine_pos[i][k:k + 1])
+    del mine_pos
+
+    # pass 2: hard-negative mining over every image, each rank its classes
+    classes = distributed.shard(range(num_classes))
     miner = HardNegativeMiner(num_classes, int(head.out_dim), C=params.C, pos_weight=params.pos_weight,
                               bias=params.bias, hard_thresh=params.hard_thresh, evict_thresh=params.evict_thresh,
                               retrain_every=params.retrain_every, class_names=class_names,
-                              max_hard_per_image=params.max_hard_per_image)
-    for c in range(num_classes):
+                              max_hard_per_image=params.max_hard_per_image, active=classes)
+    for c in classes:
         if feats_pos[c]:
             miner.add_positives(c, torch.cat(feats_pos[c]))
-    for i, (f, neg) in enumerate(tqdm(cache, desc="hard-negative mining", disable=not progress, unit="img")):
-        miner.process_image(f.float(), neg, image_index=i)
+    for i, item in enumerate(tqdm(items, desc="hard-negative mining", disable=not progress, unit="img")):
+        f, G, neg = image_features(item)
+        miner.process_image(f[G:].half().float(), neg, image_index=i)  # negatives kept as float16 values
     W, b = miner.finish()
+    for part_classes, part_W, part_b in distributed.all_gather((classes, W, b)):
+        W[:, part_classes], b[part_classes] = part_W[:, part_classes], part_b[part_classes]
     return W, b, {"num_pos": [sum(x.shape[0] for x in fp) for fp in feats_pos]}

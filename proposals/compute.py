@@ -37,7 +37,7 @@ from proposals.imageio import ImageError, decode_image
 from proposals.selective_search import propose
 from proposals.store import ProposalFileError, read_npz, read_npz_meta, save_proposals
 
-__all__ = ["compute_proposals_for_images", "proposals_key"]
+__all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,29 @@ def _run_shards(todo: list[tuple], workers: int) -> Iterator[tuple[int, dict[str
             raise
 
 
+def _prepare(parts: Path, key: str) -> None:
+    """The parts folder for ``key``: reused when made under it, else emptied; stale temps removed."""
+    kfile = parts / "key"
+    if parts.is_dir() and (not kfile.is_file() or kfile.read_text().strip() != key):
+        log.warning("%s: partial results from other options or images; discarding them", parts)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(parts)
+    if not kfile.is_file():
+        write_text(kfile, key + "\n")
+
+
+def prepare_parts(items: Sequence[tuple[str, str | Path]], out: str | Path, options: dict, *,
+                  skip_bad_images: bool = False, chunk_size: int = 8) -> Path:
+    """Rank 0's step before the ranks compute their shards (see :func:`compute_proposals_for_images`)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    parts = out.with_name(out.name + ".parts")
+    _prepare(parts, proposals_key(items, options, chunk_size, skip_bad_images))
+    return parts
+
+
 def proposals_key(items: Sequence[tuple[str, str | Path]], options: dict, chunk_size: int = 8,
                   skip_bad_images: bool = False) -> str:
     """The key of :func:`compute_proposals_for_images`'s output for these images and options."""
@@ -128,8 +151,14 @@ def compute_proposals_for_images(
     *,
     skip_bad_images: bool = False,
     chunk_size: int = 8,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Proposals for every image, saved to ``out`` (``.npz``), resumable.
+
+    In a job of several processes, rank 0 first prepares the parts folder (:func:`prepare_parts`),
+    then every rank calls this with ``shard=(rank, world)`` and computes only the shards ``n`` with
+    ``n % world == rank`` (returning ``{}``), and finally rank 0 calls it without ``shard``: every
+    shard is then on disk and it only merges them.
 
     Args:
         items: ``(image_id, image_path)`` pairs; ids must be unique. The order is kept.
@@ -140,8 +169,9 @@ def compute_proposals_for_images(
         progress: show a tqdm bar (images).
         skip_bad_images: False: a bad image raises ImageError naming it; True: warn, zero boxes.
         chunk_size: images per shard (the unit of resumption).
+        shard: ``(rank, world)``: compute this rank's shards only (see above).
     Returns:
-        dict id -> ndarray float32 [R, 4] xyxy, in ``items`` order.
+        dict id -> ndarray float32 [R, 4] xyxy, in ``items`` order (``{}`` with ``shard``).
     Raises:
         ValueError: duplicate ids or bad arguments. ImageError: a bad image (default).
     """
@@ -157,39 +187,36 @@ def compute_proposals_for_images(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     key = proposals_key(items, options, chunk_size, skip_bad_images)
-
-    # 1. a finished file made under the same key is the cache
-    if out.is_file():
-        if read_npz_meta(out) == key:
-            data = _read_checked(out, ids, "proposal file")
-            if data is not None:
-                log.info("%s: up to date, loading it", out)
-                return data
-        else:
-            log.info("%s exists but was made with other options or images; recomputing", out)
-
-    # 2. parts folder: reuse it when it was made under the same key, else start clean
     parts = out.with_name(out.name + ".parts")
-    kfile = parts / "key"
-    if parts.is_dir() and (not kfile.is_file() or kfile.read_text().strip() != key):
-        log.warning("%s: partial results from other options or images; discarding them", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(parts)
-    if not kfile.is_file():
-        write_text(kfile, key + "\n")
+    if shard is None:
+        # 1. a finished file made under the same key is the cache
+        if out.is_file():
+            if read_npz_meta(out) == key:
+                data = _read_checked(out, ids, "proposal file")
+                if data is not None:
+                    log.info("%s: up to date, loading it", out)
+                    return data
+            else:
+                log.info("%s exists but was made with other options or images; recomputing", out)
+        # 2. parts folder: reuse it when it was made under the same key, else start clean
+        _prepare(parts, key)
+    elif not (parts / "key").is_file() or (parts / "key").read_text().strip() != key:
+        raise RuntimeError(f"{parts}: the parts folder is not prepared for these images and options "
+                           f"(rank 0 calls prepare_parts first)")
 
     chunks = [[(str(a), Path(b)) for a, b in items[i:i + chunk_size]] for i in range(0, len(items), chunk_size)]
     results: dict[int, dict[str, np.ndarray]] = {}
     todo = []
     for n, chunk in enumerate(chunks):
-        shard = parts / f"chunk_{n:06d}.npz"
-        if shard.is_file():
-            data = _read_checked(shard, [i for i, _ in chunk], "shard")
+        if shard is not None and n % shard[1] != shard[0]:
+            continue  # another rank's shard
+        path = parts / f"chunk_{n:06d}.npz"
+        if path.is_file():
+            data = _read_checked(path, [i for i, _ in chunk], "shard")
             if data is not None:
                 results[n] = data
                 continue
-        todo.append((n, chunk, shard, dict(options), skip_bad_images))
+        todo.append((n, chunk, path, dict(options), skip_bad_images))
     if results:
         log.info("resuming: %d of %d shards already done", len(results), len(chunks))
 
@@ -201,6 +228,8 @@ def compute_proposals_for_images(
             bar.update(len(data))
     finally:
         bar.close()
+    if shard is not None:
+        return {}
 
     final: dict[str, np.ndarray] = {}
     for n in range(len(chunks)):

@@ -175,8 +175,8 @@ def test_cached_windows_batches_mix_images_with_the_foreground_share():
     src = CachedWindows(items, [], lambda it: _full(trunk, load(it)), LEVELS, proj, 2, params)
     batches = list(src.batches(0, 6))
     assert len(batches) == 6
-    for x, y in batches:
-        assert x.shape == (16, head.in_dim) and int((y < 2).sum()) == 4 and int((y == 2).sum()) == 12
+    for x, y, n in batches:
+        assert n == 16 and x.shape == (16, head.in_dim) and int((y < 2).sum()) == 4 and int((y == 2).sum()) == 12
     again = list(src.batches(0, 6))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     # a resume inside a chunk replays its draw: iterations 4.. equal the uninterrupted ones

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                           metric=args.metric, mode=args.mode, time_proposals=args.time_proposals,
                           compare_rcnn=args.compare_rcnn,
                           argv=sys.argv if argv is None else ["tools/test_net.py", *argv])
-        print(report.text())
+        if report is not None:  # None on ranks other than 0 of a torchrun job
+            print(report.text())
 
     return run_tool(body)
 

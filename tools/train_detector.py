@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detector import distributed
 from detector.cli import add_config_args, config_from_args, run_tool
 from detector.engine import TRAIN_STAGES, train
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         path = train(config_from_args(args), stop_after=args.stop_after,
                      argv=sys.argv if argv is None else ["tools/train_detector.py", *argv])
-        print(f"checkpoint: {path}" if path.name == "model.pt" else f"stopped after {args.stop_after}: {path}")
+        if distributed.current().main:
+            print(f"checkpoint: {path}" if path.name == "model.pt" else f"stopped after {args.stop_after}: {path}")
 
     return run_tool(body)
 

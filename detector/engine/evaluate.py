@@ -27,7 +27,14 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm import tqdm
 
-from detector.artifacts import content_id, load_keyed, remove_stale_temps, save_keyed, write_json
+from detector import distributed
+from detector.artifacts import (
+    content_id,
+    load_keyed,
+    remove_stale_temps,
+    save_keyed,
+    write_json,
+)
 from detector.checkpoint import CheckpointError
 from detector.config import Config
 from detector.data.voc import ImageRecord, VOCDataError
@@ -35,7 +42,8 @@ from detector.detector import STAGES, SPPDetector
 from detector.engine.data import test_records, training_data
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
 from detector.engine.run import Output, Run, Stage, peak_memory_mb
-from detector.eval import EvalResult, coco_evaluate, evaluate as voc_evaluate, plot_pr_curves, write_comp4
+from detector.eval import EvalResult, coco_evaluate, plot_pr_curves, write_comp4
+from detector.eval import evaluate as voc_evaluate
 from proposals import propose
 from proposals.imageio import ImageError, decode_image, read_image
 
@@ -118,11 +126,12 @@ class DetectStage(Stage[dict]):
             log.info("detection resumes: %d of %d shards already done", len(done), len(shards))
         if self.mode == "rcnn":
             from detector.rcnn import detect_rcnn
+        info = distributed.current()
         bar = tqdm(total=len(self.records), initial=sum(len(s["ids"]) for s in done.values()), unit="img",
-                   desc="detect")
+                   desc="detect", disable=not info.main)
         i0 = 0
         for n, shard in enumerate(shards):
-            if n in done:
+            if n in done or n % info.world != info.rank:  # done, or another rank's shard
                 i0 += len(shard)
                 continue
             out: dict[str, Any] = {"ids": [r.image_id for r in shard], "dets": {}, "times": {}, "n_props": {},
@@ -162,6 +171,13 @@ class DetectStage(Stage[dict]):
             save_keyed(self._shard_path(n), self.key, out)
             done[n] = out
         bar.close()
+        distributed.barrier("detection shards written")
+        if info.active:
+            done.update({n: load_keyed(self._shard_path(n), self.key) for n in range(len(shards)) if n not in done})
+            missing = [n for n, s in done.items() if s is None]
+            if missing:
+                raise RuntimeError(f"{self.folder}: detection shards {missing[:5]} are missing after every rank "
+                                   f"finished (is output_dir on a filesystem every rank shares?)")
         return _merge([done[n] for n in range(len(shards))])
 
 
@@ -241,7 +257,7 @@ def evaluate(
     time_proposals: int = 10,
     compare_rcnn: int = 0,
     argv: Sequence[str] | None = None,
-) -> EvalReport:
+) -> EvalReport | None:
     """Score a trained detector on a split (default ``data.test_split``) or on the held-out images.
 
     Args:
@@ -255,7 +271,8 @@ def evaluate(
             scored are the cached ones, made by the same deterministic function).
         compare_rcnn: also time R-CNN mode against SPP-net on this many images.
     Returns:
-        :class:`EvalReport`.
+        :class:`EvalReport` (None on the ranks other than 0 of a distributed job: each detects its
+        share of the images and rank 0 scores them all).
     Raises:
         ValueError: ``split`` with ``held_out``, or no held-out images. CheckpointError /
             VOCDataError / ProposalFileError: inputs that cannot be used (named).
@@ -272,9 +289,12 @@ def evaluate(
     opts = det.params.proposal_options or proposal_options(cfg.proposals)
     timed = time_proposals if cfg.proposals.method != "file" else 0
     detected = run.stage(DetectStage(det, ckpt, records, props, out, mode, timed, opts)).value
+    if not run.dist.main:
+        return None  # rank 0 scores and writes the report
     report = score(det, records, props.value, detected, out, name, metric, mode, ckpt)
     if compare_rcnn:
-        from detector.bench.rcnn_compare import compare_rcnn as compare, format_comparison
+        from detector.bench.rcnn_compare import compare_rcnn as compare
+        from detector.bench.rcnn_compare import format_comparison
 
         n = min(compare_rcnn, len(records))
         cmp = compare(det, [read_image(r.path) for r in records[:n]],

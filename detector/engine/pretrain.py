@@ -25,7 +25,16 @@ from typing import Sequence
 
 import torch
 
-from detector.artifacts import ArtifactError, digest, load_keyed, load_torch, save_keyed, tensor_digest, write_text
+from detector import distributed
+from detector.artifacts import (
+    ArtifactError,
+    digest,
+    load_keyed,
+    load_torch,
+    save_keyed,
+    tensor_digest,
+    write_text,
+)
 from detector.backbones import build_backbone
 from detector.classifier import SPPClassifier, classifier_state, reinit_kaiming
 from detector.config import Config, config_to_dict, save_config
@@ -33,7 +42,12 @@ from detector.data.crops import CropSet, crops_from_folder, crops_from_records
 from detector.data.voc import VOCDataError
 from detector.engine.data import TrainingData, training_data
 from detector.engine.run import Stage
-from detector.pretrain import evaluate_native, evaluate_warped, preprocess_crops, train_classifier
+from detector.pretrain import (
+    evaluate_native,
+    evaluate_warped,
+    preprocess_crops,
+    train_classifier,
+)
 from proposals.imageio import read_image
 
 __all__ = ["CropData", "classifier_crops", "pretrain_classifier", "PretrainStage", "table2"]
@@ -122,10 +136,11 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
     key = classifier_key(cfg, data.ids)
     ckpt = out / "classifier.pt"
     done = load_keyed(ckpt, key)
-    if done is not None:
+    if all(distributed.all_gather(done is not None)):
         log.info("%s is valid for this configuration; skipping training", ckpt)
         return done["meta"]["metrics"]
-    save_config(cfg, out, list(argv))
+    if distributed.current().main:
+        save_config(cfg, out, list(argv))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights)
@@ -151,6 +166,9 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
         on_epoch_end=lambda s: save_keyed(state_path, key, {"state": s}),
     )
     t_train = time.perf_counter() - t0
+    if not distributed.current().main:  # rank 0 evaluates and writes; the others read its file
+        distributed.barrier("classifier written")
+        return load_keyed(ckpt, key)["meta"]["metrics"]
     size = max(pc.sizes)
     warped = evaluate_warped(model, data.heldout, size=size, device=cfg.device)
     own = evaluate_native(model, data.heldout, pc.eval_min_side, device=cfg.device) if model.spp else None
@@ -174,6 +192,7 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     state_path.unlink(missing_ok=True)
     log.info("wrote %s", ckpt)
+    distributed.barrier("classifier written")
     return metrics
 
 

@@ -13,11 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
+from detector import distributed
 from detector.artifacts import content_id, digest, verify
 from detector.config import Config, ProposalConfig
 from detector.data.voc import ImageRecord
 from detector.engine.run import Stage
-from proposals.compute import compute_proposals_for_images, proposals_key
+from proposals.compute import compute_proposals_for_images, prepare_parts, proposals_key
 from proposals.store import ProposalFileError, load_proposals, read_npz, read_npz_meta
 
 __all__ = ["ProposalsStage", "proposal_options"]
@@ -89,10 +90,25 @@ class ProposalsStage(Stage[dict]):
     def build(self) -> dict:
         if self.pc.method == "file":
             return load_proposals(self.file, [i for i, _ in self.items])
+        info, opts = distributed.current(), proposal_options(self.pc)
         log.info("computing %s proposals for %d %s images -> %s", self.pc.method, len(self.items), self.split,
                  self.path)
-        return compute_proposals_for_images(self.items, self.path, proposal_options(self.pc),
-                                            workers=self.pc.workers, progress=True)
+        if info.active:  # every rank computes its shards of images; rank 0 merges them
+            if info.main:
+                prepare_parts(self.items, self.path, opts)
+            distributed.barrier("proposal parts ready")
+            compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers, progress=info.main,
+                                         shard=(info.rank, info.world))
+            distributed.barrier("proposal shards written")
+        data = compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers,
+                                            progress=True) if info.main else None
+        distributed.barrier("proposal file written")
+        if data is None:
+            data = self.load()
+            if data is None:
+                raise RuntimeError(f"{self.path}: rank 0 wrote the proposal file, but this rank cannot read it "
+                                   f"(is output_dir on a filesystem every rank shares?)")
+        return data
 
     def identity(self, value: dict) -> str:
         if self.pc.method == "file":

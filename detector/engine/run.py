@@ -94,7 +94,9 @@ def setup_logging(out_dir: Path | None = None, name: str = "log.txt", rank: int 
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if rank:
         fmt = f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
-        handlers: list[logging.Handler] = []
+        errors = logging.StreamHandler(sys.stderr)  # a failing rank says so on the console too
+        errors.setLevel(logging.ERROR)
+        handlers: list[logging.Handler] = [errors]
         if out_dir is not None:
             (out_dir / "logs").mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(out_dir / "logs" / f"rank{rank}.txt"))

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from detector import distributed
 from detector.artifacts import content_id, digest, load_keyed, save_keyed, tensor_digest
 from detector.backbones import TrunkPrefix, build_backbone
 from detector.bbox_reg import BoxRegressor, train_box_regressors
@@ -121,7 +122,9 @@ class Conv5CacheStage(Stage[Conv5Cache]):
         return [self.cache.key, [e[:2] for e in self.entries]]
 
     def build(self) -> Conv5Cache:
-        self.cache.build(self.entries, progress=True)
+        info = distributed.current()
+        self.cache.build(distributed.shard(self.entries), progress=info.main)  # each rank its images
+        distributed.barrier("conv5 cache entries written")
         log.info("conv5 cache: %d entries, %.1f MB on disk (%s)", len(self.entries),
                  self.cache.disk_bytes() / 2**20, self.cache.root)
         return self.cache
@@ -173,17 +176,22 @@ class FinetuneStage(Stage[dict]):
         else:
             source = CachedWindows(ft_items, val_items, trunk.pyramid, levels, trunk.proj, K, ftc)
             desc = "fine-tune fc6/fc7"
+        info = self.run.dist
+        if info.rank:  # every rank its own dropout stream (rank 0 keeps the one-process stream)
+            torch.manual_seed(cfg.seed + 7919 * info.rank)
         resume = load_keyed(self.resume_path, self.key)
         head, hist = finetune(head, source, ftc, resume_state=None if resume is None else resume["state"],
                               save_state=lambda st: save_keyed(self.resume_path, self.key, {"state": st}),
-                              device=cfg.device, desc=desc)
+                              device=cfg.device, desc=desc, progress=info.main)
         tail = torch.nn.ModuleList(trunk.net.tail_modules(ftc.conv_layers)).state_dict() if ftc.conv_layers else None
         if not all(bool(torch.isfinite(v).all()) for v in head.state_dict().values()):
             raise FloatingPointError(f"fine-tuning produced non-finite weights (lower finetune.lr); nothing was "
                                      f"saved to {self.path}")
         out = {"head": head.state_dict(), "tail": tail, "history": hist}
-        save_keyed(self.path, self.key, out)
-        self.resume_path.unlink(missing_ok=True)
+        if info.main:
+            save_keyed(self.path, self.key, out)
+            self.resume_path.unlink(missing_ok=True)
+        distributed.barrier("fine-tuned weights written")
         log.info("fine-tuning: best validation error %s at iteration %s", hist.get("best_val_error"),
                  hist.get("best_iter"))
         return out
@@ -233,6 +241,14 @@ class _TunedStage(Stage):
     def load(self) -> dict | None:
         return load_keyed(self.path, self.key)
 
+    def save(self, out: dict | None) -> dict:
+        """Rank 0 writes the stage's output; every rank then returns it (read back where it was not
+        computed here)."""
+        if self.run.dist.main:
+            save_keyed(self.path, self.key, out)
+        distributed.barrier(f"stage {self.name} written")
+        return out if out is not None else self.load()
+
     def identity(self, value: dict) -> str:
         return digest(self.key, content_id(self.path))
 
@@ -255,9 +271,7 @@ class FeatureStatsStage(_TunedStage):
                                              trunk.proj, target_norm=s.feature_norm, max_images=s.stats_images,
                                              max_rois=s.stats_rois, seed=self.cfg.seed, device=self.cfg.device)
         log.info("feature scales: fc7 x%.4f, pool5 x%.4f (mean norm -> %.0f)", fscale, pscale, s.feature_norm)
-        out = {"feature_scale": fscale, "pool_scale": pscale}
-        save_keyed(self.path, self.key, out)
-        return out
+        return self.save({"feature_scale": fscale, "pool_scale": pscale})
 
 
 class SVMStage(_TunedStage):
@@ -276,9 +290,7 @@ class SVMStage(_TunedStage):
         W, b, info = train_svms(head, self.svm_items(), trunk.pyramid, self.cfg.features.levels, trunk.proj,
                                 len(self.data.class_names), stats["feature_scale"], self.cfg.svm,
                                 class_names=self.data.class_names, device=self.cfg.device)
-        out = {"W": W, "b": b, "stats": info}
-        save_keyed(self.path, self.key, out)
-        return out
+        return self.save({"W": W, "b": b, "stats": info})
 
 
 class BoxRegressionStage(_TunedStage):
@@ -300,9 +312,7 @@ class BoxRegressionStage(_TunedStage):
         reg = train_box_regressors(self.svm_items(), trunk.pyramid, self.cfg.features.levels, trunk.proj,
                                    len(self.data.class_names), stats["pool_scale"], self.cfg.bbox_reg,
                                    seed=self.cfg.seed, class_names=self.data.class_names)
-        out = {"weight": reg.weight, "feature_scale": reg.feature_scale}
-        save_keyed(self.path, self.key, out)
-        return out
+        return self.save(None if reg is None else {"weight": reg.weight, "feature_scale": reg.feature_scale})
 
     def identity(self, value: dict) -> str:
         return self.key if not value else super().identity(value)
@@ -342,7 +352,9 @@ class ModelStage(_TunedStage):
             arch=cfg.backbone.arch, width_mult=cfg.backbone.width_mult,
             meta={"key": self.key, "config": config_to_dict(cfg), "stage_seconds": dict(self.run.timings)},
         )
-        det.save(self.path)
+        if self.run.dist.main:
+            det.save(self.path)
+        distributed.barrier("model written")
         return det
 
     def identity(self, value: SPPDetector) -> str:

@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 import torch
 
 from detector.artifacts import write_text
-from detector.eval.voc_ap import ClassDetections, per_class_detections
 from detector.data.voc import ImageRecord
+from detector.eval.voc_ap import ClassDetections, per_class_detections
 
 __all__ = ["coco_ground_truth", "coco_detections", "coco_evaluate"]
 
