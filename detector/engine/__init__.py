@@ -3,7 +3,7 @@
     from detector.config import load_config
     from detector.engine import train, evaluate
 
-    cfg = load_config("configs/digits_zf5.yaml")
+    cfg = load_config("digits_zf5")     # a packaged config by name, or a path
     model_path = train(cfg)              # proposals -> pretrain -> cache -> finetune -> stats -> svm -> bbox -> model
     report = evaluate(cfg)               # proposals -> detect -> score; report.text() ends with "mAP: ..."
 
