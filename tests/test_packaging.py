@@ -106,3 +106,16 @@ def test_makefile_installs_from_pyproject():
     mk = (REPO / "Makefile").read_text()
     assert re.search(r"^\$\(STAMP\): pyproject\.toml$", mk, re.M)
     assert 'pip install -q -e ".[test]"' in mk and "torch==" in mk
+
+
+def test_readme_stands_alone():
+    """A clone has no ../shared: the README names no path outside the repository, tells how to
+    install, and shows every sppnet subcommand."""
+    from detector.commands import COMMANDS
+
+    text = (REPO / "README.md").read_text()
+    assert "../" not in text
+    assert "pip install ." in text and 'pip install -e ".[dev]"' in text
+    assert "make demo" in text and "make test" in text
+    missing = [c.name for c in COMMANDS if f"`sppnet {c.name}" not in text]
+    assert not missing, f"README lacks sppnet {missing}"
