@@ -104,7 +104,7 @@ def test_version_has_one_source():
 
 def test_makefile_installs_from_pyproject():
     mk = (REPO / "Makefile").read_text()
-    assert re.search(r"^\$\(STAMP\): pyproject\.toml$", mk, re.M)
+    assert re.search(r"^\$\(STAMP\): pyproject\.toml$", mk, re.MULTILINE)
     assert 'pip install -q -e ".[test]"' in mk and "torch==" in mk
 
 

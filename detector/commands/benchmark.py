@@ -11,7 +11,7 @@ Sections (``detector.bench.runner`` runs them and rewrites the blocks):
     gpu               (only when named; needs CUDA) detection per image, R-CNN comparison and
                       spp_pool on the GPU: the same code with the model on ``--device`` (cuda)
 
-Usage (``python tools/benchmark.py`` is the same command):
+Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     sppnet benchmark --only spp
     sppnet benchmark --only spp --runs 9 --threads 1 --no-write
     THP_MEM_ALLOC_ENABLE=1 sppnet benchmark --only spp   # huge pages: own block "spp_thp"

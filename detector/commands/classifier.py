@@ -3,7 +3,7 @@
     sppnet classifier --config digits_zf5 [--set key=value ...] [--device cpu|cuda|auto]
         [--mode single|multi|random|nospp] [--out DIR]
     sppnet classifier --config digits_zf5 --all-modes [--seeds 0 1]
-    (the same: python tools/train_classifier.py ...)
+    (in a checkout, the same: python tools/train_classifier.py ...)
 
 Data: ``data.root`` as a VOC-layout folder (object crops + background crops of the training images
 not held out, background = class K) or an image folder ``root/<class>/*.jpg``. Held-out crops come

@@ -2,7 +2,7 @@
 
     sppnet compare-rcnn --checkpoint runs/x/model.pt --data-root DIR --split test -n 5 [--device cuda]
     sppnet compare-rcnn --random-zf5 [--width-mult 1.0] -n 3 --threads 2
-    (the same: python tools/compare_rcnn.py ...)
+    (in a checkout, the same: python tools/compare_rcnn.py ...)
 
 Both modes use the same model and the same proposals per image; proposals are excluded from the
 times. ``--random-zf5`` builds a random ZF-5 with fc6/fc7 of width 4096 and random SVMs: timing does

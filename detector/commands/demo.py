@@ -1,7 +1,7 @@
 """Detect objects in one image with a trained checkpoint and draw the labelled boxes.
 
     sppnet demo --checkpoint runs/digits_zf5/model.pt IMAGE --out out.png [--threshold 0] [--device cpu|cuda|auto]
-    (the same: python tools/demo.py ...)
+    (in a checkout, the same: python tools/demo.py ...)
 
 Writes the PNG ``--out`` and prints one line per detection (class, score, box) and the seconds per stage.
 """

@@ -1,7 +1,7 @@
 """Score devkit comp4 result files on a VOC-layout split (exact VOC 2007 semantics) plus COCO AP.
 
     sppnet eval --data-root DIR --split test --results RESULTS_DIR [--metric 07|area]
-    (the same: python tools/eval_detections.py ...)
+    (in a checkout, the same: python tools/eval_detections.py ...)
 
 Prints the per-class table (class, #gt, #det, recall, AP), the COCO figures (AP, AP50, AP75) and
 ends with ``mAP: 0.xxxxxx``. Writes the same as JSON (default RESULTS_DIR/eval.json) and the PR

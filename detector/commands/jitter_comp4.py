@@ -1,7 +1,7 @@
 """Make comp4 result files by jittering a split's ground truth (to exercise ``sppnet eval``).
 
     sppnet jitter-comp4 --data-root DIR --split test --out RESULTS_DIR --seed 0
-    (the same: python tools/jitter_gt_comp4.py ...)
+    (in a checkout, the same: python tools/jitter_gt_comp4.py ...)
 
 Each GT box (difficult ones too) becomes a detection with its corners moved by Gaussian noise
 (``--noise`` x box side), a fraction ``--miss`` is dropped, ``--dup`` get a second shifted copy and

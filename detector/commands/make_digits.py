@@ -1,7 +1,7 @@
 """Build the embedded default data set ``digits`` (VOC 2007 layout) with nothing downloaded.
 
     sppnet make-digits --out data/digits [--seed 0] [--trainval 1000] [--test 300] [--force]
-    (the same: python tools/make_dataset.py ...)
+    (in a checkout, the same: python tools/make_dataset.py ...)
 
 A second run with the same parameters returns at once ("already built"); other parameters need --force.
 """

@@ -2,7 +2,7 @@
 
     sppnet proposals --data-root data/digits --split test --out out/ss_test.npz \
         [--workers 2] [--mode fast+|fast|quality] [--min-size 20] [--max-boxes 2000]
-    (the same: python tools/compute_proposals.py ...)
+    (in a checkout, the same: python tools/compute_proposals.py ...)
 
 A killed run continues where it stopped when run again with the same arguments (finished chunks
 live in <out>.parts/ until the final file is written atomically). Read the result with

@@ -1,7 +1,7 @@
 """Recall of a proposal file against a VOC-layout split's ground truth (difficult objects excluded).
 
     sppnet recall --data-root DIR --split test --proposals out/ss_test.npz [--out DIR]
-    (the same: python tools/proposal_recall.py ...)
+    (in a checkout, the same: python tools/proposal_recall.py ...)
 
 Prints recall@0.5, recall@0.7 and average recall (IoU 0.50:0.05:0.95) for the first 100, 300, 1000,
 2000 and all proposals of each image; with --out also writes recall.json and recall.png (recall

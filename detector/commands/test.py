@@ -2,7 +2,7 @@
 
     sppnet test --config digits_zf5 [--checkpoint runs/.../model.pt] [--split test | --held-out]
         [--set key=value ...] [--device cpu|cuda|auto] [--compare-rcnn N] [--mode rcnn]
-    (the same: python tools/test_net.py ...)
+    (in a checkout, the same: python tools/test_net.py ...)
 
 Test-time windows come only from the proposal method run on each image (never from the
 annotations). Writes under ``<output_dir>/test_<split>/`` (``test_<split>_rcnn/`` with ``--mode

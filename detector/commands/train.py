@@ -1,7 +1,7 @@
 """Train an SPP-net detector on a VOC-layout data set from a YAML config.
 
     sppnet train --config digits_zf5 [--set key=value ...] [--device cpu|cuda|auto] [--stop-after STAGE]
-    (the same: python tools/train_detector.py ...)
+    (in a checkout, the same: python tools/train_detector.py ...)
 
 Stages (``detector.engine.train``), each loaded when its output is valid for the current settings
 and inputs, and resumed after an interruption: proposals -> pretrain -> cache -> finetune -> stats
