@@ -8,7 +8,7 @@ the rule declared with its field (range, choices, agreement with other fields) a
 broken rules at once, before any work starts. It returns a frozen :class:`Config`.
 
 Only the engine (``detector.engine``: its stages, ``train``, ``evaluate``, ``build_detector``) and
-``tools/`` read a Config; library code takes explicit arguments, or one config section as its
+the commands (``detector.commands``) read a Config; library code takes explicit arguments, or one config section as its
 parameters dataclass (``FinetuneConfig``, ``SVMConfig``, ``BBoxRegConfig``).
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@
 
 Modules: :mod:`~detector.engine.run` (a run, stages, keys), :mod:`~detector.engine.data` (the split
 policy), :mod:`~detector.engine.proposals`, :mod:`~detector.engine.pretrain`,
-:mod:`~detector.engine.train`, :mod:`~detector.engine.evaluate`. Tools in ``tools/`` parse arguments
-and call one of these.
+:mod:`~detector.engine.train`, :mod:`~detector.engine.evaluate`. The commands (``detector.commands``,
+``sppnet train`` / ``sppnet test``) parse arguments and call one of these.
 """
 from __future__ import annotations
 
