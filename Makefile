@@ -1,5 +1,6 @@
 # The two README commands: `make demo` and `make test`. Both create .venv when it is missing and
-# install the project into it; a second run reuses the venv and every cached output.
+# install the project into it (pip install -e ".[test]" from pyproject.toml, which also puts the
+# `sppnet` command in .venv/bin); a second run reuses the venv and every cached output.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
@@ -26,13 +27,15 @@ test: $(STAMP)
 # The main job on the embedded data set: make data -> classifier pre-training -> detector training
 # -> test (per-class table, mAP line, timing table) -> a demo picture. Every stage caches its
 # output, so a second run only re-tests.
+# The same commands as the README's (`sppnet ...`, installed into the venv by pip).
+SPPNET := $(VENV)/bin/sppnet
 DEMO_CFG ?= configs/digits_zf5.yaml
 DEMO_RUN ?= runs/digits_zf5
 demo: $(STAMP)
-	$(PY) tools/make_dataset.py --out data/digits
-	$(PY) tools/train_detector.py --config $(DEMO_CFG)
-	$(PY) tools/test_net.py --config $(DEMO_CFG)
-	$(PY) tools/demo.py --checkpoint $(DEMO_RUN)/model.pt \
+	$(SPPNET) make-digits --out data/digits
+	$(SPPNET) train --config $(DEMO_CFG)
+	$(SPPNET) test --config $(DEMO_CFG)
+	$(SPPNET) demo --checkpoint $(DEMO_RUN)/model.pt \
 		data/digits/JPEGImages/$$(head -n 1 data/digits/ImageSets/Main/test.txt).jpg --out $(DEMO_RUN)/demo.png
 
 clean-venv:

@@ -471,7 +471,7 @@ def _imagenet_state_dict(arch: str) -> tuple[Mapping[str, Tensor], str]:
     if arch not in _TORCHVISION_WEIGHTS:
         raise WeightsError(
             f"backbone weights='imagenet': torchvision has no ImageNet weights for {arch!r}. Train the "
-            f"trunk with tools/train_classifier.py and pass its checkpoint file as the weights, or "
+            f"trunk with `sppnet classifier` and pass its checkpoint file as the weights, or "
             f"use weights='none'."
         )
     import torchvision.models as tvm

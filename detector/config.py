@@ -1,13 +1,14 @@
 """Configuration: one frozen dataclass per stage, the only place where defaults live.
 
 The defaults are the paper's / the released code's values (``../shared/spec/SPP_NET_SPEC.md``, cited
-by section). A YAML file in ``configs/`` holds one experiment's overrides only; :func:`load_config`
-rejects unknown keys and values of the wrong type, then checks every value against the rule declared
-with its field (range, choices, agreement with other fields) and reports all broken rules at once,
-before any work starts. It returns a frozen :class:`Config`.
+by section). A YAML file in ``detector/configs/`` (package data; ``configs/`` at the repository
+root links to it) holds one experiment's overrides only; :func:`load_config` finds it by path or by
+its bare name, rejects unknown keys and values of the wrong type, then checks every value against
+the rule declared with its field (range, choices, agreement with other fields) and reports all
+broken rules at once, before any work starts. It returns a frozen :class:`Config`.
 
 Only the engine (``detector.engine``: its stages, ``train``, ``evaluate``, ``build_detector``) and
-``tools/`` read a Config; library code takes explicit arguments, or one config section as its
+the commands (``detector.commands``) read a Config; library code takes explicit arguments, or one config section as its
 parameters dataclass (``FinetuneConfig``, ``SVMConfig``, ``BBoxRegConfig``).
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ __all__ = [
     "TestConfig",
     "ConfigError",
     "load_config",
+    "resolve_config_path",
+    "packaged_configs",
+    "PACKAGED_CONFIGS",
     "config_to_dict",
     "save_config",
     "config_from_dict",
@@ -612,6 +616,37 @@ _StrictLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# The configs shipped inside the package (package data in pyproject.toml), so that an installed
+# `sppnet` finds them from any folder; `configs/` at the repository root is a link to this folder.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package (``detector/configs/<name>.yaml``), sorted."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """The YAML file ``name`` stands for: an existing file as given, else the packaged config of that name.
+
+    A bare name (no folder part, with or without ``.yaml``) such as ``digits_zf5`` finds
+    ``detector/configs/digits_zf5.yaml`` from any working folder; a file of that name in the
+    working folder comes first.
+
+    Raises:
+        ConfigError: neither exists; the message names ``name`` and the packaged configs.
+    """
+    p = Path(name)
+    if p.is_file():
+        return p
+    if p.name and p.parent == Path("."):  # a bare name
+        packaged = PACKAGED_CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"config file not found: {name} (give a path, or the name of a packaged config: "
+                      f"{', '.join(packaged_configs())})")
+
+
 def _read_yaml(p: Path) -> dict:
     """The top-level mapping of the YAML file ``p``; every failure is a ConfigError naming ``p``."""
     if not p.is_file():
@@ -686,21 +721,24 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     """Read a YAML file of overrides and ``key.sub=value`` strings into a frozen Config.
 
     Args:
-        path: YAML file (None = defaults only).
+        path: YAML file, or the bare name of a packaged config such as ``"digits_zf5"``
+            (:func:`resolve_config_path`); None = defaults only.
         overrides: strings such as ``"finetune.iters=500"`` or ``"features.test_scales=[480,688]"``;
             values are parsed as YAML. They apply in order after the file, so a key given twice
             (in the file and an override, or in two overrides) takes the last value: that is how
             a command line changes a setting. Inside one YAML file or value a repeated key is an
             error instead (PyYAML would keep the last one silently).
     Raises:
-        ConfigError: unreadable, empty or non-UTF-8 file, or a key repeated in it; every unknown key
-            or wrong type of the file (then of the overrides); else every value that breaks its rule
+        ConfigError: a missing file or unknown packaged name; an unreadable, empty or non-UTF-8
+            file, or a key repeated in it; every unknown key or wrong type of the file (then of the
+            overrides); else every value that breaks its rule
             (:func:`check_config`), checked once all overrides are in. The message names each key.
     """
     cfg = Config()
     errors: list[str] = []
     if path is not None:
-        data = _read_yaml(Path(path))
+        path = resolve_config_path(path)
+        data = _read_yaml(path)
         cfg = _merge(cfg, data, "", errors)
         if errors:
             raise _error(str(path), errors)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from detector.config import (
-    MIN_INPUT_SIDE, TAIL_UNITS, Config, ConfigError, check_config, config_from_dict, load_config, save_config,
+    MIN_INPUT_SIDE, PACKAGED_CONFIGS, TAIL_UNITS, Config, ConfigError, check_config, config_from_dict, load_config,
+    packaged_configs, resolve_config_path, save_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,10 +354,35 @@ def test_trunk_tables_match_the_backbones():
 
 
 def test_shipped_configs_load():
-    paths = sorted((REPO / "configs").glob("*.yaml"))
+    paths = sorted(PACKAGED_CONFIGS.glob("*.yaml"))
     assert len(paths) >= 4
     for p in paths:
         load_config(p)
+
+
+def test_root_configs_is_the_packaged_folder():
+    """``configs/`` at the repository root (README and Makefile paths) shows the packaged files."""
+    assert PACKAGED_CONFIGS == REPO / "detector" / "configs"
+    assert (REPO / "configs").resolve() == PACKAGED_CONFIGS
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == [f"{n}.yaml" for n in packaged_configs()]
+
+
+def test_bare_name_finds_the_packaged_config(tmp_path: Path, monkeypatch):
+    """``--config digits_zf5`` works from any folder: a bare name is a packaged config; a path
+    works as before, and a file of that name in the working folder comes first."""
+    monkeypatch.chdir(tmp_path)
+    packaged = PACKAGED_CONFIGS / "digits_zf5.yaml"
+    assert resolve_config_path("digits_zf5") == packaged
+    assert resolve_config_path("digits_zf5.yaml") == packaged
+    assert resolve_config_path(packaged) == packaged
+    assert load_config("digits_zf5") == load_config(packaged)
+    (tmp_path / "digits_zf5.yaml").write_text("output_dir: mine\n")
+    assert resolve_config_path("digits_zf5.yaml") == Path("digits_zf5.yaml")
+    assert load_config("digits_zf5.yaml").output_dir == "mine"
+    with pytest.raises(ConfigError, match=r"config file not found: nope \(.*digits_zf5"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found: sub/digits_zf5"):
+        load_config("sub/digits_zf5")  # a path is only ever a path
 
 
 def _config_texts_in_tests():

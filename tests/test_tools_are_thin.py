@@ -1,9 +1,11 @@
-"""Every tools/*.py is thin (house rule): argparse, one library call, print.
+"""Every command is thin (house rule): argparse, one library call, print.
 
-Checked on the source with ``ast``: ``main`` is at most 45 lines, no tool imports an underscore
-name from the library (``detector`` or ``proposals``), and ``sys.exit`` / ``exit`` / ``raise
-SystemExit`` appear only in the ``if __name__ == "__main__":`` guard (user errors go through
-``detector.cli.run_tool`` and end with one ``error:`` line and exit code 2).
+The commands are ``detector/commands/<name>.py`` (``sppnet <name>``). Checked on the source with
+``ast``: ``main`` is at most 45 lines, no command imports an underscore name from the library
+(``detector`` or ``proposals``), and ``sys.exit`` / ``exit`` / ``raise SystemExit`` appear only in
+the ``if __name__ == "__main__":`` guard (user errors go through ``detector.cli.run_tool`` and end
+with one ``error:`` line and exit code 2). Every ``tools/*.py`` is a wrapper: it imports ``main``
+from its command module and calls it in the guard, nothing else.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = sorted((REPO / "tools").glob("*.py"))
+COMMANDS = sorted(p for p in (REPO / "detector" / "commands").glob("*.py") if not p.name.startswith("__"))
 MAX_MAIN_LINES = 45
 LIBRARY = ("detector", "proposals")
 
@@ -45,9 +49,25 @@ def _exits(node: ast.AST) -> list[int]:
 
 def test_there_are_tools():
     assert len(TOOLS) >= 10
+    assert len(COMMANDS) >= len(TOOLS)
 
 
 @pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+def test_tool_is_a_wrapper_of_a_command(path: Path):
+    """A docstring, ``import sys``, ``from detector.commands.<m> import main`` and the guard."""
+    body = [n for n in _tree(path).body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str))]
+    imports = [n for n in body if isinstance(n, ast.ImportFrom)]
+    assert len(imports) == 1 and imports[0].module.startswith("detector.commands.") \
+        and [a.name for a in imports[0].names] == ["main"], f"{path.name}: imports {[ast.unparse(n) for n in imports]}"
+    assert (REPO / (imports[0].module.replace(".", "/") + ".py")).is_file(), f"{path.name}: no {imports[0].module}"
+    rest = [n for n in body if n not in imports and not (isinstance(n, ast.Import) and
+                                                          [a.name for a in n.names] == ["sys"])]
+    assert len(rest) == 1 and _is_main_guard(rest[0]), f"{path.name}: more than a wrapper"
+    assert ast.unparse(rest[0].body[0]) == "sys.exit(main())", f"{path.name}: the guard must call sys.exit(main())"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.name)
 def test_main_is_short(path: Path):
     mains = [n for n in _tree(path).body if isinstance(n, ast.FunctionDef) and n.name == "main"]
     assert len(mains) == 1, f"{path.name}: no top-level main()"
@@ -55,7 +75,7 @@ def test_main_is_short(path: Path):
     assert n <= MAX_MAIN_LINES, f"{path.name}: main() is {n} lines (at most {MAX_MAIN_LINES}); move the flow into the library"
 
 
-@pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: p.name)
 def test_no_private_library_names(path: Path):
     bad = []
     for n in ast.walk(_tree(path)):
@@ -72,7 +92,7 @@ def test_no_private_library_names(path: Path):
     assert not bad, f"{path.name} uses private library names: {bad}"
 
 
-@pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TOOLS + COMMANDS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_sys_exit_only_in_the_main_guard(path: Path):
     tree = _tree(path)
     outside = [ln for node in tree.body if not _is_main_guard(node) for ln in _exits(node)]

@@ -1,64 +1,7 @@
-"""Pre-train the trunk as an SPP classifier on crops (paper §3 and Table 2).
-
-    python tools/train_classifier.py --config configs/digits_zf5.yaml [--set key=value ...]
-        [--mode single|multi|random|nospp] [--out DIR]
-    python tools/train_classifier.py --config configs/digits_zf5.yaml --all-modes [--seeds 0 1]
-
-Data: ``data.root`` as a VOC-layout folder (object crops + background crops of the training images
-not held out, background = class K) or an image folder ``root/<class>/*.jpg``. Held-out crops come
-from the images the detector also holds out (``detector.engine.data``); never from the test split.
-Nothing is selected on them: training runs a fixed number of epochs and keeps the last one.
-
-Outputs in ``--out`` (default ``<output_dir>/pretrain``): ``classifier.pt`` (see
-``detector.classifier``; ``build_backbone(arch, weights=<it>)`` loads its trunk),
-``resolved_config.yaml``, ``metrics.json`` and ``log.txt``. A run whose ``classifier.pt`` was made
-under the same configuration and image ids is skipped; an interrupted run resumes after its last
-epoch (``resume.pt``).
-
-``--all-modes`` trains the four Table 2 rows (no SPP, single-size, multi-size, random-size) for each
-``--seeds`` value into ``<output_dir>/pretrain_modes/<mode>-s<seed>`` and writes the table into the
-``classifier`` section of BENCHMARKS.md (other sections are kept).
-"""
-from __future__ import annotations
-
-import argparse
-import dataclasses
+"""`sppnet classifier` as a script: the command lives in detector/commands/classifier.py (see --help)."""
 import sys
-from pathlib import Path
 
-from detector.cli import add_config_args, config_from_args, run_tool
-from detector.engine.pretrain import classifier_crops, pretrain_classifier, table2
-from detector.engine.run import setup_logging, setup_torch
-from detector.pretrain import MODES
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--mode", choices=MODES, help="overrides pretrain.mode")
-    p.add_argument("--out", type=Path, help="output folder (default <output_dir>/pretrain)")
-    p.add_argument("--all-modes", action="store_true", help="train all four modes and write the Table 2 section")
-    p.add_argument("--seeds", type=int, nargs="+", help="with --all-modes: pretrain.seed values (default: the config's)")
-    p.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"), help="file for the --all-modes table")
-    args = p.parse_args(argv)
-    argv_full = sys.argv if argv is None else ["tools/train_classifier.py", *argv]
-
-    def body() -> None:
-        cfg = config_from_args(args)
-        if args.mode:
-            cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, mode=args.mode))
-        out = args.out or Path(cfg.output_dir) / ("pretrain_modes" if args.all_modes else "pretrain")
-        setup_logging(out, "log.txt")
-        setup_torch(cfg)
-        if args.all_modes:
-            print(table2(cfg, out, args.seeds or [cfg.pretrain.seed], args.benchmarks or None,
-                         " ".join(["python", *argv_full])))
-        else:
-            m = pretrain_classifier(cfg, out, classifier_crops(cfg), argv_full)
-            print(f"classifier: {out / 'classifier.pt'} (held-out top-1 error {m[f'error_{max(cfg.pretrain.sizes)}']:.4f})")
-
-    return run_tool(body)
-
+from detector.commands.classifier import main
 
 if __name__ == "__main__":
     sys.exit(main())

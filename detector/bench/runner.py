@@ -52,7 +52,7 @@ def update_section(path: str | Path, name: str, body: str) -> None:
     path = Path(path)
     start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\nWritten by `tools/benchmark.py`; " \
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\nWritten by `sppnet benchmark`; " \
         "each section is rewritten by its own `--only NAME` run.\n"
     if start in text and end in text:
         a, b = text.index(start), text.index(end) + len(end)
@@ -63,13 +63,14 @@ def update_section(path: str | Path, name: str, body: str) -> None:
 
 
 def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
-                inputs: str | None = None) -> tuple[str, dict[str, float]]:
+                inputs: str | None = None, device: str = "cuda") -> tuple[str, dict[str, float]]:
     """Run one section (a name of :data:`SECTIONS` or :data:`GPU_SECTIONS`).
 
     Args:
         runs: timed runs per implementation (``spp``).
         voc_root: VOC 2007 folder whose trainval image sizes give the cache disk figure (``memory``).
         inputs: photos + proposals written by :func:`detector.bench.sections.save_inputs` (``gpu``).
+        device: the device of the ``gpu`` section ("cuda", "cuda:N"; "cpu" is a smoke run).
     Returns:
         ``(markdown, ratios)``.
     """
@@ -84,7 +85,7 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
     if name == "memory":
         return sections.section_memory(voc_root=voc_root)
     if name == "gpu":
-        return sections.section_gpu(inputs=inputs)
+        return sections.section_gpu(inputs=inputs, device=device)
     return getattr(sections, f"section_{name}")()
 
 
@@ -97,7 +98,8 @@ def run_benchmarks(
     write: bool = True,
     voc_root: str | None = None,
     inputs: str | None = None,
-    argv: Sequence[str] = ("tools/benchmark.py",),
+    device: str = "cuda",
+    argv: Sequence[str] = ("python", "tools/benchmark.py"),
 ) -> Iterator[str]:
     """Run sections in order; yield each one's ``name: value`` lines as it finishes.
 
@@ -108,19 +110,19 @@ def run_benchmarks(
 
     Args:
         names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`).
-        runs, voc_root, inputs: see :func:`run_section`.
+        runs, voc_root, inputs, device: see :func:`run_section`.
         threads: torch intra-op threads (0 = torch default).
-        argv: the command line, recorded in each block as ``python <argv>``.
+        argv: the command line, recorded in each block.
     """
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     info = machine_info()
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
-    command = ("THP_MEM_ALLOC_ENABLE=1 " if thp else "") + "python " + " ".join(argv)
+    command = ("THP_MEM_ALLOC_ENABLE=1 " if thp else "") + " ".join(argv)
     for name in names:
         log.info("section %s ...", name)
-        md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs)
+        md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device)
         for k, v in ratios.items():
             yield f"{k}: {v:.6g}"
         if write:

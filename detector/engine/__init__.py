@@ -3,14 +3,14 @@
     from detector.config import load_config
     from detector.engine import train, evaluate
 
-    cfg = load_config("configs/digits_zf5.yaml")
+    cfg = load_config("digits_zf5")     # a packaged config by name, or a path
     model_path = train(cfg)              # proposals -> pretrain -> cache -> finetune -> stats -> svm -> bbox -> model
     report = evaluate(cfg)               # proposals -> detect -> score; report.text() ends with "mAP: ..."
 
 Modules: :mod:`~detector.engine.run` (a run, stages, keys), :mod:`~detector.engine.data` (the split
 policy), :mod:`~detector.engine.proposals`, :mod:`~detector.engine.pretrain`,
-:mod:`~detector.engine.train`, :mod:`~detector.engine.evaluate`. Tools in ``tools/`` parse arguments
-and call one of these.
+:mod:`~detector.engine.train`, :mod:`~detector.engine.evaluate`. The commands (``detector.commands``,
+``sppnet train`` / ``sppnet test``) parse arguments and call one of these.
 """
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def classifier_crops(cfg: Config, data: TrainingData | None = None) -> CropData:
     size = max(pc.sizes)
     if not (root / "Annotations").is_dir():
         if not root.is_dir():
-            raise FileNotFoundError(f"data.root {root} does not exist (build the digits set with tools/make_dataset.py)")
+            raise FileNotFoundError(f"data.root {root} does not exist (the embedded digits set is built by "
+                                    f"`sppnet make-digits --out {root}`)")
         train, held = crops_from_folder(root, read_image, size, dc.classes or None, dc.val_fraction, pc.seed)
         return CropData(train, held, {"train": train.image_ids, "heldout": held.image_ids},
                         f"{dc.val_fraction:.0%} of each class folder of {root}", time.perf_counter() - t0)
