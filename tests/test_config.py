@@ -89,7 +89,8 @@ def test_merge_keys_and_repeated_overrides_are_allowed(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "key, choices",
-    [("backbone.arch", "'zf5', 'vgg16', 'resnet50'"),
+    [("data.format", "'voc', 'coco'"),
+     ("backbone.arch", "'zf5', 'vgg16', 'resnet50'"),
      ("proposals.method", "'selective_search', 'edge_boxes', 'file'"),
      ("proposals.mode", "'fast\\+', 'fast', 'quality'"),
      ("pretrain.mode", "'single', 'multi', 'random', 'nospp'"),
@@ -109,11 +110,13 @@ def test_choices_match_the_library():
 
     import proposals
     from detector import backbones, config, pretrain
+    from detector.data import splits
     from detector.detector import SCORES
 
     def choices(cls, name):
         return typing.get_args(typing.get_type_hints(cls)[name])
 
+    assert choices(config.DataConfig, "format") == splits.FORMATS
     assert choices(config.BackboneConfig, "arch") == backbones.ARCHS
     assert choices(config.ProposalConfig, "mode") == proposals.MODES
     assert set(choices(config.ProposalConfig, "method")) == {*proposals.METHODS, "file"}
