@@ -1,7 +1,9 @@
 """detector.data.coco: the COCO-json reader on tiny hand-written sets (every quirk handled as the VOC
-reader handles it), and the reader chosen by data.format."""
+reader handles it), the reader chosen by data.format, and COCO results that keep the user's ids."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -15,6 +17,7 @@ from detector.data.coco import CocoDataError, category_ids, discover_coco_classe
 from detector.data.records import DataError
 from detector.data.splits import load_split
 from detector.engine import data as engine_data
+from detector.eval.coco import coco_evaluate
 
 CATS = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 11, "name": "bird"}]
 
@@ -205,3 +208,44 @@ def test_format_picks_the_reader_everywhere(tmp_path: Path):
     assert load_split(root, "test", format="coco")[0][0].image_id == "d"
     with pytest.raises(DataError, match="ImageSets"):
         engine_data.training_data(load_config(None, [f"data.root={root}"]))  # the VOC reader on a COCO folder
+
+
+def test_results_keep_the_users_ids_and_score_against_their_file(tmp_path: Path):
+    """coco_dets.json of COCO data holds the json's own image and category ids: pycocotools scores it
+    against the user's annotation file and gets the project's COCO figure."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from detector.eval.jitter import jitter_detections
+
+    images = {f"im{i}.jpg": 100 + 7 * i for i in range(6)}
+    g = torch.Generator().manual_seed(0)
+    anns = []
+    for i, cid in enumerate(images.values()):
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+            x, y = (torch.rand(2, generator=g) * 40).tolist()
+            w, h = (10 + torch.rand(2, generator=g) * 30).tolist()
+            anns.append(ann(cid, [7, 3, 11][int(torch.randint(0, 3, (1,), generator=g))], [x, y, w, h],
+                            iscrowd=int(torch.rand(1, generator=g) < 0.15), area=w * h))
+    root = make_coco(tmp_path, images, anns, size=(90, 80))
+    classes = ("dog", "cat", "bird")
+    recs, _ = load_coco_split(root, "test", classes, raw_boxes=True)
+    dets = jitter_detections(recs, len(classes), noise=0.1, miss=0.1, dup=0.1, fp=1.0, generator=g)
+    out = tmp_path / "eval"
+    ours = coco_evaluate(recs, classes, dets, out_dir=out, category_ids=category_ids(root, "test", classes))
+    res = json.loads((out / "coco_dets.json").read_text())
+    assert {d["image_id"] for d in res} <= set(images.values()) and {d["category_id"] for d in res} <= {7, 3, 11}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(root / "annotations" / "instances_test.json"))  # the user's own file
+        ev = COCOeval(gt, gt.loadRes(str(out / "coco_dets.json")), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert 0.2 < ours["AP"] < 1
+    assert ev.stats[0] == pytest.approx(ours["AP"], abs=1e-12)
+    assert ev.stats[1] == pytest.approx(ours["AP50"], abs=1e-12)
+    # VOC data keeps today's numbering: image ids 1..N, category ids 1..K
+    voc_like = [r.__class__(**{**r.__dict__, "coco_id": None}) for r in recs]
+    coco_evaluate(voc_like, classes, dets, out_dir=tmp_path / "voc")
+    res = json.loads((tmp_path / "voc" / "coco_dets.json").read_text())
+    assert {d["image_id"] for d in res} <= set(range(1, 7)) and {d["category_id"] for d in res} <= {1, 2, 3}
