@@ -30,12 +30,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from detector.checkpoint import CheckpointError
     from detector.classifier import ClassifierCheckpointError
     from detector.data.digits_build import DatasetExistsError
-    from detector.data.voc import VOCDataError
+    from detector.data.records import DataError
     from detector.eval.comp4 import ResultsFileError
     from proposals.imageio import ImageError
     from proposals.store import ProposalFileError
 
-    return (ConfigError, VOCDataError, CheckpointError, ClassifierCheckpointError, WeightsError, ImageError,
+    return (ConfigError, DataError, CheckpointError, ClassifierCheckpointError, WeightsError, ImageError,
             ProposalFileError, ArtifactError, DatasetExistsError, ResultsFileError, FileNotFoundError)
 
 

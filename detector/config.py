@@ -132,7 +132,13 @@ Relation = tuple[str, Any, str, tuple[str, ...]]
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: Text = "data/digits"  # VOC-layout folder: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt
+    root: Text = "data/digits"  # the data set's folder, laid out as `format` says
+    # Layout of `root` (detector.data.splits.FORMATS): "voc" = Annotations/, JPEGImages/,
+    # ImageSets/Main/<split>.txt; "coco" = annotations/instances_<split>.json (every image it lists is
+    # in the split) with the images in <split>/, images/<split>/, images/ or root itself (the first
+    # that holds the file), as CVAT / Label Studio / Roboflow COCO exports write; crowd boxes count
+    # as VOC "difficult" (detector/data/coco.py).
+    format: Literal["voc", "coco"] = "voc"
     train_split: Text = "trainval"  # images used for training (fine-tuning, SVMs, box regression)
     # Held-out split for every model selection (never the test split; spec §6 selected on VOC07
     # test, we do not). "" = hold out `val_fraction` of the training split, chosen with `seed`.

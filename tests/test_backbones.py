@@ -3,6 +3,7 @@ field of every trunk, weight loading errors."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -213,3 +214,36 @@ def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch, tv_nets
     torch.save(sd, cached)
     got = build_backbone("resnet50", weights="imagenet")
     assert torch.equal(got.conv1.weight, src.conv1.weight)
+
+
+def test_imagenet_weights_through_torchvision_cache(tmp_path, monkeypatch):
+    """weights="imagenet" offline, through torchvision's own loading code: a random state dict of the
+    right shapes put where torchvision's weight cache looks ($TORCH_HOME/hub/checkpoints/<file name of
+    the weights URL>) is what torchvision's ``get_state_dict`` returns and what ``build_backbone``
+    loads (configs/custom.yaml's ImageNet block); without the file, the offline message says where
+    to put it."""
+    import os
+    import urllib.error
+
+    import torchvision
+
+    def offline(url, *a, **k):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # under torchvision's weights API
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    with pytest.raises(WeightsError, match=rf"offline.*copy it to {re.escape(str(cached))}"):
+        build_backbone("resnet50", weights="imagenet")
+    torch.manual_seed(0)
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v
+          for k, v in torchvision.models.resnet50().state_dict().items()}  # the full net's keys, fc and layer4 too
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, cached)
+    via_torchvision = weights.get_state_dict(progress=False)  # torchvision finds it offline
+    assert via_torchvision.keys() == sd.keys() and torch.equal(via_torchvision["conv1.weight"], sd["conv1.weight"])
+    net = build_backbone("resnet50", weights="imagenet")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, sd[k]), k

@@ -41,6 +41,8 @@ from detector import SPPDetector
 from detector.bench.random_model import random_detector
 from detector.cli import user_errors
 from detector.config import load_config
+from detector.data.coco import load_coco_split
+from detector.data.convert import voc_to_coco
 from detector.data.voc import load_voc_split
 from detector.eval.comp4 import read_comp4
 from detector.eval.score_files import score_comp4_files
@@ -73,7 +75,7 @@ class Case:
     """One bad input through one reader.
 
     Attributes:
-        kind: what is read ("image", "voc", "comp4", "proposals", "config", "checkpoint").
+        kind: what is read ("image", "voc", "coco", "comp4", "proposals", "config", "checkpoint").
         name: the input, and the reader after a colon.
         expect: "clear" or "handled".
         run: the call; a tool's call returns :class:`Tool`.
@@ -467,6 +469,93 @@ def _voc_cases(tmp: Path, good_ckpt: Path, tool) -> list[Case]:
     return cases
 
 
+def _coco_cases(tmp: Path, good_ckpt: Path, tool) -> list[Case]:
+    """The same problems in a COCO json data set (data.format: coco) through load_coco_split,
+    train_detector --stop-after proposals, test_net and convert --to voc."""
+    import json
+
+    base = tmp / "coco_base"
+    voc_to_coco(_voc(tmp / "voc_src"), [SPLIT], base, classes=CLASSES)
+    js = f"instances_{SPLIT}.json"
+
+    def edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
+        def mutate(root: Path) -> None:
+            p = root / "annotations" / js
+            d = json.loads(p.read_text())
+            change(d)
+            p.write_text(json.dumps(d))
+        return mutate
+
+    def ann2(d: dict) -> dict:  # img_002's annotation
+        return next(a for a in d["annotations"] if a["image_id"] == 2)
+
+    def dup_id(d: dict) -> None:
+        d["images"][2]["id"] = 1
+
+    def no_bbox(d: dict) -> None:
+        d["annotations"].append({**ann2(d), "id": 99, "bbox": [1, 2]})
+
+    def extra(d: dict, **kw) -> None:
+        d["annotations"].append({**ann2(d), "id": 99, **kw})
+
+    def no_size(d: dict) -> None:
+        del d["images"][1]["width"]
+
+    def no_crowd(d: dict) -> None:
+        del ann2(d)["iscrowd"]
+
+    mutations: dict[str, tuple[Callable[[Path], None], str, tuple, tuple, tuple]] = {
+        "broken json": (lambda r: (r / "annotations" / js).write_text('{"images": [{"id": 1, '), "clear", (js,), (), ()),
+        "missing image": (lambda r: (r / "images" / "img_003.jpg").unlink(), "clear", (js, "img_003.jpg"), (), ()),
+        "missing json": (lambda r: (r / "annotations" / js).unlink(), "clear", (js,), (), ()),
+        "duplicate image id": (edit(dup_id), "clear", (js, "listed more than once"), (), ()),
+        "no images": (edit(lambda d: d.update(images=[])), "clear", (js, "no images"), (), ()),
+        "bbox not four numbers": (edit(no_bbox), "handled", (js,), ("bbox", "skipped"), ("bbox", "skipped")),
+        "degenerate box": (edit(lambda d: extra(d, bbox=[30, 30, -10, 10])), "handled", (js,),
+                           ("degenerate", "skipped"), ("degenerate", "kept as annotated")),
+        "box outside the image": (edit(lambda d: extra(d, bbox=[40, 40, 50, 30])), "handled", (js,),
+                                  ("beyond", "clipped"), ("beyond", "kept as annotated")),
+        "undefined category": (edit(lambda d: extra(d, category_id=77)), "handled", (js, "category_id 77"),
+                               ("skipped",), ("skipped",)),
+        "missing width": (edit(no_size), "handled", (js, "width/height missing"), ("64x64",), ("64x64",)),
+        "missing iscrowd": (edit(no_crowd), "handled", (js, "iscrowd missing"), ("set to 0",), ("set to 0",)),
+    }
+    cases: list[Case] = []
+    for n, (what, (mutate, expect, names, says, says_raw)) in enumerate(mutations.items()):
+        root = tmp / f"coco_{n}"
+        shutil.copytree(base, root)
+        mutate(root)
+        cfg = tmp / f"coco_{n}.yaml"
+        cfg.write_text(CONFIG.format(out=tmp / f"coco_{n}_run", root=root, split=SPLIT)
+                       .replace("data: {", "data: {format: coco, "))
+
+        def lib(root=root):
+            records, _ = load_coco_split(root, SPLIT, CLASSES)
+            return records
+
+        def records_ok(records):  # the two untouched images keep their one object each
+            by_id = {r.image_id: r for r in records}
+            if [r.image_id for r in records] != list(IDS):
+                return f"records {[r.image_id for r in records]}"
+            bad = [i for i in ("img_001", "img_003") if len(by_id[i].boxes) != 1]
+            return f"objects lost from {bad}" if bad else None
+
+        cases.append(Case("coco", f"{what}: load_coco_split", expect, lib, names, says,
+                          check=records_ok if expect == "handled" else None))
+        cases.append(Case("coco", f"{what}: train_detector --stop-after proposals", expect,
+                          lambda cfg=cfg: tool("train_detector", ["--config", str(cfg), "--stop-after", "proposals"]),
+                          names, says))
+        cases.append(Case("coco", f"{what}: test_net", expect,
+                          lambda cfg=cfg: tool("test_net", ["--config", str(cfg), "--checkpoint", str(good_ckpt),
+                                                            "--time-proposals", "0"]),
+                          names, says_raw))
+        cases.append(Case("coco", f"{what}: convert --to voc", expect,
+                          lambda root=root, n=n: tool("convert", [str(root), str(tmp / f"coco_{n}_voc"), "--to", "voc",
+                                                                  "--splits", SPLIT, "--classes", *CLASSES]),
+                          names, says_raw))
+    return cases
+
+
 def _comp4_cases(tmp: Path, tool) -> list[Case]:
     root = _voc(tmp / "voc_comp4")
     f0 = f"comp4_det_{SPLIT}_class0.txt"
@@ -645,10 +734,11 @@ def test_bad_input_corpus(tmp_path, capsys, caplog, request):
     assert det.class_names == CLASSES
     good = det.save(tmp_path / "model.pt")
     tool = lambda name, argv: _tool_run(name, argv, capsys, caplog)  # noqa: E731
-    folders = {k: tmp_path / k for k in ("images", "voc", "comp4", "proposals", "config", "checkpoint")}
+    folders = {k: tmp_path / k for k in ("images", "voc", "coco", "comp4", "proposals", "config", "checkpoint")}
     for d in folders.values():
         d.mkdir()
     cases = (_image_cases(folders["images"], det) + _voc_cases(folders["voc"], good, tool)
+             + _coco_cases(folders["coco"], good, tool)
              + _comp4_cases(folders["comp4"], tool) + _proposal_cases(folders["proposals"], tool)
              + _config_cases(folders["config"], tool) + _checkpoint_cases(folders["checkpoint"], good, tool))
     outcomes = [_classify(c, capsys, caplog) for c in cases]

@@ -90,7 +90,8 @@ def test_merge_keys_and_repeated_overrides_are_allowed(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "key, choices",
-    [("backbone.arch", "'zf5', 'vgg16', 'resnet50'"),
+    [("data.format", "'voc', 'coco'"),
+     ("backbone.arch", "'zf5', 'vgg16', 'resnet50'"),
      ("proposals.method", "'selective_search', 'edge_boxes', 'file'"),
      ("proposals.mode", "'fast\\+', 'fast', 'quality'"),
      ("pretrain.mode", "'single', 'multi', 'random', 'nospp'"),
@@ -110,11 +111,13 @@ def test_choices_match_the_library():
 
     import proposals
     from detector import backbones, config, pretrain
+    from detector.data import splits
     from detector.detector import SCORES
 
     def choices(cls, name):
         return typing.get_args(typing.get_type_hints(cls)[name])
 
+    assert choices(config.DataConfig, "format") == splits.FORMATS
     assert choices(config.BackboneConfig, "arch") == backbones.ARCHS
     assert choices(config.ProposalConfig, "mode") == proposals.MODES
     assert set(choices(config.ProposalConfig, "method")) == {*proposals.METHODS, "file"}
@@ -415,3 +418,36 @@ def test_scientific_notation_reads_as_a_number(tmp_path):
     p.write_text("finetune:\n  lr: 1e-3\n  weight_decay: 5E-4\nsvm:\n  C: 1.5e+2\n")
     cfg = load_config(p, ["pretrain.lr=2e-3"])
     assert (cfg.finetune.lr, cfg.finetune.weight_decay, cfg.svm.C, cfg.pretrain.lr) == (1e-3, 5e-4, 150.0, 2e-3)
+
+
+def _custom_yaml(imagenet: bool) -> str:
+    """configs/custom.yaml as shipped, or with its from-scratch block replaced by the commented
+    ImageNet block, as its comments tell a user to do."""
+    out, block = [], None
+    for line in (REPO / "configs" / "custom.yaml").read_text().splitlines():
+        m = re.match(r"# (>>>|<<<) (from scratch|imagenet)", line)
+        if m:
+            block = m.group(2) if m.group(1) == ">>>" else None
+            continue
+        if imagenet and block == "from scratch":
+            continue
+        if imagenet and block == "imagenet" and re.match(r"# *\w+:( |$)", line):  # a commented YAML key
+            line = line[2:]
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_custom_config_is_neutral_and_its_imagenet_block_loads(tmp_path: Path):
+    """configs/custom.yaml: the spec's test settings, windows aimed at the pre-training crop size; the
+    commented ImageNet block, swapped in for the from-scratch one, is a valid config too."""
+    scratch = load_config(REPO / "configs" / "custom.yaml")
+    assert (scratch.test.nms, scratch.test.score) == (0.3, "svm") and scratch.data.format == "voc"
+    assert scratch.pretrain.enabled and scratch.backbone.weights == "none"
+    assert scratch.features.target_side == max(scratch.pretrain.sizes)
+    assert scratch.head.fc_dim == scratch.pretrain.fc_dim
+    p = tmp_path / "custom_imagenet.yaml"
+    p.write_text(_custom_yaml(imagenet=True))
+    net = load_config(p)
+    assert (net.backbone.arch, net.backbone.weights, net.pretrain.enabled) == ("resnet50", "imagenet", False)
+    assert net.features.target_side == 208 and net.finetune == scratch.finetune and net.test == scratch.test
+    assert load_config(p, ["backbone.arch=vgg16", "data.format=coco"]).backbone.arch == "vgg16"

@@ -57,7 +57,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("compare-rcnn", "compare_rcnn", "SPP-net vs R-CNN timing on a checkpoint or a random ZF-5",
             "compare_rcnn"),
     Command("export", "export", "export the detector after proposals (image + boxes -> detections)"),
-    Command("convert", "convert", "convert a data set between VOC and COCO-json layouts"),
+    Command("convert", "convert", "convert a data set between VOC and COCO-json layouts", "convert"),
     Command("jitter-comp4", "jitter_comp4", "comp4 files from jittered ground truth (to exercise `sppnet eval`)",
             "jitter_gt_comp4"),
 )

@@ -44,7 +44,6 @@ import logging
 import math
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +52,7 @@ from PIL import Image
 
 from detector.boxes import clip_boxes, valid_boxes_mask, voc_to_xyxy
 from detector.config import VOC_CLASSES
+from detector.data.records import DataError, ImageRecord
 
 __all__ = [
     "ImageRecord",
@@ -76,30 +76,8 @@ _KINDS = (
 )
 
 
-class VOCDataError(ValueError):
+class VOCDataError(DataError):
     """A VOC folder that cannot be read as asked (missing files, unreadable XML, bad split file)."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """Ground truth of one image.
-
-    Attributes:
-        image_id: the id as listed in the split file.
-        path: the image file.
-        height, width: image size in pixels.
-        boxes (Tensor[G, 4]): float32 xyxy, 0-based continuous pixels of the original image.
-        labels (Tensor[G] int64): ids into the ``class_names`` returned beside the records.
-        difficult (Tensor[G] bool): the VOC ``difficult`` flag.
-    """
-
-    image_id: str
-    path: Path
-    height: int
-    width: int
-    boxes: torch.Tensor
-    labels: torch.Tensor
-    difficult: torch.Tensor
 
 
 def _split_file(root: Path, split: str) -> Path:

@@ -39,7 +39,7 @@ from detector.checkpoint import CheckpointError
 from detector.config import Config
 from detector.data.voc import ImageRecord, VOCDataError
 from detector.detector import STAGES, SPPDetector
-from detector.engine.data import test_records, training_data
+from detector.engine.data import category_ids, test_records, training_data
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
 from detector.engine.run import Output, Run, Stage, peak_memory_mb
 from detector.eval import EvalResult, coco_evaluate, plot_pr_curves, write_comp4
@@ -291,7 +291,9 @@ def evaluate(
     detected = run.stage(DetectStage(det, ckpt, records, props, out, mode, timed, opts)).value
     if not run.dist.main:
         return None  # rank 0 scores and writes the report
-    report = score(det, records, props.value, detected, out, name, metric, mode, ckpt)
+    # COCO data: results keep the json's own category ids (and records their image ids)
+    cats = category_ids(cfg, (cfg.data.val_split or cfg.data.train_split) if held_out else name, det.class_names)
+    report = score(det, records, props.value, detected, out, name, metric, mode, ckpt, category_ids=cats)
     if compare_rcnn:
         from detector.bench.rcnn_compare import compare_rcnn as compare
         from detector.bench.rcnn_compare import format_comparison
@@ -328,14 +330,16 @@ def _records_and_proposals(cfg: Config, run: Run, det: SPPDetector, name: str, h
 
 
 def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detected: dict, out: Path, name: str,
-          metric: Literal["07", "area"], mode: str, checkpoint: Path) -> EvalReport:
+          metric: Literal["07", "area"], mode: str, checkpoint: Path,
+          category_ids: Sequence[int] | None = None) -> EvalReport:
     """Stage ``score``: comp4 files, VOC AP (devkit semantics), COCO AP, PR curves, timing and
-    ``eval.json`` of the detections of ``records``."""
+    ``eval.json`` of the detections of ``records``. ``category_ids``: the COCO data set's own id of
+    each class, kept in ``coco_dets.json`` (None: 1..K)."""
     dets = {r.image_id: detected["dets"][r.image_id] for r in records}
     class_names = det.class_names
     write_comp4(out / "results", name, class_names, dets)
     result = voc_evaluate(records, class_names, dets, metric=metric)
-    coco = coco_evaluate(records, class_names, dets, out_dir=out)
+    coco = coco_evaluate(records, class_names, dets, out_dir=out, category_ids=category_ids)
     plot_pr_curves(result, out / "pr_curves.png")
     per_image: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
     for r in records:

@@ -83,8 +83,9 @@ def _crop_records(cfg: Config, data: TrainingData) -> tuple[list, list, str]:
 def classifier_crops(cfg: Config, data: TrainingData | None = None) -> CropData:
     """Training and held-out crops of ``cfg.data`` with ``cfg.pretrain``'s sampling settings.
 
-    ``data.root`` is a VOC-layout folder (object crops and background crops, background = class K)
-    or an image folder ``root/<class>/*.jpg``.
+    ``data.root`` is a detection data set in ``data.format`` (VOC folder or COCO json: object crops
+    and background crops, background = class K) or, for format "voc" without ``Annotations/``, an
+    image folder ``root/<class>/*.jpg``.
 
     Raises:
         VOCDataError / FileNotFoundError / ValueError: data that cannot be read (named), or no
@@ -94,7 +95,7 @@ def classifier_crops(cfg: Config, data: TrainingData | None = None) -> CropData:
     dc, pc = cfg.data, cfg.pretrain
     root = Path(dc.root)
     size = max(pc.sizes)
-    if not (root / "Annotations").is_dir():
+    if dc.format == "voc" and not (root / "Annotations").is_dir():
         if not root.is_dir():
             raise FileNotFoundError(f"data.root {root} does not exist (the embedded digits set is built by "
                                     f"`sppnet make-digits --out {root}`)")
