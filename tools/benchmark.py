@@ -6,8 +6,9 @@ other section and any hand-written text untouched.
 
 Sections (``detector.bench.runner`` runs them and rewrites the blocks):
     spp               spp_pool vs one torchvision.ops.roi_pool call per level (detector/bench/spp.py)
-    rcnn, detect, selective_search, memory
-                      from detector/bench/sections.py
+    rcnn, detect, selective_search, memory, batch
+                      from detector/bench/sections.py (batch: detect_batch vs the per-image loop,
+                      images per second, proposals included)
     gpu               (only when named; needs CUDA) detection per image, R-CNN comparison and
                       spp_pool on the GPU: the same code with the model on "cuda"
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
-    p.add_argument("--runs", type=int, default=7, help="timed runs per implementation (spp section)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per implementation (spp section), per call (batch)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print the figures only")
