@@ -556,9 +556,10 @@ class SPPDetector(nn.Module):
                 given = None if proposals is None else proposals[i]
                 boxes = None if given is None else self._given_boxes(given, t.shape[1], t.shape[2], name)
                 items.append(_Item(name=name, size=(t.shape[1], t.shape[2]), float01=t, boxes=boxes))
-            workers = 1 if sum(item.boxes is None for item in items) > 1 else 0
+            # selective search here, one image at a time: a worker pool would need the caller's script to
+            # have a __main__ guard, which a torchvision-style call must not ask for (detect_batch has one)
             return [{k: v.to(t.device) for k, v in d.items()}
-                    for t, d in zip(images, self._run(items, None, batch_size=4, workers=workers))]
+                    for t, d in zip(images, self._run(items, None, batch_size=4, workers=0))]
 
     def compress_fc(self, rank: int) -> "SPPDetector":
         """Replace fc6/fc7 by truncated-SVD factors of the given rank (in place; 0 = keep); returns self."""
@@ -634,7 +635,19 @@ class _Item:
     def proposal_boxes(self, options: dict) -> torch.Tensor:
         """Tensor[R, 4] on the CPU: the given boxes, the pool's result, or selective search here."""
         if self.boxes is None:
-            arr = self.future.result() if self.future is not None else propose(self.rgb_uint8(), **options)
+            if self.future is None:
+                arr = propose(self.rgb_uint8(), **options)
+            else:
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    arr = self.future.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"{self.name}: the proposal worker process ended before it returned. Worker processes "
+                        "are spawned and import the calling script first: a script that calls detect_batch or "
+                        "iter_detect with workers > 0 needs its code under 'if __name__ == \"__main__\":' "
+                        "(or pass workers=0)") from e
             self.boxes = torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, 4)  # (R, 4)
         return self.boxes
 

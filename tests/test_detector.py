@@ -163,3 +163,24 @@ def test_detect_batch_argument_checks(det, photos):
         det.detect_batch(photos[:2], batch_size=0)
     with pytest.raises(ValueError, match="workers"):
         det.detect_batch(photos[:2], workers=-1)
+
+
+def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
+    """Spawned proposal workers import the calling script; one without a __main__ guard breaks the
+    pool, and the error says why and what to do instead of a bare BrokenProcessPool."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from detector.bench.random_model import random_detector\n"
+        "det = random_detector(width_mult=0.125, fc_dim=16, num_classes=2, scales=(96,))\n"
+        "ims = [np.full((64, 80, 3), v, np.uint8) for v in (60, 120, 180)]\n"
+        "det.detect_batch(ims, workers=1)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 0
+    assert "RuntimeError: <array>: the proposal worker process ended" in r.stderr
+    assert "__main__" in r.stderr.strip().splitlines()[-1]
