@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
@@ -53,6 +53,7 @@ __all__ = [
     "fit_bbox_regressor",
     "predict_one_class",
     "BoxRegressor",
+    "refine_boxes",
     "fit_box_regressors",
     "train_box_regressors",
 ]
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 _DEFAULT_MAX_DLOG = math.log(1000.0 / 16.0)
 
 
-def _width_height_centre(boxes: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _width_height_centre(boxes: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     w = (boxes[..., 2] - boxes[..., 0]).clamp(min=eps)
     h = (boxes[..., 3] - boxes[..., 1]).clamp(min=eps)
     return w, h, boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
@@ -88,7 +89,7 @@ def encode(proposals: Tensor, gt: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def decode(proposals: Tensor, deltas: Tensor, eps: float = 1e-6,
-           max_dlog: float | None = _DEFAULT_MAX_DLOG) -> Tensor:
+           max_dlog: Optional[float] = _DEFAULT_MAX_DLOG) -> Tensor:
     """Apply deltas to proposals; the inverse of :func:`encode`.
 
     Args:
@@ -100,10 +101,10 @@ def decode(proposals: Tensor, deltas: Tensor, eps: float = 1e-6,
         Tensor[R, 4] or Tensor[R, K, 4]: xyxy boxes (not clipped), dtype of ``deltas``.
     """
     if proposals.ndim != 2 or proposals.shape[-1] != 4:
-        raise ValueError(f"decode expects proposals [R, 4], got {tuple(proposals.shape)}")
-    if deltas.shape[0] != proposals.shape[0] or deltas.shape[-1] != 4 or deltas.ndim not in (2, 3):
+        raise ValueError(f"decode expects proposals [R, 4], got {list(proposals.shape)}")
+    if deltas.shape[0] != proposals.shape[0] or deltas.shape[-1] != 4 or not (deltas.ndim == 2 or deltas.ndim == 3):
         raise ValueError(f"decode expects deltas [R, 4] or [R, K, 4] with R={proposals.shape[0]}, got "
-                         f"{tuple(deltas.shape)}")
+                         f"{list(deltas.shape)}")
     proposals = proposals.to(deltas.dtype)
     pw, ph, px, py = _width_height_centre(proposals, eps)  # (R,) each
     if deltas.ndim == 3:
@@ -210,6 +211,26 @@ def predict_one_class(features: Tensor, beta: Tensor, mu: Tensor, T_inv: Tensor)
     return y @ T_inv + mu  # (R, 4)
 
 
+def refine_boxes(weight: Tensor, feature_scale: float, boxes: Tensor, pooled: Tensor, rows: Tensor,
+                 labels: Tensor) -> Tensor:
+    """:meth:`BoxRegressor.refine` as a free function of the packed weights (TorchScript compiles it:
+    the exported program of ``detector.export`` calls it).
+
+    Args:
+        weight (Tensor[D+1, 4K]): packed regressors, last row = bias; feature_scale: their pool5 scale.
+        boxes (Tensor[R, 4]), pooled (Tensor[R, D]), rows (Tensor[N] int64), labels (Tensor[N] int64):
+            as :meth:`BoxRegressor.refine`.
+    Returns:
+        Tensor[N, 4]: refined xyxy boxes (not clipped).
+    """
+    if rows.shape[0] == 0:
+        return boxes[rows]
+    uwin, inv = torch.unique(rows, return_inverse=True)  # (U,), (N,)
+    deltas = torch.addmm(weight[-1], pooled[uwin], weight[:-1], alpha=feature_scale)  # (U, 4K)
+    cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
+    return decode(boxes[rows], deltas[inv].gather(1, cols))  # (N, 4)
+
+
 class BoxRegressor(nn.Module):
     """All K class regressors packed into one matrix: the deltas of every class are one addmm.
 
@@ -248,12 +269,7 @@ class BoxRegressor(nn.Module):
         Returns:
             Tensor[N, 4]: refined xyxy boxes (not clipped).
         """
-        if rows.shape[0] == 0:
-            return boxes[rows]
-        uwin, inv = torch.unique(rows, return_inverse=True)  # (U,), (N,)
-        deltas = torch.addmm(self.weight[-1], pooled[uwin], self.weight[:-1], alpha=self.feature_scale)  # (U, 4K)
-        cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
-        return decode(boxes[rows], deltas[inv].gather(1, cols))  # (N, 4)
+        return refine_boxes(self.weight, self.feature_scale, boxes, pooled, rows, labels)
 
     @property
     def num_classes(self) -> int:

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from detector.bbox_reg import BoxRegressor
 from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
-from detector.pyramid import image_pyramid, resized_size
+from detector.pyramid import image_pyramid, preprocess, preprocess_float, pyramid_sizes, resized_size, trunk_pyramid
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.svm import LinearSVMs
 from proposals import propose
@@ -46,12 +46,13 @@ from proposals.imageio import (
 )
 from proposals.store import ProposalFileError
 
-__all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES"]
+__all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES", "CHANNEL_ORDERS"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("proposals", "conv", "pool", "fc", "svm", "bbox", "nms")
 SCORES = ("svm", "svm+softmax")
+CHANNEL_ORDERS = ("rgb", "bgr")  # of an array given to detect(); "bgr" is cv2.imread's
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,9 @@ class SPPDetector(nn.Module):
         self.svd_rank = 0  # the rank fc6/fc7 run at now (compress_fc)
         self.params = params  # checked by the setter
         self.last_timings: dict[str, float] = {}
+        # (image size, batch size, device, dtype, threads, scaled sizes) -> whether a batch through the
+        # trunk gives each image's own conv5 bits (see _trunk_pyramids)
+        self._batch_exact: dict[tuple, bool] = {}
         self.eval()
 
     # ------------------------------------------------------------------ settings
@@ -294,19 +298,132 @@ class SPPDetector(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
-    def _prepare_image(self, image: Any) -> tuple[np.ndarray, str]:
+    def _prepare_image(self, image: Any, channel_order: str = "rgb") -> tuple[np.ndarray, str]:
+        """One convenience input -> (uint8 RGB [H, W, 3], a name for messages)."""
         if isinstance(image, (str, Path)):
-            return read_image(image), str(image)
-        if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image: any mode, converted by PIL
+            img, name = read_image(image), str(image)
+        elif hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image: any mode, converted by PIL
             name = f"<PIL image, mode {image.mode}>"
             img = pil_to_rgb(image, name=name)
+        elif isinstance(image, torch.Tensor):
+            raise ImageError(f"<tensor of shape {tuple(image.shape)}>: detect() takes a path, a PIL image or an "
+                             "H x W x 3 uint8 array; call the model itself, model([tensor]), with CHW float "
+                             "tensors in [0, 1] (torchvision's input)")
         else:
             name = "<array>" if isinstance(image, np.ndarray) else f"<{type(image).__name__}>"
             img = to_rgb_uint8(image if isinstance(image, np.ndarray) else np.asarray(image), name=name)
-        h, w = img.shape[:2]
-        if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
-            raise ImageError(f"{name}: image is {w}x{h}; sides must be within [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px")
+            if channel_order == "bgr":  # cv2.imread order; grey is unchanged, BGRA lost its alpha above
+                img = np.ascontiguousarray(img[:, :, ::-1])  # (H, W, 3) RGB
+        _check_side(img.shape[0], img.shape[1], name)
         return img, name
+
+    def _given_boxes(self, proposals: Any, h: int, w: int, name: str) -> torch.Tensor:
+        """Caller's proposals -> Tensor[R, 4] on the CPU (shape and finiteness checked, unusable ones warned)."""
+        try:
+            boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
+        except ValueError as e:  # wrong shape, NaN/inf, not numbers: the caller's input, named
+            raise ProposalFileError(str(e)) from None
+        _warn_unusable(boxes, h, w, name)
+        if boxes.shape[0] == 0:
+            log.warning("%s: no proposals given (an empty [0, 4] set); no detections", name)
+        return boxes
+
+    def _trunk_pyramids(self, x: torch.Tensor, image_size: tuple[int, int]) -> list[Conv5Pyramid]:
+        """conv5 pyramids of N images of one size, the batch through the trunk together per scale.
+
+        PyTorch picks its CPU convolution kernel by input shape, batch size included (a 3x3 conv on
+        a small map of one image runs its native kernel, on a batch oneDNN's), and two kernels sum
+        in another order, so a batch can differ from the images' own passes in the last bit. The
+        first batch of each (image size, batch size, device, dtype, threads) is therefore checked
+        against its first image's own pass, and where they differ the images go one at a time, so
+        batching never changes a detection.
+
+        Args:
+            x (Tensor[N, 3, H, W]): trunk input (pre-processed), on the model's device.
+            image_size: (H, W) of the original images (the projection's reference).
+        Returns:
+            N pyramids, in order.
+        """
+        n, (h, w) = x.shape[0], image_size
+        sizes = pyramid_sizes(h, w, self.params.scales, self.params.max_size)
+        fmaps = trunk_pyramid(self.backbone, x, sizes)  # S x (N, C, Hs, Ws)
+        if n > 1:
+            key = (h, w, n, str(self.device), str(x.dtype), torch.get_num_threads(), tuple(sizes))
+            exact = self._batch_exact.get(key)
+            if exact is None:
+                first = trunk_pyramid(self.backbone, x[:1], sizes)  # S x (1, C, Hs, Ws)
+                exact = self._batch_exact[key] = all(torch.equal(f[:1], g) for f, g in zip(fmaps, first))
+                if not exact:
+                    log.info("trunk: a batch of %d images of %dx%d differs from single-image passes in the "
+                             "last bits (another conv kernel); running them one at a time", n, w, h)
+            if not exact:
+                per = [trunk_pyramid(self.backbone, x[i:i + 1], sizes) for i in range(n)]  # N x S x (1, C, Hs, Ws)
+                fmaps = [torch.cat([p[s] for p in per]) for s in range(len(sizes))]  # S x (N, C, Hs, Ws)
+        return [Conv5Pyramid(fmaps=[f[i] for f in fmaps], scaled_sizes=list(sizes), image_size=(h, w))
+                for i in range(n)]  # S x (C, Hs, Ws) each
+
+    def _score_windows(self, pyr: Conv5Pyramid, boxes: torch.Tensor,
+                       score_threshold: float | None) -> dict[str, torch.Tensor]:
+        """Windows of one image -> detections (on the model's device), timing each stage."""
+        boxes = boxes.to(self.device)
+        if boxes.shape[0] == 0:
+            return {k: v.to(self.device) for k, v in _empty_detections().items()}
+        with self._timed("pool"):
+            pooled = pool_regions(pyr, boxes, self.levels, self.proj)  # (R, D)
+        with self._timed("fc"):
+            feats = self.fc_features(pooled)  # (R, F)
+        with self._timed("svm"):
+            scores = self.svm_scores(feats)  # (R, K)
+        return self.postprocess(boxes, pooled, scores, pyr.image_size, score_threshold, timed=self._timed)
+
+    def _run(self, items: Iterable[_Item], score_threshold: float | None, batch_size: int,
+             workers: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The pipeline behind detect, detect_batch, iter_detect and forward: chunks of up to
+        ``batch_size`` images; the next chunk's proposals are computed in ``workers`` processes while
+        this chunk's conv5 pyramids (same-size images together) and windows are scored. Yields the
+        detections (on the model's device) in input order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = proposals in this process), got {workers}")
+        from collections import deque
+        from itertools import islice
+
+        self.last_timings = {s: 0.0 for s in STAGES}
+        it = iter(items)
+        pool = None
+        chunks: deque[list[_Item]] = deque()
+
+        def next_chunk() -> list[_Item]:
+            nonlocal pool
+            chunk = list(islice(it, batch_size))
+            for item in chunk:
+                if item.boxes is None and workers > 0:
+                    if pool is None:
+                        from proposals import start_proposal_pool
+
+                        pool = start_proposal_pool(workers)
+                    item.future = pool.submit(propose, item.rgb_uint8(), **self.params.proposal_options)
+            return chunk
+
+        try:
+            chunks.append(next_chunk())
+            while chunks[0]:
+                chunks.append(next_chunk())  # its proposals run while this chunk is scored
+                chunk = chunks.popleft()
+                pyramids: dict[int, Conv5Pyramid] = {}
+                with self._timed("conv"):
+                    for size in dict.fromkeys(item.size for item in chunk):  # same-size images together
+                        idx = [i for i, item in enumerate(chunk) if item.size == size]
+                        x = torch.stack([chunk[i].trunk_input(self) for i in idx])  # (N, 3, H, W)
+                        pyramids.update(zip(idx, self._trunk_pyramids(x, size)))
+                for i, item in enumerate(chunk):
+                    with self._timed("proposals"):
+                        boxes = item.proposal_boxes(self.params.proposal_options)  # (R, 4)
+                    yield self._score_windows(pyramids.pop(i), boxes, score_threshold)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     @torch.inference_mode()
     def detect(
@@ -314,14 +431,17 @@ class SPPDetector(nn.Module):
         image: Any,
         proposals: torch.Tensor | np.ndarray | None = None,
         score_threshold: float | None = None,
+        channel_order: str = "rgb",
     ) -> dict[str, torch.Tensor]:
         """Detect objects in one image.
 
         Args:
-            image: H x W x 3 uint8 RGB array, a PIL image of any mode (palette, CMYK, YCbCr, ...
-                are converted by PIL), or a file path (grayscale, RGBA and 16-bit images are
-                converted; see proposals.imageio). A bare ndarray is taken as RGB. Sides must be within
-                [32, 10000] px; an unreadable or out-of-range image raises ``ImageError`` naming it.
+            image: H x W x 3 uint8 array (RGB unless ``channel_order="bgr"``), a PIL image of any
+                mode (palette, CMYK, YCbCr, ... are converted by PIL), or a file path (grayscale,
+                RGBA and 16-bit images are converted; see proposals.imageio). A bare ndarray is taken
+                as RGB. Sides must be within [32, 10000] px; an unreadable or out-of-range image
+                raises ``ImageError`` naming it. For CHW float tensors call the model:
+                ``model([tensor])``.
             proposals (Tensor[R, 4] | None): xyxy boxes in original-image pixels; None = run
                 selective search on the image (the proposal time is then in ``last_timings``).
                 Boxes of another shape, or with NaN/inf, raise ``ProposalFileError`` naming the
@@ -330,55 +450,123 @@ class SPPDetector(nn.Module):
             score_threshold: keep detections scoring above this (default: ``params.score_thresh``;
                 SVM scores are margins, 0 is the decision boundary; with ``score ==
                 "svm+softmax"`` the class's log-probability is added).
+            channel_order: ``"rgb"`` (default) or ``"bgr"`` for an array in OpenCV's order
+                (``cv2.imread``), which is flipped to RGB. Paths and PIL images are decoded to RGB by
+                the library whatever this says.
         Returns:
             dict with ``boxes`` (float32 Tensor[N, 4], xyxy, 0-based continuous pixels of the
             original image), ``scores`` (float32 Tensor[N]) and ``labels`` (int64 Tensor[N],
             indices into ``class_names``), sorted by descending score, on the CPU.
         """
-        self.last_timings = {}
-        img, name = self._prepare_image(image)
-        h, w = img.shape[:2]
-        with self._timed("proposals"):
-            if proposals is None:
-                boxes = torch.from_numpy(
-                    np.asarray(propose(img, **self.params.proposal_options), dtype=np.float32)
-                ).reshape(-1, 4)
-            else:
-                try:
-                    boxes = as_boxes(proposals, f"{name}: proposals")  # (R, 4) on the CPU
-                except ValueError as e:  # wrong shape, NaN/inf, not numbers: the caller's input, named
-                    raise ProposalFileError(str(e)) from None
-                _warn_unusable(boxes, h, w, name)
-        boxes = boxes.to(self.device)
-        if boxes.shape[0] == 0:
-            if proposals is not None:
-                log.warning("%s: no proposals given (an empty [0, 4] set); no detections", name)
-            return _empty_detections()
-        with self._timed("conv"):
-            pyr = self.compute_pyramid(img)
-        with self._timed("pool"):
-            pooled = pool_regions(pyr, boxes, self.levels, self.proj)  # (R, D)
-        with self._timed("fc"):
-            feats = self.fc_features(pooled)  # (R, F)
-        with self._timed("svm"):
-            scores = self.svm_scores(feats)  # (R, K)
-        self.last_timings.update(bbox=0.0, nms=0.0)
-        dets = self.postprocess(boxes, pooled, scores, (h, w), score_threshold, timed=self._timed)
-        return {k: v.cpu() for k, v in dets.items()}
+        return self.detect_batch([image], None if proposals is None else [proposals], score_threshold,
+                                 channel_order=channel_order, workers=0)[0]
 
     def detect_batch(
         self,
         images: Sequence[Any],
         proposals: Sequence[torch.Tensor | np.ndarray | None] | None = None,
         score_threshold: float | None = None,
+        *,
+        channel_order: str = "rgb",
+        batch_size: int = 4,
+        workers: int = 1,
     ) -> list[dict[str, torch.Tensor]]:
-        """:meth:`detect` for many images; ``proposals`` is None or one entry per image."""
+        """:meth:`detect` for many images, with the same detections as calling it on each.
+
+        Images of one size go through the trunk together (up to ``batch_size`` at a time, at each
+        scale), and the proposals of the next ``batch_size`` images are computed in ``workers``
+        processes while the current ones are scored, so the throughput is bounded by the slower of
+        the two rather than their sum (tools/benchmark.py --only batch measures it).
+
+        Args:
+            images, score_threshold, channel_order: as :meth:`detect`, for each image.
+            proposals: None, or one entry per image (an entry None = selective search).
+            batch_size: images per chunk (memory grows with it: one conv1 map per image and scale).
+            workers: proposal processes; 0 = compute proposals here, one image at a time.
+        Returns:
+            one dict per image, as :meth:`detect`, on the CPU. ``last_timings`` holds each stage's
+            seconds summed over the images; ``proposals`` is the time spent waiting for them.
+        """
         if proposals is not None and len(proposals) != len(images):
             raise ValueError(f"proposals has {len(proposals)} entries for {len(images)} images")
-        return [
-            self.detect(im, None if proposals is None else proposals[i], score_threshold)
-            for i, im in enumerate(images)
-        ]
+        return [{k: v.cpu() for k, v in d.items()}
+                for d in self.iter_detect(images, proposals, score_threshold, channel_order=channel_order,
+                                          batch_size=batch_size, workers=workers if len(images) > 1 else 0)]
+
+    @torch.inference_mode()
+    def iter_detect(
+        self,
+        images: Iterable[Any],
+        proposals: Iterable[torch.Tensor | np.ndarray | None] | None = None,
+        score_threshold: float | None = None,
+        *,
+        channel_order: str = "rgb",
+        batch_size: int = 4,
+        workers: int = 1,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`detect_batch` as a generator over any iterable (a folder of any length): reads
+        ``batch_size`` images ahead and yields each image's detections (on the model's device) in
+        order."""
+        if channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {', '.join(map(repr, CHANNEL_ORDERS))}, "
+                             f"got {channel_order!r}")
+        props = iter(proposals) if proposals is not None else None
+
+        def items() -> Iterator[_Item]:
+            for image in images:
+                img, name = self._prepare_image(image, channel_order)
+                given = next(props, None) if props is not None else None
+                boxes = None if given is None else self._given_boxes(given, img.shape[0], img.shape[1], name)
+                yield _Item(name=name, size=(img.shape[0], img.shape[1]), uint8=img, boxes=boxes)
+
+        yield from self._run(items(), score_threshold, batch_size, workers)
+
+    def forward(
+        self,
+        images: list[torch.Tensor],
+        proposals: list[torch.Tensor] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detect objects in a list of images, as torchvision detection models are called.
+
+        ``model([t])`` gives the same detections as ``model.detect(a)`` for ``t`` the CHW float
+        version of the uint8 array ``a`` (``torch.from_numpy(a).permute(2, 0, 1).float() / 255``): the
+        trunk sees the same numbers (:func:`detector.pyramid.preprocess_float`) and selective search
+        runs on ``round(t * 255)``.
+
+        Args:
+            images: list of Tensor[3, H, W] float, RGB in [0, 1], on any device (moved to the
+                model's for the computation). Sides within [32, 10000] px.
+            proposals: None (selective search on each image, in the model's ``proposal_options``), or
+                one Tensor[R, 4] xyxy per image (an entry None = selective search).
+        Returns:
+            one dict per image with ``boxes`` (float32 [N, 4], xyxy pixels), ``scores`` (float32
+            [N]) and ``labels`` (int64 [N], into ``class_names``), by descending score, on that
+            image's device. The model's test threshold (``params.score_thresh``) applies.
+        Raises:
+            ImageError: an image that is not a [3, H, W] float tensor in [0, 1] of a usable size.
+            RuntimeError: the model is in training mode (it is trained stage by stage by
+                ``detector.engine.train``; call ``model.eval()``).
+        """
+        if self.training:
+            raise RuntimeError("SPPDetector has no training forward (it is trained stage by stage by "
+                               "detector.engine.train); call model.eval() before model(images)")
+        if not isinstance(images, (list, tuple)):
+            raise ImageError(f"model(images): images must be a list of Tensor[3, H, W], got {type(images).__name__}")
+        if proposals is not None and len(proposals) != len(images):
+            raise ValueError(f"proposals has {len(proposals)} entries for {len(images)} images")
+        with torch.inference_mode():
+            items = []
+            for i, t in enumerate(images):
+                name = f"images[{i}]"
+                _check_float_image(t, name)
+                _check_side(t.shape[1], t.shape[2], name)
+                given = None if proposals is None else proposals[i]
+                boxes = None if given is None else self._given_boxes(given, t.shape[1], t.shape[2], name)
+                items.append(_Item(name=name, size=(t.shape[1], t.shape[2]), float01=t, boxes=boxes))
+            # selective search here, one image at a time: a worker pool would need the caller's script to
+            # have a __main__ guard, which a torchvision-style call must not ask for (detect_batch has one)
+            return [{k: v.to(t.device) for k, v in d.items()}
+                    for t, d in zip(images, self._run(items, None, batch_size=4, workers=0))]
 
     def compress_fc(self, rank: int) -> "SPPDetector":
         """Replace fc6/fc7 by truncated-SVD factors of the given rank (in place; 0 = keep); returns self."""
@@ -423,6 +611,71 @@ class SPPDetector(nn.Module):
         if scales:
             det.params = dataclasses.replace(det.params, scales=tuple(scales))
         return det.compress_fc(det.params.svd_rank if svd_rank is None else int(svd_rank))
+
+
+@dataclass
+class _Item:
+    """One image on its way through :meth:`SPPDetector._run`: the uint8 RGB array (detect) or the
+    float CHW tensor (forward), and its proposals once known."""
+
+    name: str
+    size: tuple[int, int]  # (H, W)
+    uint8: np.ndarray | None = None  # [H, W, 3] RGB
+    float01: torch.Tensor | None = None  # [3, H, W] RGB in [0, 1]
+    boxes: torch.Tensor | None = None  # [R, 4] xyxy, CPU
+    future: Any = None  # a pending proposal job
+
+    def rgb_uint8(self) -> np.ndarray:
+        """The image as uint8 [H, W, 3] RGB (selective search's input): ``round(t * 255)`` of a tensor."""
+        if self.uint8 is None:
+            t = self.float01.detach().to(torch.float32)
+            self.uint8 = (t * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+        return self.uint8
+
+    def trunk_input(self, det: SPPDetector) -> torch.Tensor:
+        """The trunk's input Tensor[3, H, W] on the model's device (equal for t = uint8 / 255)."""
+        fmt = det.backbone.input_format
+        if self.float01 is not None:
+            return preprocess_float(self.float01.to(det.device, torch.float32), fmt)  # (3, H, W)
+        return preprocess(self.uint8, fmt).to(det.device)  # (3, H, W)
+
+    def proposal_boxes(self, options: dict) -> torch.Tensor:
+        """Tensor[R, 4] on the CPU: the given boxes, the pool's result, or selective search here."""
+        if self.boxes is None:
+            if self.future is None:
+                arr = propose(self.rgb_uint8(), **options)
+            else:
+                from concurrent.futures.process import BrokenProcessPool
+
+                try:
+                    arr = self.future.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"{self.name}: the proposal worker process ended before it returned. Worker processes "
+                        "are spawned and import the calling script first: a script that calls detect_batch or "
+                        "iter_detect with workers > 0 needs its code under 'if __name__ == \"__main__\":' "
+                        "(or pass workers=0)") from e
+            self.boxes = torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, 4)  # (R, 4)
+        return self.boxes
+
+
+def _check_side(h: int, w: int, name: str) -> None:
+    if min(h, w) < MIN_IMAGE_SIDE or max(h, w) > MAX_IMAGE_SIDE:
+        raise ImageError(f"{name}: image is {w}x{h}; sides must be within [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px")
+
+
+def _check_float_image(t: Any, name: str) -> None:
+    """A torchvision-style input: Tensor[3, H, W] float, RGB in [0, 1] (finite)."""
+    if not isinstance(t, torch.Tensor):
+        raise ImageError(f"{name}: expected a Tensor[3, H, W] float in [0, 1], got {type(t).__name__}")
+    if t.ndim != 3 or t.shape[0] != 3 or not t.is_floating_point():
+        raise ImageError(f"{name}: expected a Tensor[3, H, W] float in [0, 1] (RGB, channels first), got "
+                         f"{t.dtype} of shape {tuple(t.shape)}")
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.01 or hi > 1.01:
+        raise ImageError(f"{name}: pixel values must be finite and in [0, 1], got range [{lo:g}, {hi:g}] "
+                         f"(divide 0..255 values by 255 first)")
 
 
 def _warn_unusable(boxes: torch.Tensor, h: int, w: int, name: str) -> None:

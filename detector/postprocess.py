@@ -18,17 +18,21 @@ spec's +1 IoU on the inclusive boxes, with no deviation. (Regressed boxes are fr
 conventions; the identity holds for them too.) torchvision also suppresses IoU strictly greater
 than the threshold, as the spec does.
 
+TorchScript: every function here compiles with ``torch.jit.script`` (typed lists, no numpy), so the
+exported program (``detector.export``) runs this very code after the windows are scored.
+
 Ties: with exactly equal scores torchvision's CPU and CUDA kernels may keep different boxes
 (vision#2157); SVM scores are continuous, so this does not arise in practice.
 """
 from __future__ import annotations
+
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 from torchvision.ops import nms as _tv_nms
 
-from detector.boxes import clip_boxes
 
 __all__ = ["nms", "nms_per_label", "nms_top_per_label", "detections_from_scores", "topk_per_class"]
 
@@ -43,8 +47,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3) -> Tensor:
     Returns:
         Tensor[N'] int64: indices of kept boxes, by decreasing score.
     """
-    if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != (boxes.shape[0],):
-        raise ValueError(f"nms expects boxes [N, 4] and scores [N], got {tuple(boxes.shape)}, {tuple(scores.shape)}")
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.ndim != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"nms expects boxes [N, 4] and scores [N], got {list(boxes.shape)}, {list(scores.shape)}")
     return _tv_nms(boxes.float(), scores.float(), float(iou_threshold))
 
 
@@ -76,8 +80,10 @@ def nms_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: 
         return batched_nms(boxes, scores, labels, iou_threshold)
     order = torch.argsort(labels, stable=True)  # (M,) labels grouped
     b, s = boxes[order], scores[order]
-    keeps, start = [], 0
-    for n in torch.bincount(labels).tolist():  # one entry per label value
+    keeps: List[Tensor] = []
+    start = 0
+    counts: List[int] = torch.bincount(labels).tolist()  # one entry per label value
+    for n in counts:
         if n:
             keeps.append(_tv_nms(b[start:start + n], s[start:start + n], iou_threshold) + start)
             start += n
@@ -119,7 +125,7 @@ def topk_per_class(labels: Tensor, k: int) -> Tensor:
 
 
 def nms_top_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, k: int,
-                      first: int | None = None) -> Tensor:
+                      first: Optional[int] = None) -> Tensor:
     """Per-label greedy NMS that settles each label's ``k`` best kept boxes from few candidates.
 
     Greedy NMS decides a box's fate from higher-scored boxes only, so NMS on a label's ``m``
@@ -144,7 +150,7 @@ def nms_top_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresho
         Tensor[M'] int64: indices of kept boxes by decreasing score: the ``k`` best kept boxes of
         every label (all of them for a label that keeps fewer), possibly more.
     """
-    m = int(first or 8 * k)
+    m = 8 * k if first is None else int(first)
     if boxes.shape[0] <= m or k <= 0:
         return nms_per_label(boxes, scores, labels, iou_threshold)
     n_lab = int(labels.max()) + 1
@@ -153,7 +159,7 @@ def nms_top_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresho
     rank[order] = _rank_in_order(labels[order])  # (M,) rank by score within the label
     count = torch.bincount(labels, minlength=n_lab)  # (L,)
     pending = torch.ones(n_lab, dtype=torch.bool, device=labels.device)  # (L,)
-    keeps = []
+    keeps: List[Tensor] = []
     while True:
         idx = torch.nonzero(pending[labels] & (rank < m)).squeeze(1)  # (m',)
         kept = idx[nms_per_label(boxes[idx], scores[idx], labels[idx], iou_threshold)]
@@ -168,15 +174,22 @@ def nms_top_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresho
     return keep[torch.argsort(scores[keep], descending=True, stable=True)]
 
 
+def _clip(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``detector.boxes.clip_boxes`` for Tensor[M, 4] (the same clamps), in TorchScript's subset."""
+    x = boxes[:, 0::2].clamp(0, width)  # (M, 2)
+    y = boxes[:, 1::2].clamp(0, height)  # (M, 2)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)  # (M, 4)
+
+
 def detections_from_scores(
     boxes: Tensor,
     scores: Tensor,
     score_thresh: float,
     nms_thresh: float,
     max_per_class: int,
-    image_size: tuple[int, int] | None = None,
+    image_size: Optional[List[int]] = None,
     return_indices: bool = False,
-) -> dict[str, Tensor]:
+) -> Dict[str, Tensor]:
     """Per-class detections of one image.
 
     Args:
@@ -195,20 +208,20 @@ def detections_from_scores(
         ``labels`` (Tensor[N] int64, in [0, K)), sorted by decreasing score.
     """
     if scores.ndim != 2:
-        raise ValueError(f"detections_from_scores expects scores [R, K], got {tuple(scores.shape)}")
-    r, k = scores.shape
-    if not (boxes.shape == (r, 4) or boxes.shape == (r, k, 4)):
+        raise ValueError(f"detections_from_scores expects scores [R, K], got {list(scores.shape)}")
+    r, k = scores.shape[0], scores.shape[1]
+    if not (list(boxes.shape) == [r, 4] or list(boxes.shape) == [r, k, 4]):
         raise ValueError(f"detections_from_scores expects boxes [R, 4] or [R, K, 4] with R={r}, K={k}, got "
-                         f"{tuple(boxes.shape)}")
+                         f"{list(boxes.shape)}")
     mask = scores > score_thresh  # (R, K)
-    win, lab = torch.nonzero(mask, as_tuple=True)  # (M,), (M,)
+    nz = torch.nonzero(mask)  # (M, 2) row-major: window, then class
+    win, lab = nz[:, 0], nz[:, 1]  # (M,), (M,)
     cand_scores = scores[win, lab].float()  # (M,)
     cand_boxes = (boxes[win] if boxes.ndim == 2 else boxes[win, lab]).float()  # (M, 4)
     if image_size is not None:
-        cand_boxes = clip_boxes(cand_boxes, image_size[0], image_size[1])
+        cand_boxes = _clip(cand_boxes, image_size[0], image_size[1])
         ok = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])  # (M,)
-        if not bool(ok.all()):
-            win, lab, cand_scores, cand_boxes = win[ok], lab[ok], cand_scores[ok], cand_boxes[ok]
+        win, lab, cand_scores, cand_boxes = win[ok], lab[ok], cand_scores[ok], cand_boxes[ok]
     if max_per_class > 0:
         keep = nms_top_per_label(cand_boxes, cand_scores, lab, float(nms_thresh), max_per_class)
         keep = keep[topk_per_class(lab[keep], max_per_class)]  # (N,) by decreasing score

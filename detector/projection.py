@@ -9,6 +9,10 @@ xyxy (``detector.boxes``). Pixel ``i`` (0-based) covers ``[i, i + 1)``, so the V
 ``x2_voc = x2``; in 0-based pixel *indices* the first covered pixel is ``x1`` and the last is
 ``x2 - 1``. Every formula below is the spec's, rewritten with those substitutions (derivation in
 :func:`project_boxes`); ``windows`` come out as int64 inclusive 0-based conv5 cells.
+
+The public functions check their arguments and call :func:`scale_choice` / :func:`project_windows`,
+the arithmetic alone in TorchScript's subset, which the exported program (``detector.export``)
+calls too.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["select_scales", "project_boxes"]
+__all__ = ["select_scales", "project_boxes", "scale_choice", "project_windows"]
 
 
 
@@ -73,10 +77,24 @@ def select_scales(boxes: Tensor, image_size: tuple[int, int], scale_sizes: Seque
     """
     b = _check_boxes(boxes, "select_scales")
     sizes = _scale_tensor(scale_sizes, "select_scales")
-    s_min = float(min(image_size))
-    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (R,)
+    return scale_choice(b, float(min(image_size)), sizes, float(target_side))
+
+
+def scale_choice(boxes: Tensor, s_min: float, sizes: Tensor, target_side: float) -> Tensor:
+    """The arithmetic of :func:`select_scales` on checked inputs.
+
+    Args:
+        boxes (Tensor[R, 4] float64): xyxy, original-image pixels.
+        s_min: the original image's shorter side.
+        sizes (Tensor[S] float64): resized shorter side of each scale.
+        target_side: px.
+    Returns:
+        Tensor[R] int64: index into ``sizes``.
+    """
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)  # (R,)
     s_star = torch.floor(target_side * s_min / area.sqrt() + 0.5)  # (R,) inf for empty boxes
-    s_star = torch.nan_to_num(s_star, posinf=float(sizes.max()) * 2)
+    # +inf -> twice the largest scale (no host read of the value, so torch.export can trace it)
+    s_star = torch.nan_to_num(torch.where(torch.isposinf(s_star), sizes.max() * 2, s_star))
     return _nearest(sizes, s_star)
 
 
@@ -123,16 +141,31 @@ def project_boxes(boxes: Tensor, image_size: tuple[int, int], scaled_size: tuple
     if short <= 0 or short_s <= 0:
         raise ValueError(f"project_boxes: image sizes must be positive, got {tuple(image_size)} -> "
                          f"{tuple(scaled_size)}")
+    return project_windows(b, short, short_s, h5, w5, int(stride), float(offset0), float(shrink))
+
+
+def project_windows(boxes: Tensor, short: float, short_s: float, h5: int, w5: int, stride: int, offset0: float,
+                    shrink: float) -> Tensor:
+    """The arithmetic of :func:`project_boxes` on checked inputs.
+
+    Args:
+        boxes (Tensor[R, 4] float64): xyxy, original-image pixels.
+        short, short_s: shorter side of the original and of the resized image.
+        h5, w5: conv5 map size at this scale.
+        stride, offset0, shrink: as :func:`project_boxes`.
+    Returns:
+        Tensor[R, 4] int64: inclusive 0-based conv5 windows.
+    """
     r = (short_s - 1.0) / (short - 1.0) if short > 1 else short_s / short
-    first = b[:, :2] * r  # (R, 2) scaled 0-based index of the first covered pixel (x, y)
-    last = (b[:, 2:] - 1.0) * r  # (R, 2) scaled 0-based index of the last covered pixel
+    first = boxes[:, :2] * r  # (R, 2) scaled 0-based index of the first covered pixel (x, y)
+    last = (boxes[:, 2:] - 1.0) * r  # (R, 2) scaled 0-based index of the last covered pixel
     lo = torch.floor((first - offset0 + shrink) / stride + 0.5)  # (R, 2)
     hi = torch.ceil((last - offset0 - shrink) / stride - 0.5)  # (R, 2)
     mid = torch.trunc((lo + hi + 2.0) / 2.0) - 1.0  # (R, 2) spec midpoint in 1-based, shifted back
     empty = lo > hi
     lo = torch.where(empty, mid, lo)
     hi = torch.where(empty, mid, hi)
-    limit = torch.tensor([w5 - 1, h5 - 1], dtype=torch.float64)
+    limit = torch.tensor([w5 - 1, h5 - 1], dtype=torch.float64, device=boxes.device)
     lo = torch.minimum(lo.clamp(min=0), limit)
     hi = torch.minimum(hi.clamp(min=0), limit)
     return torch.cat([lo, hi], dim=1).to(torch.int64)  # (R, 4) x1, y1, x2, y2

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["preprocess", "resized_size", "pyramid_sizes", "image_pyramid", "INPUT_FORMATS",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["preprocess", "preprocess_float", "resized_size", "pyramid_sizes", "image_pyramid", "trunk_pyramid",
+           "INPUT_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 INPUT_FORMATS = ("bgr255_mean128", "rgb_imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet weights (RGB, 0..1)
@@ -61,6 +61,32 @@ def preprocess(image: np.ndarray, input_format: str) -> Tensor:
         return (x / 255.0 - mean) / std  # (3, H, W) RGB
     raise ValueError(f"preprocess: unknown input_format {input_format!r}; expected one of "
                      f"{', '.join(INPUT_FORMATS)}")
+
+
+def preprocess_float(images: Tensor, input_format: str) -> Tensor:
+    """Float RGB images in [0, 1] (torchvision's detection input) -> the trunk's float input.
+
+    For ``images = uint8 / 255`` (float32) the result equals :func:`preprocess` of the uint8 image
+    bit for bit: ``fl(fl(k / 255) * 255) == k`` for every k in 0..255 in float32
+    (tests/test_pyramid.py checks all 256 values in both formats), so ``model([tensor])`` and
+    ``detect(array)`` feed the trunk the same numbers.
+
+    Args:
+        images (Tensor[..., 3, H, W] float): RGB in [0, 1], any device.
+        input_format: as :func:`preprocess`.
+    Returns:
+        Tensor[..., 3, H, W]: same dtype and device.
+    """
+    # the constants are written out (TorchScript compiles this function and cannot read module
+    # globals); tests/test_pyramid.py pins them to ZF_MEAN, IMAGENET_MEAN and IMAGENET_STD
+    if input_format == "bgr255_mean128":
+        return (images * 255.0).flip(-3) - 128.0  # (..., 3, H, W) BGR
+    if input_format == "rgb_imagenet":
+        mean = torch.tensor([0.485, 0.456, 0.406], dtype=images.dtype, device=images.device).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], dtype=images.dtype, device=images.device).view(3, 1, 1)
+        return (images - mean) / std  # (..., 3, H, W) RGB
+    raise ValueError("preprocess_float: unknown input_format '" + input_format + "'; expected one of "
+                     "bgr255_mean128, rgb_imagenet")
 
 
 def _round_half_up(x: float) -> int:
@@ -117,13 +143,34 @@ def image_pyramid(backbone: nn.Module, image: np.ndarray, scales: Sequence[int],
         raise ValueError("image_pyramid: scales is empty")
     x = preprocess(image, backbone.input_format)  # (3, H, W)
     h, w = x.shape[1:]
+    return trunk_pyramid(backbone, x.unsqueeze(0), pyramid_sizes(h, w, scales, max_size), device)
+
+
+def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]],
+                  device: str | torch.device | None = None) -> list[Tensor]:
+    """conv5 maps of N pre-processed images of one size at every resized size, one forward pass of
+    the batch per size, no gradients.
+
+    Args:
+        backbone: the trunk (call ``.eval()`` first for trunks with BatchNorm).
+        x (Tensor[N, 3, H, W]): the trunk's input (:func:`preprocess` / :func:`preprocess_float`).
+        sizes: (h_s, w_s) per scale (:func:`pyramid_sizes`); a size equal to (H, W) is not resized.
+        device: where the passes run (default: x's device).
+    Returns:
+        list of S Tensor[N, C, Hs, Ws] (the backbone's dtype), in ``sizes`` order. Each image's maps
+        equal its own N = 1 pass wherever the convolution kernels PyTorch picks do not depend on N
+        (``SPPDetector`` checks that before it batches).
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"trunk_pyramid: x must be Tensor[N, 3, H, W], got {tuple(x.shape)}")
+    h, w = x.shape[2:]
     param = next(backbone.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
-    x = x.to(device=device, dtype=dtype).unsqueeze(0)  # (1, 3, H, W)
+    x = x.to(device=device or x.device, dtype=dtype)  # (N, 3, H, W)
     out = []
     with torch.no_grad():
-        for hs, ws in pyramid_sizes(h, w, scales, max_size):
+        for hs, ws in sizes:
             xs = x if (hs, ws) == (h, w) else F.interpolate(
-                x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)  # (1, 3, hs, ws)
-            out.append(backbone(xs))  # (1, C, Hs, Ws)
+                x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)  # (N, 3, hs, ws)
+            out.append(backbone(xs))  # (N, C, Hs, Ws)
     return out

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_pool
 
 from detector.spp_kernel import SparseTableSPP, free_spp_workspace, level_plan, spp_bins
 
@@ -157,10 +158,9 @@ def spp_pool_roi_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1,
     return _roi_pool_levels(fmap, windows, levels)
 
 
-def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:
-    """roi_pool per level + cat, on inputs already checked. -> Tensor[R, C * sum(n*n)]."""
-    from torchvision.ops import roi_pool
-
+def _roi_pool_levels(fmap: Tensor, windows: Tensor, levels: List[int]) -> Tensor:
+    """roi_pool per level + cat, on inputs already checked. -> Tensor[R, C * sum(n*n)]. TorchScript
+    compiles it (the exported program of ``detector.export`` pools with it)."""
     boxes = [windows.to(device=fmap.device, dtype=fmap.dtype)]
     x = fmap.unsqueeze(0)  # (1, C, H, W)
     pooled = [roi_pool(x, boxes, output_size=(n, n), spatial_scale=1.0).flatten(1)  # (R, C*n*n)

@@ -37,7 +37,7 @@ from proposals.imageio import ImageError, decode_image
 from proposals.selective_search import propose
 from proposals.store import ProposalFileError, read_npz, read_npz_meta, save_proposals
 
-__all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key"]
+__all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key", "start_proposal_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one core per process; the pool provides the parallelism
+
+
+def start_proposal_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes, each limited to one OpenCV thread, for
+    :func:`proposals.propose` calls (the caller shuts it down). Spawned, not forked: safe with the
+    torch and OpenCV threads of the parent. A worker imports numpy and OpenCV only, never torch.
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
 
 
 def _run_chunk(task: tuple) -> tuple[int, dict[str, np.ndarray], list[str]]:
@@ -97,8 +105,7 @@ def _run_shards(todo: list[tuple], workers: int) -> Iterator[tuple[int, dict[str
                 log.warning(msg)
             yield n, data
         return
-    ctx = mp.get_context("spawn")  # safe with torch/OpenCV threads in the parent
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with start_proposal_pool(workers) as pool:
         futures = [pool.submit(_run_chunk, task) for task in todo]
         try:
             for fut in as_completed(futures):

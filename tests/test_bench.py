@@ -127,3 +127,13 @@ def test_compare_rcnn_tool_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a bad argument is argparse's error
         main(["--random-zf5", "-n", "0"])
     assert e.value.code == 2 and "-n must be >= 1" in capsys.readouterr().err
+
+
+def test_section_batch_small():
+    """The batch section on a tiny model: both calls timed, the same detections, figures named."""
+    from detector.bench.sections import section_batch
+
+    md, ratios = section_batch(n_images=2, runs=1, threads=1, batch_size=2, workers=0, width_mult=0.125, fc_dim=16,
+                               size=(96, 128))
+    assert ratios["batch_equals_loop"] == 1.0 and ratios["loop_images_per_s"] > 0
+    assert "Same detections in every run: yes" in md and "| loop: `[det.detect(im) for im in images]` |" in md

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from detector.backbones import build_backbone, conv5_size
-from detector.pyramid import image_pyramid, preprocess, pyramid_sizes, resized_size
+from detector.pyramid import (IMAGENET_MEAN, IMAGENET_STD, ZF_MEAN, image_pyramid, preprocess, preprocess_float,
+                              pyramid_sizes, resized_size, trunk_pyramid)
 
 
 def test_preprocess_zf5_bgr_mean128():
@@ -77,3 +78,36 @@ def test_resize_is_bilinear_without_antialias_like_opencv():
         ref = cv2.resize(im.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         ref = torch.from_numpy(ref[:, :, ::-1].copy()).permute(2, 0, 1) - 128  # BGR, mean 128
         torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["bgr255_mean128", "rgb_imagenet"])
+def test_preprocess_float_equals_uint8_path_bit_for_bit(fmt):
+    """model([uint8 / 255]) and detect(uint8) feed the trunk the same numbers: every value 0..255 in
+    every channel, exactly."""
+    k = np.arange(256, dtype=np.uint8)
+    im = np.stack([k, k[::-1], np.roll(k, 7)], axis=1)[None]  # (1, 256, 3) RGB
+    t = torch.from_numpy(im).permute(2, 0, 1).float() / 255  # (3, 1, 256)
+    assert torch.equal(preprocess_float(t, fmt), preprocess(im, fmt))
+    assert torch.equal(preprocess_float(t[None], fmt)[0], preprocess(im, fmt))  # batched (N, 3, H, W)
+
+
+def test_preprocess_float_constants_are_the_modules():
+    # preprocess_float writes its constants out (TorchScript cannot read module globals)
+    one = torch.ones(3, 1, 1)
+    assert torch.equal(preprocess_float(torch.zeros(3, 1, 1), "bgr255_mean128"), -ZF_MEAN * one)
+    got = preprocess_float(torch.zeros(3, 1, 1), "rgb_imagenet").flatten()
+    want = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="input_format"):
+        preprocess_float(torch.zeros(3, 1, 1), "yuv")
+
+
+def test_trunk_pyramid_matches_image_pyramid():
+    bb = build_backbone("zf5", width_mult=0.125).eval()
+    im = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    ref = image_pyramid(bb, im, (64, 80))
+    x = preprocess(im, bb.input_format)[None]  # (1, 3, H, W)
+    got = trunk_pyramid(bb, x, pyramid_sizes(70, 90, (64, 80)))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        trunk_pyramid(bb, x[0], [(64, 82)])

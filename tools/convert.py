@@ -1,19 +1,7 @@
-"""Convert a detection data set between the VOC layout and COCO json: ``sppnet convert`` as a script.
-
-    python tools/convert.py ROOT OUT --to coco|voc --splits SPLIT [SPLIT ...] [--images copy|symlink|none]
-
-See ``detector/commands/convert.py`` (``--help``) for the layouts read and written.
-"""
-from __future__ import annotations
-
+"""`sppnet convert` as a script: the command lives in detector/commands/convert.py (see --help)."""
 import sys
 
-from detector.commands import convert
-
-
-def main(argv: list[str] | None = None) -> int:
-    return convert.main(argv)
-
+from detector.commands.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

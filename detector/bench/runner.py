@@ -25,7 +25,7 @@ __all__ = ["SECTIONS", "GPU_SECTIONS", "machine_info", "update_section", "run_se
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory")  # the default run, in this order
+SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory", "batch")  # the default run, in this order
 GPU_SECTIONS = ("gpu",)  # needs CUDA; runs only when named
 
 
@@ -67,7 +67,7 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
     """Run one section (a name of :data:`SECTIONS` or :data:`GPU_SECTIONS`).
 
     Args:
-        runs: timed runs per implementation (``spp``).
+        runs: timed runs per implementation (``spp``), of each call (``batch``).
         voc_root: VOC 2007 folder whose trainval image sizes give the cache disk figure (``memory``).
         inputs: photos + proposals written by :func:`detector.bench.sections.save_inputs` (``gpu``).
         device: the device of the ``gpu`` section ("cuda", "cuda:N"; "cpu" is a smoke run).
@@ -86,6 +86,8 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
         return sections.section_memory(voc_root=voc_root)
     if name == "gpu":
         return sections.section_gpu(inputs=inputs, device=device)
+    if name == "batch":
+        return sections.section_batch(runs=runs)
     return getattr(sections, f"section_{name}")()
 
 

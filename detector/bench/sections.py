@@ -1,5 +1,6 @@
 """Benchmark sections of tools/benchmark.py beyond ``spp`` (:mod:`detector.bench.spp`): R-CNN mode,
-detection vs torchvision detectors, selective search, memory, and the same figures on a GPU. Each
+detection vs torchvision detectors, selective search, memory, ``detect_batch`` vs the per-image
+loop, and the same figures on a GPU. Each
 section function returns ``(markdown, ratios)`` where ``ratios`` maps machine-readable names to
 numbers (printed as ``name: value`` lines).
 
@@ -300,6 +301,72 @@ def section_memory(voc_root: str | None = None, n_props: int = 2000) -> tuple[st
     ratios["voc07_trainval_cache_gb_5scale_fp16"] = total / 2**30
     ratios["voc07_trainval_cache_gb_5scale_fp16_flips"] = 2 * total / 2**30
     return f"Cache sizes: {source}.\n\n" + "\n".join(lines), ratios
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+
+def section_batch(n_images: int = 12, runs: int = 3, threads: int = 2, batch_size: int = 4, workers: int = 1,
+                  width_mult: float = 1.0, fc_dim: int = 4096, size: tuple[int, int] = TI.VOC_SIZE
+                  ) -> tuple[str, dict[str, float]]:
+    """Throughput of ``detect_batch`` against the per-image loop ``[detect(im) for im in images]``,
+    proposals included (selective search with the model's options): random full-width ZF-5 (fc
+    4096, 20 classes, 1 scale 688) on ``n_images`` VOC-sized photos, ``threads`` torch threads.
+    Each run times the whole list; the figure is images per second, median [min-max] of ``runs``
+    runs of each, alternated (loop, batch, loop, ...) so load changes hit both."""
+    photos = [im for _, im in TI.voc_sized_photos(n_images, size=size)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        det = random_detector(width_mult=width_mult, fc_dim=fc_dim, seed=0)
+        det.detect(photos[0])  # warm-up (allocator, kernels); not timed
+        loop_t, batch_t, load = [], [], []
+        stages: dict[str, dict[str, list[float]]] = {"loop": {}, "batch": {}}
+        same = True
+        for _ in range(runs):
+            load.append(os.getloadavg()[0])
+            t0 = time.perf_counter()
+            ref, tl = [], {}
+            for im in photos:
+                ref.append(det.detect(im))
+                for k, v in det.last_timings.items():
+                    tl[k] = tl.get(k, 0.0) + v
+            loop_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            got = det.detect_batch(photos, batch_size=batch_size, workers=workers)
+            batch_t.append(time.perf_counter() - t0)
+            for name, tim in (("loop", tl), ("batch", det.last_timings)):
+                for k, v in tim.items():
+                    stages[name].setdefault(k, []).append(v)
+            same &= all(torch.equal(a[k], b[k]) for a, b in zip(ref, got) for k in a)
+        load.append(os.getloadavg()[0])
+    finally:
+        torch.set_num_threads(before)
+    ips_loop = _stats([n_images / t for t in loop_t])
+    ips_batch = _stats([n_images / t for t in batch_t])
+    batched = [v for v in det._batch_exact.values()]
+    trunk = ("batches of the same size went through the trunk together (their conv5 equals single passes here)"
+             if batched and all(batched) else "the trunk ran one image at a time (a batch's conv5 differed from "
+             "single passes in the last bits on this machine, so detect_batch fell back)")
+    ratios = {"batch_images_per_s": ips_batch["median"], "loop_images_per_s": ips_loop["median"],
+              "batch_over_loop_throughput": ips_batch["median"] / ips_loop["median"],
+              "batch_equals_loop": float(same)}
+    lines = ["| call | images per second, median [min-max] | seconds for the list, median |", "|---|---|---|",
+             f"| loop: `[det.detect(im) for im in images]` | {_fmt(ips_loop)} | {statistics.median(loop_t):.1f} |",
+             f"| `det.detect_batch(images, batch_size={batch_size}, workers={workers})` | {_fmt(ips_batch)} | "
+             f"{statistics.median(batch_t):.1f} |",
+             "", "Seconds per stage summed over the list (median of runs; for the batch, `proposals` is the time "
+             "the main process waited for the worker, `conv` the trunk's batched passes):", "",
+             "| stage | loop | batch |", "|---|---|---|"]
+    lines += [f"| {k} | {statistics.median(stages['loop'][k]):.2f} | {statistics.median(stages['batch'].get(k, [0.0])):.2f} |"
+              for k in stages["loop"]]
+    md = (f"{n_images} photos of {size[1]}x{size[0]} (`voc_sized_photos`), proposals by selective search inside each call "
+          f"(the model's options: {det.params.proposal_options.get('mode', '?')}, at most "
+          f"{det.params.proposal_options.get('max_boxes', '?')} boxes), random ZF-5 (width {width_mult:g}) with fc6/fc7 "
+          f"{fc_dim} and 20 classes at one scale ({det.params.scales[0]}), {threads} torch threads, {runs} runs of each call "
+          f"alternated; load average {min(load):.1f}-{max(load):.1f} during the runs. Same detections in every "
+          f"run: {'yes' if same else 'NO'}; {trunk}.\n\n" + "\n".join(lines))
+    return md, ratios
 
 
 # ---------------------------------------------------------------------------------------------- gpu

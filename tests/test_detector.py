@@ -1,0 +1,186 @@
+"""SPPDetector's public calls: the torchvision-style ``model(list[CHW])``, ``detect`` with its
+channel order, and ``detect_batch`` / ``iter_detect`` against the per-image loop (same detections,
+bit for bit)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detector.bench.inputs import voc_sized_photos
+from detector.bench.random_model import random_boxes, random_detector
+from proposals.imageio import ImageError
+
+
+@pytest.fixture(scope="module")
+def det():
+    return random_detector(width_mult=0.125, fc_dim=16, num_classes=2, scales=(96,))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [im for _, im in voc_sized_photos(3, size=(120, 160))]
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) == {"boxes", "scores", "labels"} and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_call_equals_detect(det, photos):
+    """model([t]) with t = uint8 / 255 gives detect()'s detections exactly: given proposals, and
+    selective search on the image (run on round(t * 255) == the uint8 image)."""
+    im = photos[0]
+    boxes = random_boxes(120, 160, 150, torch.Generator().manual_seed(0))
+    ref = det.detect(im, proposals=boxes)
+    assert len(ref["scores"]) > 0
+    (out,) = det([_chw(im)], [boxes])
+    assert _same(out, ref)
+    assert out["labels"].dtype == torch.int64 and out["boxes"].dtype == torch.float32
+    # selective search inside both calls
+    assert _same(det([_chw(im)])[0], det.detect(im))
+    # several images, one call; outputs are per image and in order
+    outs = det([_chw(p) for p in photos], [boxes] * 3)
+    assert all(_same(o, det.detect(p, proposals=boxes)) for o, p in zip(outs, photos))
+
+
+def test_model_call_refuses_what_torchvision_would_not_take(det, photos):
+    t = _chw(photos[0])
+    with pytest.raises(ImageError, match="list of Tensor"):
+        det(t)
+    with pytest.raises(ImageError, match=r"images\[0\].*\[3, H, W\]"):
+        det([t[0]])
+    with pytest.raises(ImageError, match=r"images\[0\].*\[3, H, W\]"):
+        det([t.permute(1, 2, 0)])  # HWC
+    with pytest.raises(ImageError, match=r"images\[1\].*divide 0..255"):
+        det([t, t * 255])
+    with pytest.raises(ImageError, match=r"images\[0\].*finite"):
+        det([torch.full_like(t, float("nan"))])
+    with pytest.raises(ImageError, match=r"sides must be within"):
+        det([t[:, :20, :20]])
+    with pytest.raises(ValueError, match="2 entries for 1 images"):
+        det([t], [torch.zeros(0, 4)] * 2)
+    det.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval"):
+            det([t])
+    finally:
+        det.eval()
+
+
+def test_detect_refuses_a_tensor_with_a_pointer_to_the_model_call(det, photos):
+    with pytest.raises(ImageError, match=r"model\(\[tensor\]\)"):
+        det.detect(_chw(photos[0]))
+
+
+def test_channel_order_bgr(det, photos):
+    """A cv2.imread (BGR) array with channel_order='bgr' detects as its RGB original; the default
+    takes a bare array as RGB; other values are refused by name."""
+    im = photos[1]
+    boxes = random_boxes(120, 160, 100, torch.Generator().manual_seed(1))
+    ref = det.detect(im, proposals=boxes)
+    bgr = np.ascontiguousarray(im[:, :, ::-1])
+    assert _same(det.detect(bgr, proposals=boxes, channel_order="bgr"), ref)
+    assert not _same(det.detect(bgr, proposals=boxes), ref)  # taken as RGB: other colours, other scores
+    bgra = np.concatenate([bgr, np.full(im.shape[:2] + (1,), 255, np.uint8)], axis=2)  # cv2.IMREAD_UNCHANGED
+    assert _same(det.detect(bgra, proposals=boxes, channel_order="bgr"), ref)
+    assert _same(det.detect_batch([bgr], [boxes], channel_order="bgr")[0], ref)
+    with pytest.raises(ValueError, match="channel_order.*'rgb', 'bgr'.*'BGR'"):
+        det.detect(im, channel_order="BGR")
+
+
+def test_outputs_follow_the_input_device(det, photos):
+    (out,) = det([_chw(photos[0])], [torch.tensor([[0.0, 0.0, 80.0, 60.0]])])
+    assert all(v.device == torch.device("cpu") for v in out.values())
+
+
+def test_detect_batch_equals_the_loop_with_given_proposals(det, photos):
+    """Images of two sizes (two through the trunk together) and an empty proposal set: every
+    detection equals detect()'s on that image, bit for bit, whichever trunk path the batch took."""
+    small = photos[2][:100, :140].copy()
+    images = [photos[0], small, photos[1], photos[2]]
+    props = [random_boxes(im.shape[0], im.shape[1], 120, torch.Generator().manual_seed(i)) for i, im in enumerate(images)]
+    props[2] = torch.zeros((0, 4))
+    det._batch_exact.clear()
+    got = det.detect_batch(images, props, batch_size=4)
+    assert det._batch_exact, "the batch never went through the trunk together"
+    assert set(det.last_timings) == {"proposals", "conv", "pool", "fc", "svm", "bbox", "nms"}
+    loop = [det.detect(im, proposals=b) for im, b in zip(images, props)]
+    assert all(_same(g, r) for g, r in zip(got, loop))
+    assert got[2]["boxes"].shape == (0, 4)
+    det._batch_exact.clear()
+
+
+@pytest.mark.parametrize("off", [0.0, 1e-3])
+def test_trunk_batch_check(det, photos, monkeypatch, off):
+    """The first batch of a size is checked against its first image's own pass: equal bits -> the
+    batch is used (one batched pass, one single check, then batched passes only); different bits
+    -> the images go one at a time. The verdict is remembered either way."""
+    import detector.detector as D
+
+    real = D.trunk_pyramid
+    calls = []
+
+    def trunk(backbone, x, sizes, device=None):
+        calls.append(x.shape[0])
+        per = [real(backbone, x[i:i + 1], sizes, device) for i in range(x.shape[0])]  # batch-invariant by construction
+        out = [torch.cat([p[s] for p in per]) for s in range(len(sizes))]  # S x (N, C, Hs, Ws)
+        return [f + off if x.shape[0] > 1 else f for f in out]  # off > 0: a batch off in the last bits
+
+    images = [photos[0], photos[1]]
+    props = [random_boxes(120, 160, 80, torch.Generator().manual_seed(i)) for i in range(2)]
+    loop = [det.detect(im, proposals=b) for im, b in zip(images, props)]
+    monkeypatch.setattr(D, "trunk_pyramid", trunk)
+    det._batch_exact.clear()
+    got = det.detect_batch(images, props)
+    assert list(det._batch_exact.values()) == [off == 0.0]
+    assert calls == ([2, 1] if off == 0.0 else [2, 1, 1, 1])
+    calls.clear()
+    det.detect_batch(images, props)
+    assert calls == ([2] if off == 0.0 else [2, 1, 1])
+    det._batch_exact.clear()
+    assert all(_same(g, r) for g, r in zip(got, loop))
+
+
+def test_detect_batch_selective_search_in_a_worker_pool(det, photos):
+    """Proposals computed in a spawned worker process give the detections of selective search
+    here; iter_detect streams the same results from a generator of inputs."""
+    got = det.detect_batch(photos, batch_size=2, workers=1)
+    loop = [det.detect(im) for im in photos]
+    assert all(_same(g, r) for g, r in zip(got, loop))
+    streamed = [{k: v.cpu() for k, v in d.items()}
+                for d in det.iter_detect((im for im in photos), batch_size=2, workers=0)]
+    assert all(_same(s, r) for s, r in zip(streamed, loop))
+
+
+def test_detect_batch_argument_checks(det, photos):
+    with pytest.raises(ValueError, match="1 entries for 2 images"):
+        det.detect_batch(photos[:2], [None])
+    with pytest.raises(ValueError, match="batch_size"):
+        det.detect_batch(photos[:2], batch_size=0)
+    with pytest.raises(ValueError, match="workers"):
+        det.detect_batch(photos[:2], workers=-1)
+
+
+def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
+    """Spawned proposal workers import the calling script; one without a __main__ guard breaks the
+    pool, and the error says why and what to do instead of a bare BrokenProcessPool."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from detector.bench.random_model import random_detector\n"
+        "det = random_detector(width_mult=0.125, fc_dim=16, num_classes=2, scales=(96,))\n"
+        "ims = [np.full((64, 80, 3), v, np.uint8) for v in (60, 120, 180)]\n"
+        "det.detect_batch(ims, workers=1)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 0
+    assert "RuntimeError: <array>: the proposal worker process ended" in r.stderr
+    assert "__main__" in r.stderr.strip().splitlines()[-1]
