@@ -28,7 +28,7 @@ import pickle
 import shutil
 import traceback
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +47,7 @@ from detector.data.voc import load_voc_split
 from detector.eval.comp4 import read_comp4
 from detector.eval.score_files import score_comp4_files
 from proposals import load_proposals
-from proposals.imageio import pil_to_rgb, read_image
+from proposals.imageio import read_image
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 CLASSES = ("class0", "class1")  # random_detector's class names: the tiny VOC folder uses them

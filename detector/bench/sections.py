@@ -9,6 +9,7 @@ Shape shorthand: R proposals in one image, C conv5 channels, Hs x Ws conv5 size 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
