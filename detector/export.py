@@ -69,7 +69,7 @@ from detector.bbox_reg import refine_boxes
 from detector.detector import SPPDetector
 from detector.postprocess import detections_from_scores
 from detector.projection import project_windows, scale_choice
-from detector.pyramid import preprocess_float, resized_size
+from detector.pyramid import hwc_layout, preprocess_float, resized_size
 from detector.spp import _roi_pool_bins_exact, _roi_pool_levels
 
 __all__ = ["DetectionProgram", "export_detector", "load_exported", "FORMATS", "MAX_EXACT_SIDE", "ExportError"]
@@ -140,6 +140,7 @@ class DetectionProgram(nn.Module):
     def forward(self, image: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         h, w = image.shape[1], image.shape[2]
         x = preprocess_float(image.to(torch.float32), self.input_format).unsqueeze(0)  # (1, 3, H, W)
+        x = hwc_layout(x)  # (1, 3, H, W) the layout of every single-image pass (detector.pyramid)
         fmaps: List[Tensor] = []
         shorts: List[int] = []
         for s in self.scales:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["preprocess", "preprocess_float", "resized_size", "pyramid_sizes", "image_pyramid", "trunk_pyramid",
-           "INPUT_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "hwc_layout", "INPUT_FORMATS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 INPUT_FORMATS = ("bgr255_mean128", "rgb_imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet weights (RGB, 0..1)
@@ -123,6 +123,23 @@ def pyramid_sizes(height: int, width: int, scales: Sequence[int], max_size: int 
     return [resized_size(height, width, s, max_size) for s in scales]
 
 
+def hwc_layout(x: Tensor) -> Tensor:
+    """One image's trunk input in the memory layout of :func:`preprocess`'s HWC view.
+
+    The CPU convolution picks its kernel by the input's strides, and kernels sum in different
+    orders: a contiguous NCHW copy of the same numbers gives conv5 maps that differ in the last
+    bit. Every single-image pass (the training cache, ``detect``, ``model([t])``, the exported
+    program) runs in this one layout, so an image's features at test time are the bits it was
+    trained on.
+
+    Args:
+        x (Tensor[1, 3, H, W]): any layout.
+    Returns:
+        Tensor[1, 3, H, W]: the same values, strides ``(3, 1, 3W, 3)``.
+    """
+    return x[0].permute(1, 2, 0).contiguous().permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+
+
 def image_pyramid(backbone: nn.Module, image: np.ndarray, scales: Sequence[int], max_size: int = 0,
                   device: str | torch.device = "cpu") -> list[Tensor]:
     """conv5 maps of one image at every scale: one forward pass per scale, no gradients.
@@ -153,7 +170,8 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
 
     Args:
         backbone: the trunk (call ``.eval()`` first for trunks with BatchNorm).
-        x (Tensor[N, 3, H, W]): the trunk's input (:func:`preprocess` / :func:`preprocess_float`).
+        x (Tensor[N, 3, H, W]): the trunk's input (:func:`preprocess` / :func:`preprocess_float`), any
+            memory layout: one image runs in :func:`hwc_layout`, a batch contiguous.
         sizes: (h_s, w_s) per scale (:func:`pyramid_sizes`); a size equal to (H, W) is not resized.
         device: where the passes run (default: x's device).
     Returns:
@@ -167,6 +185,7 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
     param = next(backbone.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     x = x.to(device=device or x.device, dtype=dtype)  # (N, 3, H, W)
+    x = hwc_layout(x) if x.shape[0] == 1 else x.contiguous()  # (N, 3, H, W)
     out = []
     with torch.no_grad():
         for hs, ws in sizes:

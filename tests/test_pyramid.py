@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from detector.backbones import build_backbone, conv5_size
-from detector.pyramid import (IMAGENET_MEAN, IMAGENET_STD, ZF_MEAN, image_pyramid, preprocess, preprocess_float,
-                              pyramid_sizes, resized_size, trunk_pyramid)
+from detector.pyramid import (IMAGENET_MEAN, IMAGENET_STD, ZF_MEAN, hwc_layout, image_pyramid, preprocess,
+                              preprocess_float, pyramid_sizes, resized_size, trunk_pyramid)
 
 
 def test_preprocess_zf5_bgr_mean128():
@@ -111,3 +111,21 @@ def test_trunk_pyramid_matches_image_pyramid():
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         trunk_pyramid(bb, x[0], [(64, 82)])
+
+
+def test_every_single_image_pass_runs_in_one_memory_layout():
+    # the CPU convolution picks its kernel by the input's strides: the HWC view preprocess returns
+    # and a contiguous NCHW copy of the same numbers give conv5 maps that differ in the last bit
+    # (here, as on the digits test images), so trunk_pyramid runs one image in one layout whatever
+    # the caller hands it, and the training cache, detect() and model([t]) see the same bits.
+    bb = build_backbone("zf5", width_mult=0.125).eval()
+    im = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    x = preprocess(im, bb.input_format)[None]  # (1, 3, H, W) HWC view
+    with torch.no_grad():
+        assert not torch.equal(bb(x), bb(x.contiguous()))  # the effect this guards against
+    assert hwc_layout(x.contiguous()).stride() == x.stride() == (3, 1, 270, 3)
+    ref = image_pyramid(bb, im, (70, 80))  # 70 = the image's own size: not resized
+    t = torch.from_numpy(im).permute(2, 0, 1).float() / 255  # (3, H, W) contiguous
+    for given in (x.contiguous(), preprocess_float(t, bb.input_format)[None]):
+        got = trunk_pyramid(bb, given, pyramid_sizes(70, 90, (70, 80)))
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
