@@ -61,8 +61,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from detector.boxes import clip_boxes, valid_boxes_mask
-from detector.data.records import DataError, ImageRecord
+from detector.data.records import DataError, ImageRecord, fit_boxes_to_image
 
 __all__ = ["CocoDataError", "annotation_file", "image_folders", "discover_coco_classes", "category_ids",
            "load_coco_split"]
@@ -236,6 +235,45 @@ def _image_size(im: dict, image_path: Path, path: Path, counts: Counter) -> tupl
     return h2, w2
 
 
+def _read_annotation(a: dict, what: str, cats: dict[int, str], index: dict[str, int], raw_boxes: bool,
+                     counts: Counter, unknown_names: Counter) -> tuple[list[float], int, bool, str] | None:
+    """One annotation -> (COCO x,y,w,h box, class id, iscrowd, its name for messages), or None where
+    it is skipped (warned and counted)."""
+    cat = a.get("category_id")
+    name = cats[cat] if cat in cats else f"<undefined category_id {cat!r}>"
+    if name not in index:
+        counts["unknown class skipped"] += 1
+        unknown_names[name] += 1
+        log.warning("%s: class %r not in the class list; annotation skipped", what, name)
+        return None
+    b = a.get("bbox")
+    if not (isinstance(b, list) and len(b) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+        counts["bad bbox skipped"] += 1
+        log.warning("%s (%s): bbox %r is not four finite numbers [x, y, w, h]; annotation skipped",
+                    what, name, b)
+        return None
+    c = a.get("iscrowd")
+    if isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c):
+        is_crowd = c != 0
+    elif isinstance(c, bool):
+        is_crowd = c
+    else:
+        counts["missing iscrowd set to 0"] += 1
+        log.warning("%s (%s): iscrowd %s; set to 0", what, name,
+                    "missing" if c is None else f"{c!r} is not a number")
+        is_crowd = False
+    if b[2] <= 0 or b[3] <= 0:
+        if raw_boxes:
+            log.warning("%s (%s): degenerate box x,y,w,h=%s; kept as annotated (raw_boxes: as the "
+                        "evaluation scores it)", what, name, b)
+        else:
+            counts["degenerate box skipped"] += 1
+            log.warning("%s (%s): degenerate box x,y,w,h=%s; annotation skipped", what, name, b)
+            return None
+    return [float(v) for v in b], index[name], is_crowd, f"{what} ({name})"
+
+
 def load_coco_split(
     root: str | Path,
     split: str,
@@ -306,66 +344,19 @@ def load_coco_split(
         crowd: list[bool] = []
         whats: list[str] = []
         for j, a in per_image[im["id"]]:
-            what = f"{path}: annotations[{j}] (id {a.get('id')!r}, image {im['file_name']})"
-            cat = a.get("category_id")
-            name = cats[cat] if cat in cats else f"<undefined category_id {cat!r}>"
-            if name not in index:
-                counts["unknown class skipped"] += 1
-                unknown_names[name] += 1
-                log.warning("%s: class %r not in the class list; annotation skipped", what, name)
+            got = _read_annotation(a, f"{path}: annotations[{j}] (id {a.get('id')!r}, image {im['file_name']})",
+                                   cats, index, raw_boxes, counts, unknown_names)
+            if got is None:
                 continue
-            b = a.get("bbox")
-            if not (isinstance(b, list) and len(b) == 4
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
-                counts["bad bbox skipped"] += 1
-                log.warning("%s (%s): bbox %r is not four finite numbers [x, y, w, h]; annotation skipped",
-                            what, name, b)
-                continue
-            c = a.get("iscrowd")
-            if isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c):
-                is_crowd = c != 0
-            elif isinstance(c, bool):
-                is_crowd = c
-            else:
-                counts["missing iscrowd set to 0"] += 1
-                log.warning("%s (%s): iscrowd %s; set to 0", what, name,
-                            "missing" if c is None else f"{c!r} is not a number")
-                is_crowd = False
-            if b[2] <= 0 or b[3] <= 0:
-                if raw_boxes:
-                    log.warning("%s (%s): degenerate box x,y,w,h=%s; kept as annotated (raw_boxes: as the "
-                                "evaluation scores it)", what, name, b)
-                else:
-                    counts["degenerate box skipped"] += 1
-                    log.warning("%s (%s): degenerate box x,y,w,h=%s; annotation skipped", what, name, b)
-                    continue
-            coco_boxes.append([float(v) for v in b])
-            labels.append(index[name])
-            crowd.append(is_crowd)
-            whats.append(f"{what} ({name})")
+            coco_boxes.append(got[0])
+            labels.append(got[1])
+            crowd.append(got[2])
+            whats.append(got[3])
         boxes = _coco_boxes_to_xyxy(coco_boxes)  # (G, 4)
-        beyond = ((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width)
-                  | (boxes[:, 3] > height))  # (G,)
-        if raw_boxes:
-            for k in torch.nonzero(beyond).flatten().tolist():
-                log.warning("%s: box %s (COCO x,y,w,h) extends beyond the %dx%d image; kept as annotated "
-                            "(raw_boxes: as the evaluation scores it)", whats[k], coco_boxes[k], width, height)
-        elif bool(beyond.any()):
-            clipped = clip_boxes(boxes, height, width)
-            keep = valid_boxes_mask(clipped)  # (G,)
-            for k in torch.nonzero(beyond).flatten().tolist():
-                if keep[k]:
-                    counts["box clipped to image"] += 1
-                    log.warning("%s: box %s (COCO x,y,w,h) extends beyond the %dx%d image; clipped to xyxy %s",
-                                whats[k], coco_boxes[k], width, height,
-                                [round(v, 3) for v in clipped[k].tolist()])
-                else:
-                    counts["degenerate box skipped"] += 1
-                    log.warning("%s: box %s (COCO x,y,w,h) lies outside the %dx%d image; annotation skipped",
-                                whats[k], coco_boxes[k], width, height)
-            boxes = clipped[keep]  # (G', 4)
-            labels = [v for v, k in zip(labels, keep.tolist()) if k]
-            crowd = [v for v, k in zip(crowd, keep.tolist()) if k]
+        boxes, keep = fit_boxes_to_image(boxes, coco_boxes, whats, width, height, raw_boxes, counts,
+                                         "COCO x,y,w,h", "annotation", "the evaluation")  # (G', 4), (G,)
+        labels = [v for v, k in zip(labels, keep.tolist()) if k]
+        crowd = [v for v, k in zip(crowd, keep.tolist()) if k]
         records.append(ImageRecord(
             image_id=image_id, path=file, height=height, width=width, boxes=boxes,
             labels=torch.tensor(labels, dtype=torch.int64), difficult=torch.tensor(crowd, dtype=torch.bool),

@@ -9,12 +9,19 @@ downstream (proposals, training, evaluation) sees only these records.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-__all__ = ["ImageRecord", "DataError"]
+from detector.boxes import clip_boxes, valid_boxes_mask
+
+__all__ = ["ImageRecord", "DataError", "fit_boxes_to_image"]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -46,3 +53,53 @@ class ImageRecord:
     labels: torch.Tensor
     difficult: torch.Tensor
     coco_id: int | None = None
+
+
+def fit_boxes_to_image(
+    boxes: torch.Tensor,
+    annotated: Sequence[list[float]],
+    whats: Sequence[str],
+    width: int,
+    height: int,
+    raw_boxes: bool,
+    counts: Counter,
+    box_format: str,
+    unit: str,
+    scorer: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's annotated boxes that reach beyond it: kept and warned (``raw_boxes``, as the
+    evaluation scores them), else clipped to the image or, where nothing is left, dropped; each
+    case is warned naming the annotation and counted in ``counts``.
+
+    Args:
+        boxes (Tensor[G, 4]): xyxy (``detector.boxes``) of the annotations.
+        annotated: each box as written in the file (for the messages); whats: each annotation's name.
+        width, height: the image's size.
+        raw_boxes: keep the boxes as annotated.
+        counts: the reader's fix counters ("box clipped to image", "degenerate box skipped").
+        box_format: how the file writes boxes ("VOC", "COCO x,y,w,h"); unit: "object" / "annotation";
+        scorer: who scores raw boxes ("the devkit", "the evaluation").
+    Returns:
+        (Tensor[G', 4] the boxes to use, Tensor[G] bool which annotations they are).
+    """
+    beyond = ((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height))  # (G,)
+    keep = torch.ones(boxes.shape[0], dtype=torch.bool)  # (G,)
+    if raw_boxes:
+        for j in torch.nonzero(beyond).flatten().tolist():
+            log.warning("%s: box %s (%s) extends beyond the %dx%d image; kept as annotated (raw_boxes: as %s "
+                        "scores it)", whats[j], annotated[j], box_format, width, height, scorer)
+        return boxes, keep
+    if not bool(beyond.any()):
+        return boxes, keep
+    clipped = clip_boxes(boxes, height, width)  # (G, 4)
+    keep = valid_boxes_mask(clipped)  # (G,)
+    for j in torch.nonzero(beyond).flatten().tolist():
+        if keep[j]:
+            counts["box clipped to image"] += 1
+            log.warning("%s: box %s (%s) extends beyond the %dx%d image; clipped to xyxy %s", whats[j],
+                        annotated[j], box_format, width, height, [round(v, 3) for v in clipped[j].tolist()])
+        else:
+            counts["degenerate box skipped"] += 1
+            log.warning("%s: box %s (%s) lies outside the %dx%d image; %s skipped", whats[j], annotated[j],
+                        box_format, width, height, unit)
+    return clipped[keep], keep

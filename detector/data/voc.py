@@ -50,9 +50,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from detector.boxes import clip_boxes, valid_boxes_mask, voc_to_xyxy
+from detector.boxes import voc_to_xyxy
 from detector.config import VOC_CLASSES
-from detector.data.records import DataError, ImageRecord
+from detector.data.records import DataError, ImageRecord, fit_boxes_to_image
 
 __all__ = [
     "ImageRecord",
@@ -214,6 +214,50 @@ def _image_size(xml_path: Path, root_el: ET.Element, image_path: Path,
     return h, w
 
 
+def _read_object(obj: ET.Element, what: str, index: dict[str, int], raw_boxes: bool, counts: Counter,
+                 unknown_names: Counter) -> tuple[list[float], int, bool, str] | None:
+    """One ``<object>`` -> (VOC box, class id, difficult, its name for messages), or None where it is
+    skipped (warned and counted)."""
+    name = _text(obj, "name") or ""
+    if name not in index:
+        counts["unknown class skipped"] += 1
+        unknown_names[name] += 1
+        log.warning("%s: class %r not in the class list; object skipped", what, name)
+        return None
+    bnd = obj.find("bndbox")
+    try:
+        b = [float(_text(bnd, k)) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
+        if not all(math.isfinite(v) for v in b):
+            raise ValueError("not finite")
+    except (TypeError, ValueError):
+        counts["bad <bndbox> skipped"] += 1
+        log.warning("%s (%s): <bndbox> missing or not numeric; object skipped", what, name)
+        return None
+    d_txt = _text(obj, "difficult")
+    if d_txt is None or d_txt == "":
+        counts["missing <difficult> set to 0"] += 1
+        log.warning("%s (%s): no <difficult>; set to 0", what, name)
+        diff = False
+    else:
+        try:
+            diff = float(d_txt) != 0
+        except ValueError:
+            counts["missing <difficult> set to 0"] += 1
+            log.warning("%s (%s): <difficult>%s</difficult> is not a number; set to 0",
+                        what, name, d_txt)
+            diff = False
+    if b[2] <= b[0] or b[3] <= b[1]:
+        if raw_boxes:
+            log.warning("%s (%s): degenerate box xmin,ymin,xmax,ymax=%s; kept as annotated "
+                        "(raw_boxes: as the devkit scores it)", what, name, b)
+        else:
+            counts["degenerate box skipped"] += 1
+            log.warning("%s (%s): degenerate box xmin,ymin,xmax,ymax=%s; object skipped",
+                        what, name, b)
+            return None
+    return b, index[name], diff, f"{what} ({name})"
+
+
 def load_voc_split(
     root: str | Path,
     split: str,
@@ -276,72 +320,18 @@ def load_voc_split(
         difficult: list[bool] = []
         whats: list[str] = []
         for j, obj in enumerate(el.iter("object")):
-            what = f"{xml_path}: object {j}"
-            name = _text(obj, "name") or ""
-            if name not in index:
-                counts["unknown class skipped"] += 1
-                unknown_names[name] += 1
-                log.warning("%s: class %r not in the class list; object skipped", what, name)
+            got = _read_object(obj, f"{xml_path}: object {j}", index, raw_boxes, counts, unknown_names)
+            if got is None:
                 continue
-            bnd = obj.find("bndbox")
-            try:
-                b = [float(_text(bnd, k)) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
-                if not all(math.isfinite(v) for v in b):
-                    raise ValueError("not finite")
-            except (TypeError, ValueError):
-                counts["bad <bndbox> skipped"] += 1
-                log.warning("%s (%s): <bndbox> missing or not numeric; object skipped", what, name)
-                continue
-            d_txt = _text(obj, "difficult")
-            if d_txt is None or d_txt == "":
-                counts["missing <difficult> set to 0"] += 1
-                log.warning("%s (%s): no <difficult>; set to 0", what, name)
-                diff = False
-            else:
-                try:
-                    diff = float(d_txt) != 0
-                except ValueError:
-                    counts["missing <difficult> set to 0"] += 1
-                    log.warning("%s (%s): <difficult>%s</difficult> is not a number; set to 0",
-                                what, name, d_txt)
-                    diff = False
-            if b[2] <= b[0] or b[3] <= b[1]:
-                if raw_boxes:
-                    log.warning("%s (%s): degenerate box xmin,ymin,xmax,ymax=%s; kept as annotated "
-                                "(raw_boxes: as the devkit scores it)", what, name, b)
-                else:
-                    counts["degenerate box skipped"] += 1
-                    log.warning("%s (%s): degenerate box xmin,ymin,xmax,ymax=%s; object skipped",
-                                what, name, b)
-                    continue
-            voc_boxes.append(b)
-            labels.append(index[name])
-            difficult.append(diff)
-            whats.append(f"{what} ({name})")
+            voc_boxes.append(got[0])
+            labels.append(got[1])
+            difficult.append(got[2])
+            whats.append(got[3])
         boxes = _voc_boxes_to_xyxy(voc_boxes)  # (G, 4)
-        beyond = ((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width)
-                  | (boxes[:, 3] > height))  # (G,)
-        if raw_boxes:
-            for j in torch.nonzero(beyond).flatten().tolist():
-                log.warning("%s: box %s (VOC) extends beyond the %dx%d image; kept as "
-                            "annotated (raw_boxes: as the devkit scores it)", whats[j],
-                            voc_boxes[j], width, height)
-        elif bool(beyond.any()):
-            clipped = clip_boxes(boxes, height, width)
-            keep = valid_boxes_mask(clipped)  # (G,)
-            for j in torch.nonzero(beyond).flatten().tolist():
-                if keep[j]:
-                    counts["box clipped to image"] += 1
-                    log.warning("%s: box %s (VOC) extends beyond the %dx%d image; clipped to "
-                                "xyxy %s", whats[j], voc_boxes[j], width, height,
-                                [round(v, 3) for v in clipped[j].tolist()])
-                else:
-                    counts["degenerate box skipped"] += 1
-                    log.warning("%s: box %s (VOC) lies outside the %dx%d image; object skipped",
-                                whats[j], voc_boxes[j], width, height)
-            boxes = clipped[keep]  # (G', 4)
-            labels = [v for v, k in zip(labels, keep.tolist()) if k]
-            difficult = [v for v, k in zip(difficult, keep.tolist()) if k]
+        boxes, keep = fit_boxes_to_image(boxes, voc_boxes, whats, width, height, raw_boxes, counts, "VOC",
+                                         "object", "the devkit")  # (G', 4), (G,)
+        labels = [v for v, k in zip(labels, keep.tolist()) if k]
+        difficult = [v for v, k in zip(difficult, keep.tolist()) if k]
         records.append(
             ImageRecord(
                 image_id=image_id,
