@@ -196,3 +196,36 @@ def test_temp_files_of_other_machines_sharing_the_folder_are_kept(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_temps(tmp_path) == 2
     assert mine.exists() and other.exists() and not dead.exists() and not legacy.exists()
+
+
+class Allocates(Stage[int]):
+    """A stage that holds ``mib`` MiB while it builds and frees it before it returns."""
+
+    name = "allocates"
+
+    def __init__(self, mib: int) -> None:
+        super().__init__()
+        self.mib = mib
+
+    def settings(self) -> object:
+        return {"mib": self.mib}
+
+    def load(self) -> int | None:
+        return None
+
+    def build(self) -> int:
+        block = torch.ones(self.mib * 2**18)  # float32: mib MiB, touched
+        return int(block[-1]) + self.mib
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_each_stage_reports_its_own_peak_memory(tmp_path):
+    cfg = Config(output_dir=str(tmp_path / "run"), data=DataConfig(root=str(tmp_path)))
+    run = Run(cfg, log_name="log.txt", argv=["test"])
+    run.stage(Allocates(300))
+    big = run.peak_rss_mb["allocates"]
+    small = Allocates(1)
+    small.name = "small"
+    run.stage(small)
+    # the second stage's window starts after the first freed its 300 MiB: its peak is its own
+    assert big - run.peak_rss_mb["small"] > 250

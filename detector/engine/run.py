@@ -31,7 +31,8 @@ from detector import distributed
 from detector.artifacts import digest
 from detector.config import Config, ConfigError, save_config
 
-__all__ = ["Run", "Stage", "Output", "StopAfter", "setup_logging", "setup_torch", "resolve_device", "peak_memory_mb"]
+__all__ = ["Run", "Stage", "Output", "StopAfter", "setup_logging", "setup_torch", "resolve_device", "peak_memory_mb",
+           "reset_stage_peak", "stage_peak_mb"]
 
 log = logging.getLogger("sppnet")
 
@@ -147,6 +148,31 @@ def numeric_environment() -> dict[str, str]:
             "torch_threads": str(torch.get_num_threads()), "python": platform.python_version()}
 
 
+def reset_stage_peak() -> bool:
+    """Start a new peak-memory window for this process: Linux resets the ``VmHWM`` high-water mark
+    when ``5`` is written to ``/proc/self/clear_refs``. Returns False where that is not possible
+    (another OS, a restricted /proc): :func:`stage_peak_mb` then reports the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_mb() -> float:
+    """This process's peak resident memory since :func:`reset_stage_peak`, in MiB (``VmHWM``); the
+    process's peak so far where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process and its finished children, in MiB (Linux ru_maxrss)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -175,6 +201,9 @@ class Run:
         self.out = Path(out_dir or cfg.output_dir)
         self.stop_after = stop_after
         self.timings: dict[str, float] = {}
+        # each stage's peak resident memory of this process (MiB), its own where Linux lets the
+        # high-water mark be reset (reset_stage_peak), else the process's peak up to that stage
+        self.peak_rss_mb: dict[str, float] = {}
         self.identities: dict[str, str] = {}  # stage -> identity (its settings, inputs and content)
         setup_logging(self.out, log_name, rank=self.dist.rank)
         setup_torch(cfg)
@@ -209,6 +238,7 @@ class Run:
         ends once every rank's share is written). A failure is logged with the rank and the stage.
         """
         t0 = time.perf_counter()
+        reset_stage_peak()
         try:
             value = stage.load()
             reused = all(distributed.all_gather(value is not None))
@@ -225,7 +255,9 @@ class Run:
             raise
         self.identities[stage.name] = out.identity
         self.timings[stage.name] = time.perf_counter() - t0
-        log.info("stage %s: %s in %.1f s", stage.name, "loaded" if reused else "built", self.timings[stage.name])
+        self.peak_rss_mb[stage.name] = stage_peak_mb()
+        log.info("stage %s: %s in %.1f s, peak memory %.0f MiB", stage.name, "loaded" if reused else "built",
+                 self.timings[stage.name], self.peak_rss_mb[stage.name])
         if self.stop_after == stage.name:
             raise StopAfter(stage.name)
         return out

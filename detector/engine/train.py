@@ -40,7 +40,7 @@ from detector.detector import DetectParams, SPPDetector
 from detector.engine.data import TrainingData, training_data
 from detector.engine.pretrain import PretrainStage
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
-from detector.engine.run import Output, Run, Stage, StopAfter
+from detector.engine.run import Output, Run, Stage, StopAfter, peak_memory_mb
 from detector.feature_stats import feature_norm_scales
 from detector.finetune import CachedWindows, TunedTailWindows, finetune
 from detector.head import FCHead
@@ -366,7 +366,8 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
     ``stop_after`` names a stage before the model).
 
     Everything is written under ``cfg.output_dir`` (log ``train_log.txt``, resolved config, one
-    folder per stage, ``train_timings.json``).
+    folder per stage, ``train_timings.json`` with each stage's seconds and ``train_memory.json`` with its
+    peak resident memory).
 
     Raises:
         detector.config.ConfigError / detector.data.voc.VOCDataError / ValueError: bad settings or
@@ -402,7 +403,11 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
     total = time.perf_counter() - t0
     from detector.artifacts import write_json
 
-    write_json(run.out / "train_timings.json", {**run.timings, "total": total})
+    memory = distributed.all_gather({"peak_rss_mib_per_stage": run.peak_rss_mb,
+                                     "peak_rss_mib_process": peak_memory_mb()})  # one entry per rank
+    if run.dist.main:
+        write_json(run.out / "train_timings.json", {**run.timings, "total": total})
+        write_json(run.out / "train_memory.json", memory[0] if len(memory) == 1 else {"ranks": memory})
     run.write_fingerprints()
     path = run.out / "model.pt"
     log.info("wrote %s (training took %.1f s this run; stage seconds %s)", path, total,
