@@ -3,6 +3,7 @@ downstream) when a setting or an input changes, and a stage killed midway leaves
 rerun takes for valid."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -229,3 +230,32 @@ def test_each_stage_reports_its_own_peak_memory(tmp_path):
     run.stage(small)
     # the second stage's window starts after the first freed its 300 MiB: its peak is its own
     assert big - run.peak_rss_mb["small"] > 250
+
+
+def _fingerprints(path: Path, stages: dict, **env) -> Path:
+    path.mkdir()
+    (path / "fingerprints.json").write_text(json.dumps({"stages": stages, "environment": env, "world_size": 1}))
+    return path
+
+
+def test_compare_runs_names_the_first_stage_that_differs(tmp_path):
+    from detector.commands.compare_runs import main
+    from detector.engine.compare_runs import compare_runs
+
+    a = _fingerprints(tmp_path / "a", {"proposals": "p1", "pretrain": "t1", "cache": "c1"}, opencv_cpu_features="AVX2")
+    b = _fingerprints(tmp_path / "b", {"proposals": "p1", "pretrain": "t2", "cache": "c2"},
+                      opencv_cpu_features="AVX512")
+    r = compare_runs(a, b)
+    assert r.first_difference == "pretrain"
+    assert r.environment == {"opencv_cpu_features": ("AVX2", "AVX512")}
+    assert "part at stage 'pretrain'" in r.text()
+    same = compare_runs(a, a / "fingerprints.json")
+    assert same.first_difference is None and same.environment == {}
+    # one run stopped early (--stop-after): the first stage it lacks is where they part
+    c = _fingerprints(tmp_path / "c", {"proposals": "p1"}, opencv_cpu_features="AVX2")
+    assert compare_runs(a, c).first_difference == "pretrain"
+    assert main([str(a), str(a)]) == 0 and main([str(a), str(b)]) == 1
+    assert main([str(tmp_path / "missing"), str(a)]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "fingerprints.json").write_text("[1, 2]")
+    assert main([str(tmp_path / "bad"), str(a)]) == 2

@@ -60,6 +60,7 @@ COMMANDS: tuple[Command, ...] = (
             "compare_rcnn"),
     Command("export", "export", "export the detector after proposals (image + boxes -> detections)", "export"),
     Command("convert", "convert", "convert a data set between VOC and COCO-json layouts", "convert"),
+    Command("compare-runs", "compare_runs", "where two training runs part: their stage fingerprints side by side"),
     Command("jitter-comp4", "jitter_comp4", "comp4 files from jittered ground truth (to exercise `sppnet eval`)",
             "jitter_gt_comp4"),
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import sys
 import time
@@ -130,22 +131,44 @@ def setup_torch(cfg: Config) -> None:
     np.random.seed(cfg.seed)
 
 
+# environment variables that choose the kernels of torch (ATen, oneDNN), MKL, OpenBLAS and OpenCV
+NUMERIC_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                    "MKL_CBWR", "OPENBLAS_CORETYPE", "OPENCV_CPU_DISABLE", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# the instruction-set extensions whose kernels the libraries above choose between at run time
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx_vnni", "amx_tile")
+
+
 def numeric_environment() -> dict[str, str]:
-    """What can change floating-point results between machines: library versions, the CPU and the
-    instruction set torch's kernels use, thread counts."""
+    """What can change floating-point results between machines: library versions, the CPU, its
+    instruction-set extensions, the kernels torch and OpenCV dispatch to, thread counts and the
+    environment variables that override those choices.
+
+    RELIABILITY.md measures which stage each of them changes first.
+    """
     import platform
 
     import cv2
 
-    cpu = platform.processor() or "unknown"
+    model, flags = "", set()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open("/proc/cpuinfo") as f:  # the first CPU's model name and flags
+            for ln in f:
+                if ln.startswith("model name") and not model:
+                    model = ln.split(":", 1)[1].strip()
+                elif ln.startswith("flags"):
+                    flags = set(ln.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
+    cpu = model or platform.processor() or "unknown"
+    env = {k: os.environ[k] for k in NUMERIC_ENV_VARS if k in os.environ}
     return {"torch": torch.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
-            "cpu": cpu, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
-            "torch_threads": str(torch.get_num_threads()), "python": platform.python_version()}
+            "cpu": cpu, "cpu_simd": " ".join(f for f in SIMD_FLAGS if f in flags) or "unknown",
+            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+            "opencv_cpu_features": cv2.getCPUFeaturesLine(),
+            "torch_threads": str(torch.get_num_threads()), "python": platform.python_version(),
+            "env": " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(none set)"}
 
 
 def reset_stage_peak() -> bool:
