@@ -294,6 +294,8 @@ def evaluate(
     # COCO data: results keep the json's own category ids (and records their image ids)
     cats = category_ids(cfg, (cfg.data.val_split or cfg.data.train_split) if held_out else name, det.class_names)
     report = score(det, records, props.value, detected, out, name, metric, mode, ckpt, category_ids=cats)
+    write_json(out / "test_timings.json", {"stage_seconds": run.timings, "peak_rss_mib_per_stage": run.peak_rss_mb,
+                                           "world_size": run.dist.world})
     if compare_rcnn:
         from detector.bench.rcnn_compare import compare_rcnn as compare
         from detector.bench.rcnn_compare import format_comparison
