@@ -224,3 +224,45 @@ def test_tiny_digits_through_coco_scores_as_through_voc(tiny_run, tmp_path: Path
            json.loads((coco / "annotations" / "instances_test.json").read_text())["images"]}
     res = json.loads((tmp_path / "run" / "test_test" / "coco_dets.json").read_text())
     assert res and {d["image_id"] for d in res} <= set(ids.values())
+
+
+def test_split_tools_take_coco_data(tmp_path: Path, capsys):
+    """eval, jitter-comp4, recall and proposals read a COCO-json split with --format coco and give
+    what they give on the same split in VOC layout."""
+    from detector.commands.eval import main as eval_main
+    from detector.commands.jitter_comp4 import main as jitter_main
+    from detector.commands.proposals import main as proposals_main
+    from detector.commands.recall import main as recall_main
+
+    voc = make_voc(tmp_path / "voc", IMAGES, SPLITS, size=(64, 48))
+    coco = tmp_path / "coco"
+    voc_to_coco(voc, ["test"], coco, images="copy")
+    for fmt, root in (("voc", voc), ("coco", coco)):
+        assert jitter_main(["--data-root", str(root), "--split", "test", "--out", str(tmp_path / f"res_{fmt}"),
+                            "--seed", "1", "--format", fmt]) == 0
+    for name in sorted(p.name for p in (tmp_path / "res_voc").iterdir()):  # the same detections
+        assert (tmp_path / "res_voc" / name).read_bytes() == (tmp_path / "res_coco" / name).read_bytes()
+    capsys.readouterr()
+    maps = {}
+    for fmt, root in (("voc", voc), ("coco", coco)):
+        assert eval_main(["--data-root", str(root), "--split", "test", "--results", str(tmp_path / "res_voc"),
+                          "--no-coco", "--format", fmt]) == 0
+        maps[fmt] = capsys.readouterr().out.strip().splitlines()[-1]
+    assert maps["voc"] == maps["coco"] and maps["voc"].startswith("mAP: ")
+    props = {}
+    for fmt, root in (("voc", voc), ("coco", coco)):
+        out = tmp_path / f"props_{fmt}.npz"
+        assert proposals_main(["--data-root", str(root), "--split", "test", "--out", str(out), "--workers", "0",
+                               "--no-progress", "--format", fmt]) == 0
+        props[fmt] = out
+        assert recall_main(["--data-root", str(root), "--split", "test", "--proposals", str(out),
+                            "--format", fmt]) == 0
+        maps[f"recall_{fmt}"] = capsys.readouterr().out
+    import numpy as np
+
+    a, b = np.load(props["voc"]), np.load(props["coco"])
+    assert list(a["ids"]) == list(b["ids"]) and np.array_equal(a["boxes"], b["boxes"])
+    assert maps["recall_voc"].replace("props_voc", "props_coco") == maps["recall_coco"]
+    assert eval_main(["--data-root", str(voc), "--split", "test", "--results", str(tmp_path / "res_voc"),
+                      "--format", "coco"]) == 2  # a VOC folder read as COCO: one error line
+    assert "error:" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from detector.cli import command_line, run_tool
+from detector.data.splits import FORMATS
 from detector.eval.score_files import score_comp4_files
 
 
@@ -31,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="class names in id order (default: every name in the split, sorted)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default RESULTS/eval.json)")
     ap.add_argument("--no-coco", action="store_true", help="skip the pycocotools figures")
+    ap.add_argument("--format", choices=FORMATS, default="voc",
+                    help="the data set's layout: voc (ImageSets/Main/<split>.txt) or coco "
+                         "(annotations/instances_<split>.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
         report = score_comp4_files(args.data_root, args.split, args.results, metric=args.metric,
                                    classes=args.classes, out=args.out, coco=not args.no_coco,
-                                   argv=command_line(argv))
+                                   argv=command_line(argv), format=args.format)
         print(report.text())
 
     return run_tool(body)

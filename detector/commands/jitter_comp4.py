@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from detector.cli import run_tool
+from detector.data.splits import FORMATS
 from detector.eval.jitter import write_jittered_comp4
 
 
@@ -30,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dup", type=float, default=0.05, help="fraction duplicated")
     ap.add_argument("--fp", type=float, default=1.0, help="mean random false boxes per image")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=FORMATS, default="voc", help="the data set's layout: voc or coco")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
         paths, n = write_jittered_comp4(args.data_root, args.split, args.out, classes=args.classes, noise=args.noise,
-                                        miss=args.miss, dup=args.dup, fp=args.fp, seed=args.seed)
+                                        miss=args.miss, dup=args.dup, fp=args.fp, seed=args.seed, format=args.format)
         logging.info("wrote %d comp4 files to %s (%d detections)", len(paths), args.out, n)
 
     return run_tool(body)

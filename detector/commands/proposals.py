@@ -1,4 +1,4 @@
-"""Selective-search proposals for every image of a VOC-layout split -> one .npz (resumable).
+"""Selective-search proposals for every image of a split (VOC or COCO layout) -> one .npz (resumable).
 
     sppnet proposals --data-root data/digits --split test --out out/ss_test.npz \
         [--workers 2] [--mode fast+|fast|quality] [--min-size 20] [--max-boxes 2000]
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from detector.cli import run_tool
 from detector.config import ProposalConfig
+from detector.data.splits import FORMATS, load_split
 from detector.data.voc import VOCDataError, read_split_ids
 from proposals import MODES, compute_proposals_for_images
 
@@ -35,8 +36,10 @@ def image_path(root: Path, image_id: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", required=True, type=Path, help="VOC-layout folder")
-    ap.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt")
+    ap.add_argument("--data-root", required=True, type=Path, help="the data set's folder")
+    ap.add_argument("--split", required=True, help="ImageSets/Main/<split>.txt, or instances_<split>.json (coco)")
+    ap.add_argument("--format", choices=FORMATS, default="voc",
+                    help="voc (the split file and JPEGImages/) or coco (the json and its image folder)")
     ap.add_argument("--out", required=True, type=Path, help="output .npz")
     d = ProposalConfig()
     ap.add_argument("--workers", type=int, default=d.workers, help=f"processes (default {d.workers})")
@@ -51,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         t0 = time.time()
-        items = [(i, image_path(args.data_root, i)) for i in read_split_ids(args.data_root, args.split)]
+        if args.format == "voc":  # the split file and the images: no annotations needed
+            items = [(i, image_path(args.data_root, i)) for i in read_split_ids(args.data_root, args.split)]
+        else:
+            records, _ = load_split(args.data_root, args.split, format=args.format, log_summary=False)
+            items = [(r.image_id, r.path) for r in records]
         options = {"method": "selective_search", "mode": args.mode, "min_size": args.min_size,
                    "max_boxes": args.max_boxes or None}
         boxes = compute_proposals_for_images(items, args.out, options, workers=args.workers,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from detector.cli import run_tool
+from detector.data.splits import FORMATS
 from detector.eval.proposal_report import proposal_recall_report
 
 
@@ -26,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proposals", required=True, type=Path, help=".npz / .mat / .pkl")
     ap.add_argument("--out", type=Path, default=None, help="folder for recall.json and recall.png")
     ap.add_argument("--allow-extra", action="store_true", help="file may hold other images too")
+    ap.add_argument("--format", choices=FORMATS, default="voc", help="the data set's layout: voc or coco")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
         report = proposal_recall_report(args.data_root, args.split, args.proposals, out=args.out,
-                                        allow_extra=args.allow_extra)
+                                        allow_extra=args.allow_extra, format=args.format)
         print(report.text())
 
     return run_tool(body)

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from detector.data.voc import ImageRecord, discover_classes, load_voc_split
+from detector.data.records import ImageRecord
+from detector.data.splits import Format, load_split
 from detector.eval.comp4 import write_comp4
 
 __all__ = ["jitter_detections", "write_jittered_comp4"]
@@ -62,11 +63,11 @@ def jitter_detections(records: Sequence[ImageRecord], num_classes: int, *, noise
 
 def write_jittered_comp4(data_root: str | Path, split: str, out: str | Path, *, classes: Sequence[str] | None = None,
                          noise: float = 0.08, miss: float = 0.1, dup: float = 0.05, fp: float = 1.0,
-                         seed: int = 0) -> tuple[list[Path], int]:
+                         seed: int = 0, format: Format = "voc") -> tuple[list[Path], int]:
     """Write one comp4 file per class of jittered ground truth (:func:`jitter_detections`).
 
     Args:
-        data_root, split: the VOC-layout split whose ground truth is jittered.
+        data_root, split: the split whose ground truth is jittered (``format``: "voc" or "coco").
         out: folder for ``comp4_det_<split>_<class>.txt``.
         classes: class names in id order (default: every name in the split, sorted).
         noise, miss, dup, fp: see :func:`jitter_detections`.
@@ -74,10 +75,9 @@ def write_jittered_comp4(data_root: str | Path, split: str, out: str | Path, *, 
     Returns:
         (the files written, the number of detections).
     Raises:
-        VOCDataError: the split cannot be read (named).
+        VOCDataError / CocoDataError: the split cannot be read (named).
     """
-    classes = tuple(classes) if classes else discover_classes(data_root, split)
-    records, classes = load_voc_split(data_root, split, classes)
+    records, classes = load_split(data_root, split, tuple(classes) if classes else None, format=format)
     gen = torch.Generator().manual_seed(seed)
     dets = jitter_detections(records, len(classes), noise=noise, miss=miss, dup=dup, fp=fp, generator=gen)
     paths = write_comp4(out, split, classes, dets)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from detector.artifacts import write_text
-from detector.data.voc import load_voc_split
+from detector.data.splits import Format, load_split
 from detector.eval.plots import plot_recall_curve
 from proposals.recall import proposal_recall
 from proposals.store import load_proposals
@@ -77,23 +77,26 @@ def proposal_recall_report(
     out: str | Path | None = None,
     allow_extra: bool = False,
     top_ks: Sequence[int] = PROPOSAL_BUDGETS,
+    format: Format = "voc",
 ) -> RecallReport:
     """Recall of the proposal file ``proposals`` on ``split``, difficult objects excluded.
 
     Args:
-        data_root: VOC-layout folder.
-        split: ``ImageSets/Main/<split>.txt``.
+        data_root: the data set's folder.
+        split: ``ImageSets/Main/<split>.txt`` (VOC) or ``annotations/instances_<split>.json`` (COCO).
         proposals: ``.npz`` / ``.mat`` / ``.pkl`` proposal file (:func:`proposals.load_proposals`).
         out: folder for ``recall.json`` and ``recall.png`` (both written atomically); None: none.
         allow_extra: the file may hold other images too.
         top_ks: budgets of the table.
+        format: the data set's layout, "voc" or "coco".
     Returns:
         :class:`RecallReport`.
     Raises:
-        VOCDataError / ProposalFileError: the split or the proposal file cannot be used (named).
+        VOCDataError / CocoDataError / ProposalFileError: the split or the proposal file cannot be
+            used (named).
     """
     proposals = Path(proposals)
-    records, class_names = load_voc_split(data_root, split, log_summary=False)
+    records, class_names = load_split(data_root, split, format=format, log_summary=False)
     props = load_proposals(proposals, [r.image_id for r in records], allow_extra=allow_extra)
     gts = [r.boxes[~r.difficult].numpy() for r in records]  # (G, 4) each, difficult objects excluded
     plist = [props[r.image_id] for r in records]  # (R, 4) each

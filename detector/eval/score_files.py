@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from detector.artifacts import write_text
-from detector.data.voc import discover_classes, load_voc_split
+from detector.data.splits import Format, load_split
 from detector.eval.coco import coco_evaluate
 from detector.eval.comp4 import ResultsFileError, read_comp4
 from detector.eval.plots import plot_pr_curves
@@ -74,32 +74,35 @@ def score_comp4_files(
     out: str | Path | None = None,
     coco: bool = True,
     argv: Sequence[str] = (),
+    format: Format = "voc",
 ) -> ScoreReport:
-    """Score ``<results>/comp4_det_<split>_<class>.txt`` on a VOC-layout split (exact VOCevaldet).
+    """Score ``<results>/comp4_det_<split>_<class>.txt`` on a split (exact VOCevaldet).
 
     Writes ``out`` (default ``<results>/eval.json``: per-class AP, mAP, COCO figures, the inputs
     and ``argv``) and ``<results>/pr_curves.png``, both atomically. A result file of a class not
     scored is reported (warning); a class without a file is scored with no detections (warning).
 
     Args:
-        data_root: VOC-layout folder (annotations and split files; images are not read).
-        split: ``ImageSets/Main/<split>.txt``.
+        data_root: the data set's folder (annotations and split files; images are not read).
+        split: ``ImageSets/Main/<split>.txt`` (VOC) or ``annotations/instances_<split>.json`` (COCO).
         results: the folder of result files.
         metric: "07" (VOC 2007 11-point AP) or "area" (VOC 2010+ area AP).
         classes: class names in id order (default: every name in the split, sorted).
         coco: also compute COCO AP / AP50 / AP75 with pycocotools.
         argv: the command line, kept in the JSON.
+        format: the data set's layout, "voc" or "coco" (:mod:`detector.data.splits`).
     Returns:
         :class:`ScoreReport`.
     Raises:
-        VOCDataError: the split or its annotations cannot be read (named).
+        VOCDataError / CocoDataError: the split or its annotations cannot be read (named).
         ResultsFileError: ``results`` is not a folder, or a malformed line, or a detection on an
             image outside the split (file and line named).
     """
     results = Path(results)
-    classes = tuple(classes) if classes else discover_classes(data_root, split)
-    # GT as annotated (raw_boxes), images not needed: what the devkit scores against
-    records, classes = load_voc_split(data_root, split, classes, raw_boxes=True, require_images=False)
+    # GT as annotated (raw_boxes), images not needed: what the devkit scores against; no classes
+    # given = every name in the split, sorted
+    records, classes = load_split(data_root, split, tuple(classes) if classes else None, format=format,
+                                  raw_boxes=True, require_images=False)
     if not results.is_dir():
         raise ResultsFileError(f"{results} is not a folder (of comp4 result files)")
     prefix = f"comp4_det_{split}_"
