@@ -61,7 +61,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from detector.data.records import DataError, ImageRecord, fit_boxes_to_image
+from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image
 
 __all__ = ["CocoDataError", "annotation_file", "image_folders", "discover_coco_classes", "category_ids",
            "load_coco_split"]
@@ -308,10 +308,7 @@ def load_coco_split(
     root = Path(root)
     if class_names is None:
         class_names = discover_coco_classes(root, split)
-    class_names = tuple(class_names)
-    if len(set(class_names)) != len(class_names):
-        raise CocoDataError(f"class_names has duplicates: {class_names}")
-    index = {name: k for k, name in enumerate(class_names)}
+    class_names, index = class_index(class_names, CocoDataError)
     path, images, anns, cats = _read(root, split)
     ids = [_image_id(im["file_name"]) for im in images]
     dups = [i for i, n in Counter(ids).items() if n > 1]

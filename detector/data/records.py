@@ -19,7 +19,7 @@ import torch
 
 from detector.boxes import clip_boxes, valid_boxes_mask
 
-__all__ = ["ImageRecord", "DataError", "fit_boxes_to_image"]
+__all__ = ["ImageRecord", "DataError", "class_index", "fit_boxes_to_image"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ class ImageRecord:
     labels: torch.Tensor
     difficult: torch.Tensor
     coco_id: int | None = None
+
+
+def class_index(class_names: Sequence[str],
+                error: type[DataError] = DataError) -> tuple[tuple[str, ...], dict[str, int]]:
+    """``class_names`` as a tuple, and each name's label id (its position).
+
+    Raises:
+        error: a name is repeated (the reader's own ``DataError`` subclass).
+    """
+    names = tuple(class_names)
+    if len(set(names)) != len(names):
+        raise error(f"class_names has duplicates: {names}")
+    return names, {name: k for k, name in enumerate(names)}
 
 
 def fit_boxes_to_image(

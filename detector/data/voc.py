@@ -52,7 +52,7 @@ from PIL import Image
 
 from detector.boxes import voc_to_xyxy
 from detector.config import VOC_CLASSES
-from detector.data.records import DataError, ImageRecord, fit_boxes_to_image
+from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image
 
 __all__ = [
     "ImageRecord",
@@ -297,10 +297,7 @@ def load_voc_split(
     root = Path(root)
     if class_names is None:
         class_names = discover_classes(root, split)
-    class_names = tuple(class_names)
-    if len(set(class_names)) != len(class_names):
-        raise VOCDataError(f"class_names has duplicates: {class_names}")
-    index = {name: k for k, name in enumerate(class_names)}
+    class_names, index = class_index(class_names, VOCDataError)
     ids = read_split_ids(root, split)
     images = _check_files(root, ids, split, need_images=require_images, image_ext=tuple(image_ext))
     for image_id in ids:
