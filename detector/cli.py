@@ -27,6 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "the user's input cannot be used" (named in the message)."""
     from detector.artifacts import ArtifactError
     from detector.backbones import WeightsError
+    from detector.bench.scale import ScaleError
     from detector.checkpoint import CheckpointError
     from detector.classifier import ClassifierCheckpointError
     from detector.data.digits_build import DatasetExistsError
@@ -36,7 +37,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from proposals.store import ProposalFileError
 
     return (ConfigError, DataError, CheckpointError, ClassifierCheckpointError, WeightsError, ImageError,
-            ProposalFileError, ArtifactError, DatasetExistsError, ResultsFileError, FileNotFoundError)
+            ProposalFileError, ArtifactError, DatasetExistsError, ResultsFileError, ScaleError, FileNotFoundError)
 
 
 DEVICES = "cpu, cuda, cuda:N, or auto (CUDA when available, else the CPU)"

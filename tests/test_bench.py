@@ -137,3 +137,55 @@ def test_section_batch_small():
                                size=(96, 128))
     assert ratios["batch_equals_loop"] == 1.0 and ratios["loop_images_per_s"] > 0
     assert "Same detections in every run: yes" in md and "| loop: `[det.detect(im) for im in images]` |" in md
+
+
+def _fake_run(root: Path, world: int, seconds: dict[str, float], test_seconds: dict[str, float]) -> Path:
+    """A finished run folder as train and test leave it: 10 training images (20 cache entries with
+    their flips), 100 fine-tuning iterations, 4 test images."""
+    root.mkdir(parents=True)
+    (root / "train_timings.json").write_text(json.dumps({**seconds, "total": sum(seconds.values())}))
+    rank = {"peak_rss_mib_per_stage": {s: 100.0 * (i + 1) for i, s in enumerate(seconds)}}
+    mem = rank if world == 1 else {"ranks": [rank] + [{"peak_rss_mib_per_stage": {"cache": 900.0}}] * (world - 1)}
+    (root / "train_memory.json").write_text(json.dumps(mem))
+    (root / "resolved_config.yaml").write_text(
+        "data: {train_split: trainval, test_split: test}\nfinetune: {iters: 100}\n")
+    (root / "proposals").mkdir()
+    np.savez(root / "proposals" / "trainval-abc.npz", ids=np.array([f"{i:06d}" for i in range(10)]))
+    np.savez(root / "proposals" / "test-abc.npz", ids=np.array(["x"] * 4))
+    (root / "conv5_cache").mkdir()
+    for i in range(20):
+        (root / "conv5_cache" / f"{i:06d}.pt").write_bytes(b"")
+    (root / "test_test").mkdir()
+    (root / "test_test" / "test_timings.json").write_text(json.dumps(
+        {"stage_seconds": test_seconds, "peak_rss_mib_per_stage": {"detect": 300.0}, "world_size": world}))
+    (root / "test_test" / "eval.json").write_text(json.dumps({"images": 4}))
+    return root
+
+
+def test_scale_section_reads_runs_and_projects_to_voc(tmp_path):
+    from detector.bench.scale import VOC07, ScaleError, section_scale
+
+    one = _fake_run(tmp_path / "one", 1, {"proposals": 50.0, "pretrain": 7.0, "cache": 40.0, "finetune": 200.0,
+                                          "stats": 5.0, "svm": 30.0, "bbox": 10.0}, {"proposals": 8.0, "detect": 12.0})
+    two = _fake_run(tmp_path / "two", 2, {"proposals": 25.0, "pretrain": 4.0, "cache": 21.0, "finetune": 110.0,
+                                          "stats": 3.0, "svm": 16.0, "bbox": 5.0}, {"proposals": 4.0, "detect": 6.0})
+    md, ratios = section_scale([two, one], processes=(1, 8))  # sorted by processes: `one` is the base
+    # per-unit costs of the 1-process run, by hand
+    assert ratios["train_proposals_s_per_train_images"] == 5.0          # 50 s / 10 images
+    assert ratios["train_cache_s_per_cache_entries"] == 2.0             # 40 s / 20 entries
+    assert ratios["train_finetune_s_per_iterations"] == 2.0             # 200 s / 100 iterations
+    assert ratios["test_detect_s_per_test_images"] == 3.0               # 12 s / 4 images
+    hand = (5.0 * 5011 + 2.0 * 10022 + 2.0 * 200000 + (0.5 + 3.0 + 1.0) * 5011 + (2.0 + 3.0) * 4952) / 3600
+    assert VOC07 == {"train images": 5011, "cache entries": 10022, "iterations": 200000, "test images": 4952}
+    assert abs(ratios["voc07_projected_hours_1proc"] - hand) < 1e-9
+    assert abs(ratios["voc07_projected_hours_8proc"] - hand / 8) < 1e-9
+    assert ratios["train_total_s_1proc"] == 342.0 and ratios["train_total_s_2proc"] == 184.0
+    assert "| finetune | 200.0 | 400 | 110.0 | 400 | 1.82x |" in md      # seconds, peak MiB, speed-up 200/110
+    assert "| cache | 40.0 | 300 | 21.0 | 900 | 1.90x |" in md          # the largest peak over the ranks
+    assert "5 x 5011 / 8 = 0.87 h" in md                                # 25055 s / 8 = 3131.9 s
+    (one / "train_memory.json").unlink()
+    with pytest.raises(ScaleError, match="train_memory.json"):
+        section_scale([one])
+    main = runpy.run_path(str(TOOLS / "benchmark.py"))["main"]
+    assert main(["--only", "scale", "--no-write"]) == 2                # no run folders: one error line
+    assert main(["--only", "scale", "--no-write", "--scale-runs", str(one)]) == 2

@@ -21,12 +21,14 @@ import torch
 
 from detector.artifacts import write_text
 
-__all__ = ["SECTIONS", "GPU_SECTIONS", "machine_info", "update_section", "run_section", "run_benchmarks"]
+__all__ = ["SECTIONS", "GPU_SECTIONS", "RUN_SECTIONS",
+           "machine_info", "update_section", "run_section", "run_benchmarks"]
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory", "batch")  # the default run, in this order
 GPU_SECTIONS = ("gpu",)  # needs CUDA; runs only when named
+RUN_SECTIONS = ("scale",)  # reads finished training runs (scale_runs); runs only when named
 
 
 def machine_info() -> dict[str, str]:
@@ -63,19 +65,26 @@ def update_section(path: str | Path, name: str, body: str) -> None:
 
 
 def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
-                inputs: str | None = None, device: str = "cuda") -> tuple[str, dict[str, float]]:
-    """Run one section (a name of :data:`SECTIONS` or :data:`GPU_SECTIONS`).
+                inputs: str | None = None, device: str = "cuda",
+                scale_runs: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
+    """Run one section (a name of :data:`SECTIONS`, :data:`GPU_SECTIONS` or :data:`RUN_SECTIONS`).
 
     Args:
         runs: timed runs per implementation (``spp``), of each call (``batch``).
         voc_root: VOC 2007 folder whose trainval image sizes give the cache disk figure (``memory``).
         inputs: photos + proposals written by :func:`detector.bench.sections.save_inputs` (``gpu``).
         device: the device of the ``gpu`` section ("cuda", "cuda:N"; "cpu" is a smoke run).
+        scale_runs: finished run folders of one config with different numbers of processes (``scale``).
     Returns:
         ``(markdown, ratios)``.
     """
-    if name not in SECTIONS + GPU_SECTIONS:
-        raise ValueError(f"unknown benchmark section {name!r}; choose from {', '.join(SECTIONS + GPU_SECTIONS)}")
+    known = SECTIONS + GPU_SECTIONS + RUN_SECTIONS
+    if name not in known:
+        raise ValueError(f"unknown benchmark section {name!r}; choose from {', '.join(known)}")
+    if name == "scale":
+        from detector.bench.scale import section_scale
+
+        return section_scale(scale_runs)
     if name == "spp":
         from detector.bench.spp import section_spp
 
@@ -101,6 +110,7 @@ def run_benchmarks(
     voc_root: str | None = None,
     inputs: str | None = None,
     device: str = "cuda",
+    scale_runs: Sequence[str] = (),
     argv: Sequence[str] = ("python", "tools/benchmark.py"),
 ) -> Iterator[str]:
     """Run sections in order; yield each one's ``name: value`` lines as it finishes.
@@ -111,8 +121,8 @@ def run_benchmarks(
     its own block ``<name>_thp``.
 
     Args:
-        names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`).
-        runs, voc_root, inputs, device: see :func:`run_section`.
+        names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`, :data:`RUN_SECTIONS`).
+        runs, voc_root, inputs, device, scale_runs: see :func:`run_section`.
         threads: torch intra-op threads (0 = torch default).
         argv: the command line, recorded in each block.
     """
@@ -124,7 +134,8 @@ def run_benchmarks(
     command = ("THP_MEM_ALLOC_ENABLE=1 " if thp else "") + " ".join(argv)
     for name in names:
         log.info("section %s ...", name)
-        md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device)
+        md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device,
+                                 scale_runs=scale_runs)
         for k, v in ratios.items():
             yield f"{k}: {v:.6g}"
         if write:

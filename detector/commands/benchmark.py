@@ -10,6 +10,9 @@ Sections (``detector.bench.runner`` runs them and rewrites the blocks):
                       from detector/bench/sections.py
     gpu               (only when named; needs CUDA) detection per image, R-CNN comparison and
                       spp_pool on the GPU: the same code with the model on ``--device`` (cuda)
+    scale             (only when named) seconds and peak memory per stage of finished runs of one
+                      config with 1 and N processes (--scale-runs), and a VOC 2007 projection
+                      (detector/bench/scale.py)
 
 Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     sppnet benchmark --only spp
@@ -17,6 +20,7 @@ Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     THP_MEM_ALLOC_ENABLE=1 sppnet benchmark --only spp   # huge pages: own block "spp_thp"
     sppnet benchmark --save-inputs gpu_inputs/inputs.pt  # here (needs OpenCV contrib), then
     sppnet benchmark --only gpu --inputs gpu_inputs/inputs.pt [--device cuda:1]   # on the GPU machine
+    sppnet benchmark --only scale --scale-runs runs/bccd_1p runs/bccd_2p
 
 Timings are wall-clock (time.perf_counter); on a shared machine they are noisy, so each section
 reports median, min and max and the load average around the run.
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from detector.bench.runner import GPU_SECTIONS, SECTIONS, run_benchmarks
+from detector.bench.runner import GPU_SECTIONS, RUN_SECTIONS, SECTIONS, run_benchmarks
 from detector.bench.sections import save_inputs
 from detector.cli import add_device_arg, command_line, run_tool
 from detector.engine.run import resolve_device
@@ -49,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
                    "conv5 cache disk figure (default: 5011 images of 500x375, documented in the section)")
     p.add_argument("--inputs", help="gpu section: photos + proposals saved by --save-inputs (for a GPU machine "
                    "without OpenCV contrib); default: made here")
+    p.add_argument("--scale-runs", nargs="+", default=[], metavar="DIR", help="scale section: finished runs")
     p.add_argument("--save-inputs", metavar="FILE", help="write the timing photos and proposals to FILE and exit")
     add_device_arg(p, "cuda", "gpu section's device (the other sections time the CPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if not args.save_inputs:
-        unknown = [n for n in names if n not in SECTIONS + GPU_SECTIONS]
+        unknown = [n for n in names if n not in SECTIONS + GPU_SECTIONS + RUN_SECTIONS]
         if unknown or not names:
             p.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
         if args.runs < 1:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         for line in run_benchmarks(names, runs=args.runs, threads=args.threads, out=args.out,
                                    write=not args.no_write, voc_root=args.voc_root, inputs=args.inputs,
-                                   device=device, argv=command_line(argv)):
+                                   device=device, scale_runs=args.scale_runs, argv=command_line(argv)):
             print(line, flush=True)
 
     return run_tool(body)
