@@ -189,3 +189,11 @@ def test_scale_section_reads_runs_and_projects_to_voc(tmp_path):
     main = runpy.run_path(str(TOOLS / "benchmark.py"))["main"]
     assert main(["--only", "scale", "--no-write"]) == 2                # no run folders: one error line
     assert main(["--only", "scale", "--no-write", "--scale-runs", str(one)]) == 2
+
+
+def test_scale_section_of_one_run_has_no_speed_up_column(tmp_path):
+    from detector.bench.scale import section_scale
+
+    one = _fake_run(tmp_path / "one", 1, {"proposals": 50.0, "finetune": 200.0}, {"detect": 12.0})
+    md, _ = section_scale([one], processes=(1,))
+    assert "| finetune | 200.0 | 200 |\n" in md and "speed-up" not in md

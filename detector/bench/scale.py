@@ -124,14 +124,15 @@ def _stage_table(runs: Sequence[RunFigures], phase: str) -> list[str]:
     peaks = [r.train_peak_mib if phase == "train" else r.test_peak_mib for r in runs]
     stages = [s for s in seconds[0] if s != "total"]
     head = " | ".join(f"{r.world} proc s | peak MiB" for r in runs)
-    lines = [f"| {phase} stage | {head} | speed-up {runs[-1].world} vs {runs[0].world} |",
-             "|---" * (2 * len(runs) + 2) + "|"]
+    several = len(runs) > 1
+    speed_head = f" speed-up {runs[-1].world} vs {runs[0].world} |" if several else ""
+    lines = [f"| {phase} stage | {head} |{speed_head}", "|---" * (2 * len(runs) + 1 + several) + "|"]
     for s in stages + (["total"] if "total" in seconds[0] else []):
         cells = " | ".join(f"{sec.get(s, float('nan')):.1f} | {pk.get(s, float('nan')):.0f}"
                            for sec, pk in zip(seconds, peaks))
         a, b = seconds[0].get(s), seconds[-1].get(s)
-        speed = f"{a / b:.2f}x" if a and b else "–"
-        lines.append(f"| {s} | {cells} | {speed} |")
+        speed = (f" {a / b:.2f}x |" if a and b else " – |") if several else ""
+        lines.append(f"| {s} | {cells} |{speed}")
     return lines
 
 
