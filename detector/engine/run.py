@@ -171,10 +171,32 @@ def numeric_environment() -> dict[str, str]:
             "env": " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(none set)"}
 
 
+# The largest high-water mark read before a reset: the process's own peak survives the per-stage
+# resets, which also lower what getrusage (and so /usr/bin/time) reports for this process.
+_PEAK_BEFORE_RESETS_KB = 0
+
+
+def _vm_hwm_kb() -> int | None:
+    """``VmHWM`` of this process in kB, or None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def reset_stage_peak() -> bool:
     """Start a new peak-memory window for this process: Linux resets the ``VmHWM`` high-water mark
     when ``5`` is written to ``/proc/self/clear_refs``. Returns False where that is not possible
-    (another OS, a restricted /proc): :func:`stage_peak_mb` then reports the process's peak so far."""
+    (another OS, a restricted /proc): :func:`stage_peak_mb` then reports the process's peak so far.
+
+    The kernel's reset also lowers the process's ``ru_maxrss``, which ``/usr/bin/time -v`` reports:
+    the peak before the reset is kept here, and :func:`peak_memory_mb` includes it."""
+    global _PEAK_BEFORE_RESETS_KB
+    _PEAK_BEFORE_RESETS_KB = max(_PEAK_BEFORE_RESETS_KB, _vm_hwm_kb() or 0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -186,19 +208,16 @@ def reset_stage_peak() -> bool:
 def stage_peak_mb() -> float:
     """This process's peak resident memory since :func:`reset_stage_peak`, in MiB (``VmHWM``); the
     process's peak so far where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
+    hwm = _vm_hwm_kb()
+    if hwm is not None:
+        return hwm / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process and its finished children, in MiB (Linux ru_maxrss)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process (across the per-stage resets of :func:`reset_stage_peak`)
+    and of its finished children, in MiB."""
+    own = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _PEAK_BEFORE_RESETS_KB, _vm_hwm_kb() or 0)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, kids) / 1024.0
 
