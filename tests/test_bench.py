@@ -182,7 +182,7 @@ def test_scale_section_reads_runs_and_projects_to_voc(tmp_path):
     assert ratios["train_total_s_1proc"] == 342.0 and ratios["train_total_s_2proc"] == 184.0
     assert "| finetune | 200.0 | 400 | 110.0 | 400 | 1.82x |" in md      # seconds, peak MiB, speed-up 200/110
     assert "| cache | 40.0 | 300 | 21.0 | 900 | 1.90x |" in md          # the largest peak over the ranks
-    assert "5 x 5011 / 8 = 0.87 h" in md                                # 25055 s / 8 = 3131.9 s
+    assert "5 x 5011 / 8 = 52.2 min" in md                             # 25055 s / 8 = 3131.9 s
     (one / "train_memory.json").unlink()
     with pytest.raises(ScaleError, match="train_memory.json"):
         section_scale([one])

@@ -40,6 +40,8 @@ TRAIN_UNITS = {
     "bbox": "train images",
 }
 TEST_UNITS = {"proposals": "test images", "detect": "test images"}
+ONE = {"train images": "train image", "cache entries": "cache entry", "iterations": "iteration",
+       "test images": "test image"}
 
 
 class ScaleError(ValueError):
@@ -128,12 +130,16 @@ def _stage_table(runs: Sequence[RunFigures], phase: str) -> list[str]:
     speed_head = f" speed-up {runs[-1].world} vs {runs[0].world} |" if several else ""
     lines = [f"| {phase} stage | {head} |{speed_head}", "|---" * (2 * len(runs) + 1 + several) + "|"]
     for s in stages + (["total"] if "total" in seconds[0] else []):
-        cells = " | ".join(f"{sec.get(s, float('nan')):.1f} | {pk.get(s, float('nan')):.0f}"
-                           for sec, pk in zip(seconds, peaks))
+        cells = " | ".join(f"{sec.get(s, float('nan')):.1f} | {pk.get(s, max(pk.values(), default=float('nan'))):.0f}"
+                           for sec, pk in zip(seconds, peaks))  # total: the largest stage peak
         a, b = seconds[0].get(s), seconds[-1].get(s)
         speed = (f" {a / b:.2f}x |" if a and b else " – |") if several else ""
         lines.append(f"| {s} | {cells} |{speed}")
     return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def _projection(base: RunFigures, processes: Sequence[int]) -> tuple[list[str], dict[str, float]]:
@@ -151,11 +157,11 @@ def _projection(base: RunFigures, processes: Sequence[int]) -> tuple[list[str], 
             for p in processes:
                 t = per * n / p
                 totals[p] += t
-                cells.append(f"{per:.4g} x {n} / {p} = {t / 3600:.2f} h")
+                cells.append(f"{per:.4g} x {n} / {p} = {_duration(t)}")
             ratios[f"{phase}_{stage}_s_per_{unit.replace(' ', '_')}"] = per
-            lines.append(f"| {phase} {stage} | {per:.4g} s per {unit[:-1] if unit.endswith('s') else unit} "
+            lines.append(f"| {phase} {stage} | {per:.4g} s per {ONE[unit]} "
                          f"({secs[stage]:.1f} s / {base.counts[unit]}) | {n} {unit} | " + " | ".join(cells) + " |")
-    lines.append("| total | | | " + " | ".join(f"{totals[p] / 3600:.2f} h" for p in processes) + " |")
+    lines.append("| total | | | " + " | ".join(_duration(totals[p]) for p in processes) + " |")
     for p in processes:
         ratios[f"voc07_projected_hours_{p}proc"] = totals[p] / 3600
     return lines, ratios
