@@ -403,6 +403,29 @@ def _image_cases(tmp: Path, det: SPPDetector) -> list[Case]:
     return cases
 
 
+def _records_ok(records: list) -> str | None:
+    """The two untouched images of the reader corpus keep their one object each."""
+    by_id = {r.image_id: r for r in records}
+    if [r.image_id for r in records] != list(IDS):
+        return f"records {[r.image_id for r in records]}"
+    bad = [i for i in ("img_001", "img_003") if len(by_id[i].boxes) != 1]
+    return f"objects lost from {bad}" if bad else None
+
+
+def _reader_cases(kind: str, what: str, lib: Callable[[], list], cfg: Path, good_ckpt: Path, tool, expect: str,
+                  names: tuple, says: tuple, says_raw: tuple) -> list[Case]:
+    """One damaged data set through its reader, ``train_detector --stop-after proposals`` and ``test_net``."""
+    return [
+        Case(kind, f"{what}: load_{kind}_split", expect, lib, names, says,
+             check=_records_ok if expect == "handled" else None),
+        Case(kind, f"{what}: train_detector --stop-after proposals", expect,
+             lambda: tool("train_detector", ["--config", str(cfg), "--stop-after", "proposals"]), names, says),
+        Case(kind, f"{what}: test_net", expect,
+             lambda: tool("test_net", ["--config", str(cfg), "--checkpoint", str(good_ckpt), "--time-proposals", "0"]),
+             names, says_raw),
+    ]
+
+
 def _voc_cases(tmp: Path, good_ckpt: Path, tool) -> list[Case]:
     """Annotation and split problems through load_voc_split, train_detector --stop-after proposals
     and test_net (the split's annotations are read as the evaluation reads them, raw_boxes)."""
@@ -446,26 +469,8 @@ def _voc_cases(tmp: Path, good_ckpt: Path, tool) -> list[Case]:
         cfg = tmp / f"voc_{n}.yaml"
         cfg.write_text(CONFIG.format(out=tmp / f"voc_{n}_run", root=root, split=SPLIT))
 
-        def lib(root=root):
-            records, _ = load_voc_split(root, SPLIT, CLASSES)
-            return records
-
-        def records_ok(records):  # the two untouched images keep their one object each
-            by_id = {r.image_id: r for r in records}
-            if [r.image_id for r in records] != list(IDS):
-                return f"records {[r.image_id for r in records]}"
-            bad = [i for i in ("img_001", "img_003") if len(by_id[i].boxes) != 1]
-            return f"objects lost from {bad}" if bad else None
-
-        cases.append(Case("voc", f"{what}: load_voc_split", expect, lib, names, says,
-                          check=records_ok if expect == "handled" else None))
-        cases.append(Case("voc", f"{what}: train_detector --stop-after proposals", expect,
-                          lambda cfg=cfg: tool("train_detector", ["--config", str(cfg), "--stop-after", "proposals"]),
-                          names, says))
-        cases.append(Case("voc", f"{what}: test_net", expect,
-                          lambda cfg=cfg: tool("test_net", ["--config", str(cfg), "--checkpoint", str(good_ckpt),
-                                                            "--time-proposals", "0"]),
-                          names, says_raw))
+        cases += _reader_cases("voc", what, lambda root=root: load_voc_split(root, SPLIT, CLASSES)[0], cfg,
+                               good_ckpt, tool, expect, names, says, says_raw)
     return cases
 
 
@@ -529,26 +534,8 @@ def _coco_cases(tmp: Path, good_ckpt: Path, tool) -> list[Case]:
         cfg.write_text(CONFIG.format(out=tmp / f"coco_{n}_run", root=root, split=SPLIT)
                        .replace("data: {", "data: {format: coco, "))
 
-        def lib(root=root):
-            records, _ = load_coco_split(root, SPLIT, CLASSES)
-            return records
-
-        def records_ok(records):  # the two untouched images keep their one object each
-            by_id = {r.image_id: r for r in records}
-            if [r.image_id for r in records] != list(IDS):
-                return f"records {[r.image_id for r in records]}"
-            bad = [i for i in ("img_001", "img_003") if len(by_id[i].boxes) != 1]
-            return f"objects lost from {bad}" if bad else None
-
-        cases.append(Case("coco", f"{what}: load_coco_split", expect, lib, names, says,
-                          check=records_ok if expect == "handled" else None))
-        cases.append(Case("coco", f"{what}: train_detector --stop-after proposals", expect,
-                          lambda cfg=cfg: tool("train_detector", ["--config", str(cfg), "--stop-after", "proposals"]),
-                          names, says))
-        cases.append(Case("coco", f"{what}: test_net", expect,
-                          lambda cfg=cfg: tool("test_net", ["--config", str(cfg), "--checkpoint", str(good_ckpt),
-                                                            "--time-proposals", "0"]),
-                          names, says_raw))
+        cases += _reader_cases("coco", what, lambda root=root: load_coco_split(root, SPLIT, CLASSES)[0], cfg,
+                               good_ckpt, tool, expect, names, says, says_raw)
         cases.append(Case("coco", f"{what}: convert --to voc", expect,
                           lambda root=root, n=n: tool("convert", [str(root), str(tmp / f"coco_{n}_voc"), "--to", "voc",
                                                                   "--splits", SPLIT, "--classes", *CLASSES]),
