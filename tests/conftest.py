@@ -70,3 +70,18 @@ def tiny_run(tmp_path_factory):
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert test.returncode == 0, test.stderr[-4000:]
     return root, cfg, train, test
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint dict, by dotted name (tests compare two runs' checkpoints with it)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, x: object) -> None:
+        if isinstance(x, torch.Tensor):
+            out[prefix] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", torch.load(path, map_location="cpu", weights_only=True))
+    return out

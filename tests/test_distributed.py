@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_tensors
 
 from detector.distributed import DistInfo, all_gather, barrier, broadcast, current, shard
 
@@ -44,15 +45,7 @@ def test_single_process_helpers_are_no_ops():
     barrier()
 
 
-STEP = """
-import sys, torch, torch.distributed as dist
-from detector.config import FinetuneConfig
-from detector.finetune import finetune
-from detector.head import FCHead
-from detector import distributed
-info, _ = distributed.init("cpu")
-torch.manual_seed(0)
-g = torch.Generator().manual_seed(1)
+FIXED_BATCH = """g = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 24, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 class Source:  # one fixed batch of 16 windows; each rank takes its contiguous share
@@ -64,7 +57,18 @@ class Source:  # one fixed batch of 16 windows; each rank takes its contiguous s
     def validation(self): return None
     def state_dict(self): return {}
     def load_state_dict(self, s): pass
+"""  # a window source of one fixed batch, for the torchrun scripts below
 
+
+STEP = """
+import sys, torch, torch.distributed as dist
+from detector.config import FinetuneConfig
+from detector.finetune import finetune
+from detector.head import FCHead
+from detector import distributed
+info, _ = distributed.init("cpu")
+torch.manual_seed(0)
+""" + FIXED_BATCH + """
 head = FCHead(24, fc_dim=32, num_classes=3, dropout=0.0)
 params = FinetuneConfig(iters=1, lr=0.1, lr_steps=(), val_every=0, batch_size=16)
 grads = {}
@@ -140,20 +144,6 @@ def test_one_ddp_classifier_step_equals_one_step_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, x: object) -> None:
-        if isinstance(x, torch.Tensor):
-            out[prefix] = x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", torch.load(path, map_location="cpu", weights_only=True))
-    return out
-
-
 def test_two_processes_give_the_one_process_results(tiny_run, tmp_path):
     """The tiny config under torchrun with 2 processes, starting from the one-process run's
     pre-trained and fine-tuned weights (their keys do not depend on the number of processes):
@@ -178,7 +168,7 @@ def test_two_processes_give_the_one_process_results(tiny_run, tmp_path):
     assert t.returncode == 0, t.stderr[-4000:]
     assert t.stdout.strip().splitlines()[-1] == test.stdout.strip().splitlines()[-1]  # the mAP line
     for rel in ("model.pt", "svm/svm.pt", "bbox/bbox.pt"):
-        a, b = _tensors(ref / rel), _tensors(run / rel)
+        a, b = checkpoint_tensors(ref / rel), checkpoint_tensors(run / rel)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{rel}: {k}"
@@ -235,19 +225,7 @@ from detector.config import FinetuneConfig
 from detector.finetune import finetune
 from detector.head import FCHead
 info, _ = distributed.init("cpu")
-g = torch.Generator().manual_seed(1)
-x, y = torch.randn(16, 24, generator=g), torch.randint(0, 4, (16,), generator=g)
-
-class Source:
-    def trainable(self): return []
-    def batches(self, start, iters):
-        lo, hi = 16 * info.rank // info.world, 16 * (info.rank + 1) // info.world
-        for _ in range(start, iters):
-            yield x[lo:hi], y[lo:hi], 16
-    def validation(self): return None
-    def state_dict(self): return {}
-    def load_state_dict(self, s): pass
-
+""" + FIXED_BATCH + """
 torch.manual_seed(0)
 head = FCHead(24, fc_dim=32, num_classes=3, dropout=0.5)
 params = FinetuneConfig(iters=6, lr=0.1, lr_steps=(), val_every=3, batch_size=16)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from conftest import checkpoint_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,21 +45,6 @@ def _kill_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 300) 
             proc.wait()
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in a checkpoint dict, by dotted name."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, x: object) -> None:
-        if isinstance(x, torch.Tensor):
-            out[prefix] = x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", torch.load(path, map_location="cpu", weights_only=True))
-    return out
-
-
 def test_killed_in_every_stage_and_rerun_equals_an_uninterrupted_run(tiny_run, tmp_path):
     root, cfg, _, _ = tiny_run
     run = tmp_path / "killed"
@@ -83,7 +69,7 @@ def test_killed_in_every_stage_and_rerun_equals_an_uninterrupted_run(tiny_run, t
     assert list(stages[0]) == ["proposals", "pretrain", "cache", "finetune", "stats", "svm", "bbox", "model"]
     assert stages[0] == stages[1]
     for rel in ("model.pt", "finetune/head.pt", "svm/svm.pt", "bbox/bbox.pt", "stats/stats.pt"):
-        a, b = _tensors(ref / rel), _tensors(run / rel)
+        a, b = checkpoint_tensors(ref / rel), checkpoint_tensors(run / rel)
         assert a.keys() == b.keys(), rel
         for k in a:
             assert torch.equal(a[k], b[k]), f"{rel}: {k} differs after the kills ({killed})"
