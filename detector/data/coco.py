@@ -61,7 +61,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image
+from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image, known_class
 
 __all__ = ["CocoDataError", "annotation_file", "image_folders", "discover_coco_classes", "category_ids",
            "load_coco_split"]
@@ -241,10 +241,7 @@ def _read_annotation(a: dict, what: str, cats: dict[int, str], index: dict[str, 
     it is skipped (warned and counted)."""
     cat = a.get("category_id")
     name = cats[cat] if cat in cats else f"<undefined category_id {cat!r}>"
-    if name not in index:
-        counts["unknown class skipped"] += 1
-        unknown_names[name] += 1
-        log.warning("%s: class %r not in the class list; annotation skipped", what, name)
+    if not known_class(name, index, what, "annotation", counts, unknown_names):
         return None
     b = a.get("bbox")
     if not (isinstance(b, list) and len(b) == 4

@@ -19,7 +19,7 @@ import torch
 
 from detector.boxes import clip_boxes, valid_boxes_mask
 
-__all__ = ["ImageRecord", "DataError", "class_index", "fit_boxes_to_image"]
+__all__ = ["ImageRecord", "DataError", "class_index", "known_class", "fit_boxes_to_image"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ def class_index(class_names: Sequence[str],
     if len(set(names)) != len(names):
         raise error(f"class_names has duplicates: {names}")
     return names, {name: k for k, name in enumerate(names)}
+
+
+def known_class(name: str, index: dict[str, int], what: str, item: str, counts: Counter,
+                unknown_names: Counter) -> bool:
+    """Whether ``name`` is in the class list; an unknown one is warned about (naming ``what``),
+    counted and skipped by the caller. ``item`` is the reader's word for an annotation."""
+    if name in index:
+        return True
+    counts["unknown class skipped"] += 1
+    unknown_names[name] += 1
+    log.warning("%s: class %r not in the class list; %s skipped", what, name, item)
+    return False
 
 
 def fit_boxes_to_image(

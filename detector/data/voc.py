@@ -52,7 +52,7 @@ from PIL import Image
 
 from detector.boxes import voc_to_xyxy
 from detector.config import VOC_CLASSES
-from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image
+from detector.data.records import DataError, ImageRecord, class_index, fit_boxes_to_image, known_class
 
 __all__ = [
     "ImageRecord",
@@ -219,10 +219,7 @@ def _read_object(obj: ET.Element, what: str, index: dict[str, int], raw_boxes: b
     """One ``<object>`` -> (VOC box, class id, difficult, its name for messages), or None where it is
     skipped (warned and counted)."""
     name = _text(obj, "name") or ""
-    if name not in index:
-        counts["unknown class skipped"] += 1
-        unknown_names[name] += 1
-        log.warning("%s: class %r not in the class list; object skipped", what, name)
+    if not known_class(name, index, what, "object", counts, unknown_names):
         return None
     bnd = obj.find("bndbox")
     try:
