@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detector import distributed
 from detector.artifacts import (
     ArtifactError,
     content_id,
@@ -132,7 +133,8 @@ class Conv5Cache:
         self._checked: dict[Path, tuple[int, int]] = {}  # entries whose content check passed: (size, mtime)
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.root)
-        self._write_key()
+        if distributed.current().main:  # one writer under torchrun: the ranks share the folder
+            self._write_key()
 
     # ------------------------------------------------------------------ files
     def _stem(self, image_id: str, flipped: bool) -> str:
