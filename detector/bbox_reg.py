@@ -29,33 +29,25 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from detector import distributed
-from detector.boxes import pairwise_iou
-from detector.config import BBoxRegConfig
-from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
-from detector.train_items import candidates
-
-if TYPE_CHECKING:
-    from detector.train_items import TrainItem
 
 __all__ = [
     "encode",
     "decode",
     "ridge_solve",
+    "ridge_solve_normal",
+    "whiten_targets",
     "fit_bbox_regressor",
     "predict_one_class",
     "BoxRegressor",
     "refine_boxes",
     "fit_box_regressors",
-    "train_box_regressors",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,10 +136,7 @@ def ridge_solve(X: Tensor, Y: Tensor, lam: float, form: str = "auto") -> Tensor:
     x = X.detach().cpu().double().numpy()
     y = Y.detach().cpu().double().numpy()
     if form == "primal":
-        a = x.T @ x  # (M, M)
-        a[np.diag_indices_from(a)] += lam
-        beta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, overwrite_a=True, check_finite=False),
-                                      x.T @ y, check_finite=False)  # (M, T)
+        return ridge_solve_normal(x.T @ x, x.T @ y, lam)  # (M, M), (M, T)
     elif form == "dual":
         k = x @ x.T  # (N, N)
         k[np.diag_indices_from(k)] += lam
@@ -157,6 +146,49 @@ def ridge_solve(X: Tensor, Y: Tensor, lam: float, form: str = "auto") -> Tensor:
     else:
         raise ValueError(f"ridge_solve: form must be 'primal', 'dual' or 'auto', got {form!r}")
     return torch.from_numpy(beta)
+
+
+def ridge_solve_normal(xtx: np.ndarray, xty: np.ndarray, lam: float) -> Tensor:
+    """The primal ridge solution from the normal equations: ``(X^T X + lam I)^-1 X^T Y`` by Cholesky.
+
+    With ``X^T X`` and ``X^T Y`` summed over chunks of rows, a regressor is fitted on any number of
+    samples in the memory of one (M x M) matrix.
+
+    Args:
+        xtx (ndarray[M, M] float64): ``X^T X`` (overwritten).
+        xty (ndarray[M, T] float64): ``X^T Y``.
+        lam: ridge penalty (> 0).
+    Returns:
+        Tensor[M, T] float64.
+    """
+    if lam <= 0:
+        raise ValueError(f"ridge_solve_normal needs lam > 0, got {lam}")
+    xtx[np.diag_indices_from(xtx)] += lam
+    beta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(xtx, overwrite_a=True, check_finite=False), xty,
+                                  check_finite=False)  # (M, T)
+    return torch.from_numpy(beta)
+
+
+def whiten_targets(proposals: Tensor, targets_gt: Tensor, whiten_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The regression targets of one class, centred and whitened (spec §8).
+
+    Args:
+        proposals (Tensor[N, 4]), targets_gt (Tensor[N, 4]): xyxy sample windows and their GT boxes.
+        whiten_eps: added to the target covariance's eigenvalues.
+    Returns:
+        (y, mu, T_inv): y (Tensor[N, 4] float64) = ``(encode(p, g) - mu) T``, the mean mu
+        (Tensor[4]) and T's inverse (Tensor[4, 4]).
+    """
+    n = proposals.shape[0]
+    y = encode(proposals.double(), targets_gt.double())  # (N, 4)
+    mu = y.mean(dim=0)  # (4,)
+    yc = y - mu  # (N, 4)
+    cov = yc.T @ yc / n  # (4, 4)
+    d, v = torch.linalg.eigh(cov)  # (4,), (4, 4)
+    d = d.clamp(min=0.0)
+    t = v @ torch.diag((d + whiten_eps).rsqrt()) @ v.T  # (4, 4)
+    t_inv = v @ torch.diag((d + whiten_eps).sqrt()) @ v.T  # (4, 4)
+    return yc @ t, mu, t_inv
 
 
 def fit_bbox_regressor(
@@ -186,16 +218,9 @@ def fit_bbox_regressor(
                          f"{tuple(features.shape)}, {tuple(proposals.shape)}, {tuple(targets_gt.shape)}")
     if n == 0:
         raise ValueError("fit_bbox_regressor: no samples")
-    y = encode(proposals.double(), targets_gt.double())  # (N, 4)
-    mu = y.mean(dim=0)  # (4,)
-    yc = y - mu  # (N, 4)
-    cov = yc.T @ yc / n  # (4, 4)
-    d, v = torch.linalg.eigh(cov)  # (4,), (4, 4)
-    d = d.clamp(min=0.0)
-    t = v @ torch.diag((d + whiten_eps).rsqrt()) @ v.T  # (4, 4)
-    t_inv = v @ torch.diag((d + whiten_eps).sqrt()) @ v.T  # (4, 4)
+    yw, mu, t_inv = whiten_targets(proposals, targets_gt, whiten_eps)  # (N, 4)
     x = torch.cat([features.double(), features.new_ones(n, 1, dtype=torch.float64)], dim=1)  # (N, D+1)
-    beta = ridge_solve(x, yc @ t, lam, form=form)  # (D+1, 4)
+    beta = ridge_solve(x, yw, lam, form=form)  # (D+1, 4)
     return beta, mu, t_inv
 
 
@@ -337,88 +362,3 @@ def fit_box_regressors(
         params.append(fit_bbox_regressor(x.double(), p, t, lam=lam, whiten_eps=whiten_eps))
         log.info("bbox regression %s: fitted on %d samples", names[c], x.shape[0])
     return BoxRegressor.from_per_class(params, in_dim)
-
-
-@torch.inference_mode()
-def train_box_regressors(
-    items: Sequence["TrainItem"],
-    load_pyramid: Callable[["TrainItem"], Conv5Pyramid],
-    levels: Sequence[int],
-    proj: ProjectionParams,
-    num_classes: int,
-    pool_scale: float,
-    params: BBoxRegConfig,
-    seed: int,
-    class_names: Sequence[str] | None = None,
-    progress: bool = True,
-) -> BoxRegressor | None:
-    """Per-class ridge regressors from pooled conv5 features to box deltas (spec §8).
-
-    Samples: windows (GT boxes included) with IoU > ``params.min_iou`` to their best GT box,
-    assigned to that GT's class; target = that GT box. A class with more than
-    ``params.max_per_class`` samples (when > 0) keeps a random subset drawn with a generator
-    seeded by ``seed``. Features are pooled at the spec §5 scale and multiplied by ``pool_scale``.
-
-    With several processes (``detector.distributed``) each rank pools the samples of its share of
-    the images, and rank 0 gathers them in image order and fits.
-
-    Returns:
-        BoxRegressor: packed regressors (whitening folded in) for ``[x * pool_scale, 1]``; None on
-        ranks other than 0.
-    Raises:
-        RuntimeError: no window of any item overlaps a GT box enough, or the features are not
-            finite (the image is named).
-    """
-    per_image: dict[int, list[tuple[int, Tensor, Tensor, Tensor]]] = {}
-    for i in tqdm(distributed.shard(range(len(items))), desc="box-regression samples", disable=not progress,
-                  unit="img"):
-        item = items[i]
-        per_image[i] = []
-        if item.gt_boxes.shape[0] == 0:
-            continue
-        cand = candidates(item)
-        iou = pairwise_iou(cand, item.gt_boxes)  # (G+R, G)
-        best, arg = iou.max(dim=1)
-        keep = torch.nonzero(best > params.min_iou).flatten()
-        if keep.numel() == 0:
-            continue
-        feats = pool_regions(load_pyramid(item), cand[keep], levels, proj).cpu() * pool_scale  # (n, D)
-        if not bool(torch.isfinite(feats).all()):
-            raise RuntimeError(f"box-regression features of image '{item.record.image_id}' are not finite: the "
-                               f"trunk weights or that image's conv5 cache entry hold NaN/inf")
-        cls = item.gt_labels[arg[keep]]
-        for c in torch.unique(cls).tolist():
-            m = cls == c
-            per_image[i].append((c, feats[m], cand[keep][m], item.gt_boxes[arg[keep]][m]))
-    for part in distributed.all_gather(per_image):  # every rank's images, then in image order
-        per_image.update(part)
-    if not distributed.current().main:
-        return None  # rank 0 fits and writes the regressors
-    X: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    P: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    T: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    for i in range(len(items)):
-        for c, x, p, t in per_image.pop(i, []):
-            X[c].append(x)
-            P[c].append(p)
-            T[c].append(t)
-    g = torch.Generator().manual_seed(seed)
-    samples: list[tuple[Tensor, Tensor, Tensor] | None] = []
-    in_dim = None
-    for c in range(num_classes):
-        if not X[c]:
-            samples.append(None)
-            continue
-        x, p, t = torch.cat(X[c]), torch.cat(P[c]), torch.cat(T[c])
-        X[c], P[c], T[c] = [], [], []  # the concatenated copy is all that is kept
-        in_dim = x.shape[1]
-        if params.max_per_class and x.shape[0] > params.max_per_class:
-            sel = torch.randperm(x.shape[0], generator=g)[: params.max_per_class]
-            x, p, t = x[sel], p[sel], t[sel]
-        samples.append((x, p, t))
-    if in_dim is None:
-        raise RuntimeError(f"no box-regression samples: no window overlaps a ground-truth box by IoU > "
-                           f"{params.min_iou:.2f}")
-    reg = fit_box_regressors(samples, in_dim, params.lam, params.whiten_eps, class_names)
-    reg.feature_scale = float(pool_scale)
-    return reg

@@ -12,7 +12,8 @@ cache      conv5 maps of every training image at every training scale (§2)     
 finetune   fc6/fc7 (+ optionally the trunk's last conv units) on windows (§6)   finetune/head.pt
 stats      fc7 and pool5 feature scales (mean L2 norm 20, §7-8)                 stats/stats.pt
 svm        per-class linear SVMs with hard-negative mining (§7)                 svm/svm.pt
-bbox       per-class ridge box regressors (§8)                                  bbox/bbox.pt
+bbox       per-class ridge box regressors (§8), from samples spilled to disk    bbox/bbox.pt
+           per image (removed once fitted; a rerun resumes from them)           bbox/samples-<key>/
 model      the detector checkpoint                                              model.pt
 =========  ====================================================================  ===================
 
@@ -23,6 +24,7 @@ resume inside the stage from their resume files). ``stop_after`` ends the flow a
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +34,8 @@ import torch
 from detector import distributed
 from detector.artifacts import content_id, digest, load_keyed, save_keyed, tensor_digest
 from detector.backbones import TrunkPrefix, build_backbone
-from detector.bbox_reg import BoxRegressor, train_box_regressors
+from detector.bbox_reg import BoxRegressor
+from detector.bbox_train import train_box_regressors
 from detector.cache import Conv5Cache
 from detector.checkpoint import CheckpointError, load_detector
 from detector.config import Config, config_to_dict
@@ -309,9 +312,14 @@ class BoxRegressionStage(_TunedStage):
     def build(self) -> dict:
         trunk, _ = self.model()
         stats = self.inputs[-1].value
+        folder = self.path.parent / f"samples-{self.key}"
+        if self.run.dist.main:  # sample folders of other keys are stale
+            for old in self.path.parent.glob("samples-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
         reg = train_box_regressors(self.svm_items(), trunk.pyramid, self.cfg.features.levels, trunk.proj,
                                    len(self.data.class_names), stats["pool_scale"], self.cfg.bbox_reg,
-                                   seed=self.cfg.seed, class_names=self.data.class_names)
+                                   seed=self.cfg.seed, folder=folder, class_names=self.data.class_names)
         return self.save(None if reg is None else {"weight": reg.weight, "feature_scale": reg.feature_scale})
 
     def identity(self, value: dict) -> str:
