@@ -14,9 +14,10 @@ Two sources:
   crop of its folder's class (no background crops; the classifier's background output stays unused).
 
 Every image is read once. Each crop is cut straight to S x S (:func:`cut_crops`: bilinear at the
-exact continuous box when enlarging, area-averaged when shrinking) and kept in memory as uint8
-(150 KB per crop at 224); smaller training sizes are resized from it per batch. Held-out sets also keep each crop at its own pixel size and aspect (``native``) for
-the own-size evaluation.
+exact continuous box when enlarging, area-averaged when shrinking) and kept as uint8 (150 KB per
+crop at 224), in memory or, with ``store``, in a temporary file (``detector.data.crop_store``);
+smaller training sizes are resized from it per batch. Held-out sets also keep each crop at its own
+pixel size and aspect (``native``) for the own-size evaluation.
 
 Boxes here are project boxes (float32 xyxy, 0-based continuous pixels of the original image).
 """
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from detector.boxes import clip_boxes, pairwise_iou
+from detector.data.crop_store import CropStore
 
 __all__ = [
     "CropSet",
@@ -53,10 +55,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff")
 
 @dataclass
 class CropSet:
-    """Crops in memory.
+    """A set of crops.
 
     Attributes:
-        images (Tensor[M, S, S, 3] uint8): RGB crops warped to S x S.
+        images (Tensor[M, S, S, 3] uint8, or a CropStore that indexes like one): RGB crops warped
+            to S x S.
         labels (Tensor[M] int64): 0..K-1 foreground, K background.
         class_names: the K foreground names.
         image_ids: M source image ids.
@@ -66,7 +69,7 @@ class CropSet:
             background crops: the whole crop); None = pool the whole crop.
     """
 
-    images: Tensor
+    images: Tensor | CropStore
     labels: Tensor
     class_names: tuple[str, ...]
     image_ids: list[str] = field(default_factory=list)
@@ -262,6 +265,7 @@ def crops_from_records(
     progress: bool = False,
     windows: bool = False,
     heldout_context: float = 1.0,
+    store: str | Path | None = None,
 ) -> CropSet:
     """Object and background crops of a VOC-layout split, each image read once.
 
@@ -284,10 +288,13 @@ def crops_from_records(
         heldout_context: held-out object crops are the exact box enlarged by this factor about its
             centre (1.0 = the box itself); use > 1 with ``windows``.
         progress: tqdm bar.
+        store: keep the S x S crops in a :class:`~detector.data.crop_store.CropStore` (a temporary
+            file in this folder) instead of memory, so the set's memory does not grow with it.
     Returns:
         CropSet.
     """
     K = len(class_names)
+    disk = CropStore(size, store) if store is not None else None
     imgs: list[Tensor] = []
     labels: list[Tensor] = []
     ids: list[str] = []
@@ -328,7 +335,11 @@ def crops_from_records(
             ob = obj_boxes.float()
             c, half = (ob[:, :2] + ob[:, 2:]) / 2, (ob[:, 2:] - ob[:, :2]) * heldout_context / 2
             warp_boxes = torch.cat([clip_boxes(torch.cat([c - half, c + half], dim=1), rec.height, rec.width), bg])
-        imgs.append(cut_crops(image, warp_boxes, size))
+        cut = cut_crops(image, warp_boxes, size)  # (n, S, S, 3)
+        if disk is not None:
+            disk.append(cut)
+        else:
+            imgs.append(cut)
         if windows:
             wb = warp_boxes[: obj_boxes.shape[0]]
             scale = size / (wb[:, 2:] - wb[:, :2]).clamp(min=1e-3).repeat(1, 2)  # (n_obj, 4)
@@ -341,10 +352,10 @@ def crops_from_records(
             native += cut_native(image, boxes)
     if n_short_bg:
         log.info("%d background crops could not be placed (crowded images)", n_short_bg)
-    if not imgs:
+    if not labels:
         raise ValueError("no crops: the records have no objects and no room for background crops")
     return CropSet(
-        images=torch.cat(imgs),  # (M, S, S, 3)
+        images=disk if disk is not None else torch.cat(imgs),  # (M, S, S, 3)
         labels=torch.cat(labels),  # (M,)
         class_names=tuple(class_names),
         image_ids=ids,

@@ -80,12 +80,13 @@ def _crop_records(cfg: Config, data: TrainingData) -> tuple[list, list, str]:
     return list(recs), list(held), src
 
 
-def classifier_crops(cfg: Config, data: TrainingData | None = None) -> CropData:
+def classifier_crops(cfg: Config, data: TrainingData | None = None, store: Path | None = None) -> CropData:
     """Training and held-out crops of ``cfg.data`` with ``cfg.pretrain``'s sampling settings.
 
     ``data.root`` is a detection data set in ``data.format`` (VOC folder or COCO json: object crops
     and background crops, background = class K) or, for format "voc" without ``Annotations/``, an
-    image folder ``root/<class>/*.jpg``.
+    image folder ``root/<class>/*.jpg``. With ``store`` (a folder) the warped crops of a detection
+    data set are kept in temporary files there instead of memory (``detector.data.crop_store``).
 
     Raises:
         VOCDataError / FileNotFoundError / ValueError: data that cannot be read (named), or no
@@ -108,10 +109,10 @@ def classifier_crops(cfg: Config, data: TrainingData | None = None) -> CropData:
         raise VOCDataError("no held-out images for the classifier (set data.val_split or data.val_fraction > 0)")
     names = data.class_names
     train = crops_from_records(recs, names, read_image, size, pc.crops_per_image, pc.bg_per_image, pc.seed,
-                               pc.jitter, pc.context, progress=True, windows=pc.pool_window)
+                               pc.jitter, pc.context, progress=True, windows=pc.pool_window, store=store)
     heldout = crops_from_records(held, names, read_image, size, 0, pc.bg_per_image, pc.seed + 1,
                                  heldout=True, progress=True, windows=pc.pool_window,
-                                 heldout_context=(1.0 + pc.context) / 2 if pc.pool_window else 1.0)
+                                 heldout_context=(1.0 + pc.context) / 2 if pc.pool_window else 1.0, store=store)
     ids = {"train": [r.image_id for r in recs], "heldout": [r.image_id for r in held]}
     return CropData(train, heldout, ids, f"{src}: {len(held)} images", time.perf_counter() - t0)
 
@@ -230,7 +231,7 @@ class PretrainStage(Stage[str]):
 
     def build(self) -> str:
         log.info("pre-training the backbone as a multi-size SPP classifier on crops -> %s", self.folder)
-        data = classifier_crops(self.cfg, self.data)
+        data = classifier_crops(self.cfg, self.data, store=self.folder)
         log.info("crops: %d training %s, %d held-out (%.1f s)", len(data.train), data.train.counts(),
                  len(data.heldout), data.seconds)
         pretrain_classifier(self.cfg, self.folder, data)
