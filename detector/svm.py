@@ -521,30 +521,33 @@ def train_svms(
     """
     head = head.to(device).eval()
 
-    def image_features(item: "TrainItem") -> tuple[Tensor, int, Tensor]:
-        """(scaled fc7 of GT boxes then deduplicated proposals Tensor[G+R, F], G, negative mask [R, K])."""
+    def features(item: "TrainItem", pyr: Conv5Pyramid, boxes: Tensor) -> Tensor:
+        """Scaled fc7 of ``boxes`` (Tensor[N, 4]) -> Tensor[N, F]."""
+        f = head.features(pool_regions(pyr, boxes, levels, proj).to(device)).cpu() * feature_scale  # (N, F)
+        if not bool(torch.isfinite(f).all()):
+            raise RuntimeError(f"SVM features of image '{item.record.image_id}' are not finite: the trunk or "
+                               f"head weights, or that image's conv5 cache entry, hold NaN/inf")
+        return f
+
+    def negatives(item: "TrainItem") -> tuple[Tensor, Tensor]:
+        """(scaled fc7 of the deduplicated proposals Tensor[R, F], negative mask Tensor[R, K] bool)."""
         pyr = load_pyramid(item)
         props = item.proposals
         keep = _dedup_windows(pyr, props, proj) if props.shape[0] else torch.zeros(0, dtype=torch.int64)
         props = props[keep]
-        boxes = torch.cat([item.gt_boxes, props])  # (G+R, 4)
-        f = head.features(pool_regions(pyr, boxes, levels, proj).to(device)).cpu() * feature_scale  # (G+R, F)
-        if not bool(torch.isfinite(f).all()):
-            raise RuntimeError(f"SVM features of image '{item.record.image_id}' are not finite: the trunk or "
-                               f"head weights, or that image's conv5 cache entry, hold NaN/inf")
         iou = pairwise_iou(props, item.gt_boxes)  # (R, G)
         neg = torch.ones((props.shape[0], num_classes), dtype=torch.bool)
         for c in range(num_classes):
             m = item.gt_labels == c
             if m.any():
                 neg[:, c] = iou[:, m].max(dim=1).values < params.neg_iou
-        return f, item.gt_boxes.shape[0], neg
+        return features(item, pyr, props), neg
 
     # pass 1: the positives (every GT box), each rank its images, gathered in image order
     mine_pos = {}
     for i in tqdm(distributed.shard(range(len(items))), desc="SVM positives", disable=not progress, unit="img"):
-        f, G, _ = image_features(items[i])
-        mine_pos[i] = f[:G]  # (G, F)
+        item = items[i]
+        mine_pos[i] = features(item, load_pyramid(item), item.gt_boxes)  # (G, F)
     for part in distributed.all_gather(mine_pos):
         mine_pos.update(part)
     feats_pos: list[list[Tensor]] = [[] for _ in range(num_classes)]
@@ -563,8 +566,8 @@ def train_svms(
         if feats_pos[c]:
             miner.add_positives(c, torch.cat(feats_pos[c]))
     for i, item in enumerate(tqdm(items, desc="hard-negative mining", disable=not progress, unit="img")):
-        f, G, neg = image_features(item)
-        miner.process_image(f[G:].half().float(), neg, image_index=i)  # negatives kept as float16 values
+        f, neg = negatives(item)
+        miner.process_image(f.half().float(), neg, image_index=i)  # negatives kept as float16 values
     W, b = miner.finish()
     for part_classes, part_W, part_b in distributed.all_gather((classes, W, b)):
         W[:, part_classes], b[part_classes] = part_W[:, part_classes], part_b[part_classes]
