@@ -394,9 +394,10 @@ class Config:
     name: str = "default"  # experiment name, used in output paths and logs
     output_dir: Text = "runs/default"  # every stage writes under this folder
     seed: Seed = 0  # global seed; each stage derives its own generator from it
-    # "cpu", "cuda", "cuda:N", or "auto" = CUDA when available, else CPU (only the spelling is
-    # checked here; whoever uses the device resolves "auto")
-    device: Annotated[str, DEVICE] = "cpu"
+    # "auto" = CUDA when torch sees a GPU, else the CPU (the log names the device the run got);
+    # or "cpu", "cuda", "cuda:N" (only the spelling is checked here; whoever uses the device
+    # resolves "auto"). Results on the CPU do not depend on whether "auto" or "cpu" chose it.
+    device: Annotated[str, DEVICE] = "auto"
     num_threads: Count = 0  # torch intra-op threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
