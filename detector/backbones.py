@@ -401,7 +401,8 @@ def _check_tail(trunk: nn.Module, n: int) -> None:
 
 _TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet50": "ResNet50_Weights"}
 # keys of a full torchvision model that the trunk does not use (silently ignored on load)
-_IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."), "zf5": ()}
+_IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."),
+                     "zf5": ("fc6.", "fc7.", "fc8.", "cls_score.")}  # fc layers: read by the fine-tuning stage
 
 
 def _arch_class(arch: str) -> type[nn.Module]:

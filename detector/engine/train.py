@@ -153,7 +153,11 @@ class FinetuneStage(Stage[dict]):
         c, d = self.cfg, self.data
         return [d.class_names, [r.image_id for r in d.finetune], [r.image_id for r in d.held_out],
                 c.data.use_flipped, c.features.levels, c.features.target_side, c.finetune, c.head,
-                c.pretrain.enabled and c.backbone.weights == "none"]
+                self.fc_from_weights()]
+
+    def fc_from_weights(self) -> bool:
+        """Whether the trunk's weights file brings fc layers (:func:`weights_fc_layers`)."""
+        return bool(weights_fc_layers(self.inputs[1].value))
 
     def load(self) -> dict | None:
         return load_keyed(self.path, self.key)
@@ -165,8 +169,10 @@ class FinetuneStage(Stage[dict]):
         trunk = Trunk(cfg, weights, cache)
         D = spp_out_dim(trunk.net.out_channels, cfg.features.levels)
         head = FCHead(D, fc_dim=cfg.head.fc_dim, num_classes=K, dropout=cfg.head.dropout)
-        if cfg.pretrain.enabled and cfg.backbone.weights == "none":
-            init_fc_from_classifier(head, Path(weights), self.data.class_names)
+        if self.fc_from_weights():
+            init_fc_from_weights(head, weights, self.data.class_names)
+        else:
+            log.info("fc layers: fc6, fc7, cls_score random (spec §1); the trunk's weights (%s) hold none", weights)
         ft_items = make_items(self.data.finetune, props, flips=cfg.data.use_flipped)
         val_items = make_items(self.data.held_out, props, flips=False)
         levels = cfg.features.levels
@@ -203,18 +209,65 @@ class FinetuneStage(Stage[dict]):
         return digest(self.key, content_id(self.path))
 
 
-def init_fc_from_classifier(head: FCHead, ckpt: Path, class_names: Sequence[str]) -> None:
-    """Start fc6/fc7 from the pre-trained classifier when their shapes match (spec §6: fc6/fc7 are
-    copied from the pre-trained net). Its (K+1)-way classifier is copied too when it was trained on
-    the same classes (crops of the same training split); otherwise that layer starts afresh."""
-    st = torch.load(ckpt, map_location="cpu", weights_only=True)
-    fc = st.get("fc", {}) if isinstance(st, dict) else {}
+# fc layer names of the weights files the trunk's weights may come with, as FCHead names them
+_FC_NAMES = {"fc6.": "fc6.", "fc7.": "fc7.", "cls_score.": "cls_score.",
+             "classifier.0.": "fc6.", "classifier.3.": "fc7."}  # the last two: torchvision's VGG
+
+
+def weights_fc_layers(weights: str) -> dict[str, torch.Tensor]:
+    """The fc layers a trunk weights file holds, under FCHead's names (``fc6.weight``, ...).
+
+    Where they are: the ``fc`` mapping of an SPP classifier checkpoint (``sppnet classifier``, the
+    pre-training stage), or ``fc6.*`` / ``fc7.*`` keys beside the conv keys of a flat state dict (a
+    converted paper ZF-5), or torchvision VGG's ``classifier.0`` / ``classifier.3``. Empty for
+    ``none``, ``imagenet`` and files without fc layers. Read with ``weights_only=True``.
+    """
+    path = Path(weights)
+    if weights in ("none", "imagenet") or not path.is_file():
+        return {}
+    st = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(st, dict):
+        return {}
+    flat = st.get("fc") if isinstance(st.get("fc"), dict) else st.get("state_dict", st)
+    if not isinstance(flat, dict):
+        return {}
+    flat = {k[len("module."):] if k.startswith("module.") else k: v for k, v in flat.items()}
+    out = {}
+    for k, v in flat.items():
+        for prefix, name in _FC_NAMES.items():
+            if k.startswith(prefix) and isinstance(v, torch.Tensor):
+                out[name + k[len(prefix):]] = v
+    return out
+
+
+def init_fc_from_weights(head: FCHead, weights: str, class_names: Sequence[str]) -> list[str]:
+    """Initialise fc6/fc7 from the trunk's weights file where it holds them with the head's shapes
+    (paper §4: detection fine-tunes the classification net's fc layers); the others keep their
+    spec §1 random init. The (K+1)-way classifier is copied too when the file is a classifier
+    trained on the same classes (crops of the same training split). The log says which layer came
+    from where.
+
+    Returns:
+        the copied parameter names.
+    """
+    fc = weights_fc_layers(weights)
+    st = torch.load(weights, map_location="cpu", weights_only=True) if fc else {}
+    same_classes = isinstance(st, dict) and tuple(st.get("class_names", ())) == tuple(class_names)
+    prefixes = ("fc6", "fc7") + (("cls_score",) if same_classes else ())
     own = head.state_dict()
-    prefixes = ("fc6", "fc7") + (("cls_score",) if tuple(st.get("class_names", ())) == tuple(class_names) else ())
-    copied = [k for k, v in fc.items() if k in own and own[k].shape == v.shape and k.startswith(prefixes)]
+    skipped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in fc.items()
+               if k in own and own[k].shape != v.shape and k.startswith(("fc6", "fc7"))]
+    bad_layers = {s.split(".")[0] for s in skipped}  # a layer is copied whole or not at all
+    copied = [k for k, v in fc.items() if k in own and own[k].shape == v.shape and k.startswith(prefixes)
+              and k.split(".")[0] not in bad_layers]
     own.update({k: fc[k] for k in copied})
     head.load_state_dict(own)
-    log.info("fc layers initialised from %s: %s", ckpt, ", ".join(copied) if copied else "none matched (random init)")
+    layers = sorted({k.split(".")[0] for k in copied})
+    fresh = [n for n in ("fc6", "fc7", "cls_score") if n not in layers]
+    log.info("fc layers: %s from %s; %s random (spec §1)%s", ", ".join(layers) or "none", weights,
+             ", ".join(fresh) or "none",
+             f"; shapes that differ from the head: {', '.join(skipped)}" if skipped else "")
+    return copied
 
 
 class _TunedStage(Stage):
