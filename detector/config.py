@@ -339,6 +339,7 @@ class SVMConfig:
     C: PosFloat = 0.001  # liblinear -c
     pos_weight: PosFloat = 2.0  # liblinear -w1
     bias: PosFloat = 10.0  # liblinear -B
+    tol: PosFloat = 1e-4  # liblinear's stopping tolerance of the dual solver (-e)
     neg_iou: PosFrac = 0.3  # negatives: IoU < 0.3 with every GT of the class
     hard_thresh: float = -1.0001  # a negative is hard when it scores above this
     # cached easy negatives scoring below this are dropped after a retrain; < hard_thresh (-inf = never)

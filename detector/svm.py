@@ -561,7 +561,7 @@ def train_svms(
     miner = HardNegativeMiner(num_classes, int(head.out_dim), C=params.C, pos_weight=params.pos_weight,
                               bias=params.bias, hard_thresh=params.hard_thresh, evict_thresh=params.evict_thresh,
                               retrain_every=params.retrain_every, class_names=class_names,
-                              max_hard_per_image=params.max_hard_per_image, active=classes)
+                              max_hard_per_image=params.max_hard_per_image, active=classes, tol=params.tol)
     for c in classes:
         if feats_pos[c]:
             miner.add_positives(c, torch.cat(feats_pos[c]))
