@@ -341,6 +341,9 @@ class SVMConfig:
     bias: PosFloat = 10.0  # liblinear -B
     tol: PosFloat = 1e-4  # liblinear's stopping tolerance of the dual solver (-e)
     neg_iou: PosFrac = 0.3  # negatives: IoU < 0.3 with every GT of the class
+    # Candidate negatives include the image's ground-truth boxes (spec §7: other classes' GT boxes
+    # qualify; R-CNN's box list is GT + proposals); false = proposals only
+    gt_negatives: bool = True
     hard_thresh: float = -1.0001  # a negative is hard when it scores above this
     # cached easy negatives scoring below this are dropped after a retrain; < hard_thresh (-inf = never)
     evict_thresh: Annotated[float, MINUS_INF_OK] = -1.2

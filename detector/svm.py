@@ -45,6 +45,7 @@ from detector.boxes import pairwise_iou
 from detector.config import SVMConfig
 from detector.projection import project_boxes, select_scales
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+from detector.train_items import candidates
 
 if TYPE_CHECKING:
     from detector.train_items import TrainItem
@@ -500,10 +501,12 @@ def train_svms(
 ) -> tuple[Tensor, Tensor, dict]:
     """Per-class linear SVMs on scaled fc7 features with one pass of hard-negative mining (spec §7).
 
-    Positives: every ground-truth box of the class (difficult included). Negatives: proposals with
-    IoU < ``params.neg_iou`` to every GT box of that class, deduplicated by (scale, conv5 window).
-    Uses ``C``, ``pos_weight``, ``bias``, ``hard_thresh``, ``evict_thresh``, ``retrain_every`` and
-    ``max_hard_per_image`` of ``params``.
+    Positives: every ground-truth box of the class (difficult included). Negatives: windows with
+    IoU < ``params.neg_iou`` to every GT box of that class, deduplicated by (scale, conv5 window);
+    the windows are the image's GT boxes and proposals (spec §7: other classes' GT boxes qualify),
+    or the proposals only with ``params.gt_negatives`` false. Uses ``C``, ``pos_weight``, ``bias``,
+    ``tol``, ``hard_thresh``, ``evict_thresh``, ``retrain_every`` and ``max_hard_per_image`` of
+    ``params``.
 
     Two passes over the images, as the original code mines from the conv5 cache: the first keeps
     only the ground truth's features (the positives), the second computes each image's features
@@ -532,7 +535,7 @@ def train_svms(
     def negatives(item: "TrainItem") -> tuple[Tensor, Tensor]:
         """(scaled fc7 of the deduplicated proposals Tensor[R, F], negative mask Tensor[R, K] bool)."""
         pyr = load_pyramid(item)
-        props = item.proposals
+        props = candidates(item) if params.gt_negatives else item.proposals  # (R, 4)
         keep = _dedup_windows(pyr, props, proj) if props.shape[0] else torch.zeros(0, dtype=torch.int64)
         props = props[keep]
         iou = pairwise_iou(props, item.gt_boxes)  # (R, G)

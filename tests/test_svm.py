@@ -200,3 +200,33 @@ def test_linear_svms_module_scores_scaled_features_with_one_addmm():
         LinearSVMs(W, b, feature_scale=float("nan"))
     with pytest.raises(ValueError, match=r"bias \[K\]"):
         LinearSVMs(W, torch.zeros(4), 1.0)
+
+
+@pytest.mark.parametrize("gt_negatives", [True, False])
+def test_other_class_ground_truth_boxes_are_negatives(monkeypatch, gt_negatives):
+    """Spec §7: a class's negatives are windows with IoU < 0.3 to every GT of that class, and the
+    windows include the image's GT boxes, so another class's GT box is a negative (R-CNN's box list
+    is GT + proposals). The mined windows are checked against the hand-made mask."""
+    from pathlib import Path
+
+    from detector.config import SVMConfig
+    from detector.data.records import ImageRecord
+    from detector.head import FCHead
+    from detector.regions import Conv5Pyramid, ProjectionParams
+    from detector.svm import train_svms
+    from detector.train_items import TrainItem
+
+    gt = torch.tensor([[8.0, 8.0, 70.0, 60.0], [90.0, 80.0, 150.0, 140.0]])  # class 0, class 1: apart
+    props = torch.tensor([[8.0, 8.0, 50.0, 40.0], [0.0, 100.0, 40.0, 150.0]])  # IoU 0.42 with GT 0; background
+    rec = ImageRecord("im0", Path("im0.jpg"), 160, 160, gt, torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool))
+    item = TrainItem(rec, False, gt, rec.labels, rec.difficult, props)
+    pyr = Conv5Pyramid([torch.rand(4, 10, 10, generator=torch.Generator().manual_seed(0))], [(160, 160)], (160, 160))
+    seen = []
+    monkeypatch.setattr(HardNegativeMiner, "process_image",
+                        lambda self, f, neg, keys=None, image_index=None: seen.append(neg.clone()) or {})
+    head = FCHead(20, fc_dim=8, dropout=0.0)
+    train_svms(head, [item], lambda it: pyr, (1, 2), ProjectionParams(16, 20.0, 2.0, 48.0), 2, 1.0,
+               SVMConfig(gt_negatives=gt_negatives), progress=False)
+    # rows: GT 0, GT 1, proposal on GT 0, background proposal (or the proposals only)
+    want = [[False, True], [True, False], [False, True], [True, True]]
+    assert seen[0].tolist() == (want if gt_negatives else want[2:])
