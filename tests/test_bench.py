@@ -197,3 +197,24 @@ def test_scale_section_of_one_run_has_no_speed_up_column(tmp_path):
     one = _fake_run(tmp_path / "one", 1, {"proposals": 50.0, "finetune": 200.0}, {"detect": 12.0})
     md, _ = section_scale([one], processes=(1,))
     assert "| finetune | 200.0 | 200 |\n" in md and "speed-up" not in md
+
+
+def test_growth_section_gives_each_stage_peak_and_its_growth_per_1000_images(tmp_path):
+    from detector.bench.growth import section_growth
+    from detector.bench.scale import ScaleError
+
+    runs = []
+    for n, svm_peak in ((10, 500.0), (30, 500.0), (110, 900.0)):
+        r = _fake_run(tmp_path / f"d{n}", 1, {"proposals": 5.0, "svm": 3.0}, {"detect": 1.0})
+        np.savez(r / "proposals" / "trainval-abc.npz", ids=np.array([f"{i:06d}" for i in range(n)]))
+        (r / "train_memory.json").write_text(json.dumps({"peak_rss_mib_per_stage": {"proposals": 100.0,
+                                                                                    "svm": svm_peak}}))
+        runs.append(r)
+    md, ratios = section_growth([str(runs[2]), str(runs[0]), str(runs[1])])  # any order: sorted by size
+    assert ratios["growth_proposals_mib_per_1000_images"] == 0.0
+    assert ratios["growth_svm_mib_per_1000_images"] == 4000.0  # (900 - 500) MiB / (110 - 10) images x 1000
+    assert "| svm | 500 | 500 | 900 | +4000 MiB | 3 |" in md
+    with pytest.raises(ScaleError, match="two or more"):
+        section_growth([str(runs[0])])
+    with pytest.raises(ScaleError, match="all have 10 training images"):
+        section_growth([str(runs[0]), str(runs[0])])

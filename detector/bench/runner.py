@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory", "batch")  # the default run, in this order
 GPU_SECTIONS = ("gpu",)  # needs CUDA; runs only when named
-RUN_SECTIONS = ("scale",)  # reads finished training runs (scale_runs); runs only when named
+RUN_SECTIONS = ("scale", "growth")  # read finished training runs (scale_runs, growth_runs); only when named
 
 
 def machine_info() -> dict[str, str]:
@@ -66,7 +66,7 @@ def update_section(path: str | Path, name: str, body: str) -> None:
 
 def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
                 inputs: str | None = None, device: str = "cuda",
-                scale_runs: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
+                scale_runs: Sequence[str] = (), growth_runs: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
     """Run one section (a name of :data:`SECTIONS`, :data:`GPU_SECTIONS` or :data:`RUN_SECTIONS`).
 
     Args:
@@ -75,6 +75,7 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
         inputs: photos + proposals written by :func:`detector.bench.sections.save_inputs` (``gpu``).
         device: the device of the ``gpu`` section ("cuda", "cuda:N"; "cpu" is a smoke run).
         scale_runs: finished run folders of one config with different numbers of processes (``scale``).
+        growth_runs: finished run folders of one config on training sets of different sizes (``growth``).
     Returns:
         ``(markdown, ratios)``.
     """
@@ -85,6 +86,10 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
         from detector.bench.scale import section_scale
 
         return section_scale(scale_runs)
+    if name == "growth":
+        from detector.bench.growth import section_growth
+
+        return section_growth(growth_runs)
     if name == "spp":
         from detector.bench.spp import section_spp
 
@@ -111,6 +116,7 @@ def run_benchmarks(
     inputs: str | None = None,
     device: str = "cuda",
     scale_runs: Sequence[str] = (),
+    growth_runs: Sequence[str] = (),
     argv: Sequence[str] = ("python", "tools/benchmark.py"),
 ) -> Iterator[str]:
     """Run sections in order; yield each one's ``name: value`` lines as it finishes.
@@ -122,7 +128,7 @@ def run_benchmarks(
 
     Args:
         names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`, :data:`RUN_SECTIONS`).
-        runs, voc_root, inputs, device, scale_runs: see :func:`run_section`.
+        runs, voc_root, inputs, device, scale_runs, growth_runs: see :func:`run_section`.
         threads: torch intra-op threads (0 = torch default).
         argv: the command line, recorded in each block.
     """
@@ -135,7 +141,7 @@ def run_benchmarks(
     for name in names:
         log.info("section %s ...", name)
         md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device,
-                                 scale_runs=scale_runs)
+                                 scale_runs=scale_runs, growth_runs=growth_runs)
         for k, v in ratios.items():
             yield f"{k}: {v:.6g}"
         if write:

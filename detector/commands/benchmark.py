@@ -13,6 +13,8 @@ Sections (``detector.bench.runner`` runs them and rewrites the blocks):
     scale             (only when named) seconds and peak memory per stage of finished runs of one
                       config with 1 and N processes (--scale-runs), and a VOC 2007 projection
                       (detector/bench/scale.py)
+    growth            (only when named) peak memory per stage of finished runs of one config on
+                      training sets of different sizes (--growth-runs; detector/bench/growth.py)
 
 Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     sppnet benchmark --only spp
@@ -21,6 +23,7 @@ Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     sppnet benchmark --save-inputs gpu_inputs/inputs.pt  # here (needs OpenCV contrib), then
     sppnet benchmark --only gpu --inputs gpu_inputs/inputs.pt [--device cuda:1]   # on the GPU machine
     sppnet benchmark --only scale --scale-runs runs/bccd_1p runs/bccd_2p
+    sppnet benchmark --only growth --growth-runs runs/d300 runs/d1000 runs/d3000
 
 Timings are wall-clock (time.perf_counter); on a shared machine they are noisy, so each section
 reports median, min and max and the load average around the run.
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", help="gpu section: photos + proposals saved by --save-inputs (for a GPU machine "
                    "without OpenCV contrib); default: made here")
     p.add_argument("--scale-runs", nargs="+", default=[], metavar="DIR", help="scale section: finished runs")
+    p.add_argument("--growth-runs", nargs="+", default=[], metavar="DIR",
+                   help="growth section: finished runs of one config on training sets of different sizes")
     p.add_argument("--save-inputs", metavar="FILE", help="write the timing photos and proposals to FILE and exit")
     add_device_arg(p, "cuda", "gpu section's device (the other sections time the CPU)")
     args = p.parse_args(argv)
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         for line in run_benchmarks(names, runs=args.runs, threads=args.threads, out=args.out,
                                    write=not args.no_write, voc_root=args.voc_root, inputs=args.inputs,
-                                   device=device, scale_runs=args.scale_runs, argv=command_line(argv)):
+                                   device=device, scale_runs=args.scale_runs, growth_runs=args.growth_runs,
+                                   argv=command_line(argv)):
             print(line, flush=True)
 
     return run_tool(body)
