@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from detector.projection import project_boxes, select_scales
@@ -96,3 +97,35 @@ def pool_regions(
         )  # (R_s, 4) int64
         out[idx.to(device)] = spp_pool(fmap.float(), windows.to(device), levels)  # (R_s, D)
     return out
+
+
+def distinct_windows(pyramid: Conv5Pyramid, boxes: torch.Tensor, proj: ProjectionParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes that pool distinct conv5 cells: two boxes with the same scale (spec §5 choice) and
+    the same projected window pool the same vector, so features computed once per distinct window
+    serve both.
+
+    Args:
+        pyramid: the image's conv5 maps.
+        boxes (Tensor[R, 4]): xyxy, original-image pixels.
+        proj: projection constants and the scale choice's target side.
+    Returns:
+        (first, inverse): first (Tensor[U] int64, ascending) = the index of the first box of each
+        distinct (scale, window); inverse (Tensor[R] int64) = each box's row in ``first``, so
+        ``x[first][inverse]`` equals ``x`` for any per-box feature x of the pooled vectors.
+    """
+    R = boxes.shape[0]
+    if R == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    boxes = boxes.detach().to("cpu", torch.float32)
+    s_idx = select_scales(boxes, pyramid.image_size, pyramid.short_sides(), target_side=proj.target_side)
+    keys = torch.zeros((R, 5), dtype=torch.int64)
+    keys[:, 0] = s_idx
+    for s in torch.unique(s_idx).tolist():
+        m = s_idx == s
+        keys[m, 1:] = project_boxes(boxes[m], pyramid.image_size, pyramid.scaled_sizes[s],
+                                    tuple(pyramid.fmaps[s].shape[-2:]), proj.stride, proj.offset0, proj.shrink)
+    _, first, inverse = np.unique(keys.numpy(), axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # distinct windows in the order of their first box
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return torch.from_numpy(first[order]), torch.from_numpy(rank[inverse.reshape(-1)])

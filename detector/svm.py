@@ -43,8 +43,7 @@ from tqdm import tqdm
 from detector import distributed
 from detector.boxes import pairwise_iou
 from detector.config import SVMConfig
-from detector.projection import project_boxes, select_scales
-from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+from detector.regions import Conv5Pyramid, ProjectionParams, distinct_windows, pool_regions
 from detector.train_items import candidates
 
 if TYPE_CHECKING:
@@ -472,19 +471,6 @@ class LinearSVMs(nn.Module):
         return f"features={self.weight.shape[0]}, classes={self.num_classes}, feature_scale={self.feature_scale:.6g}"
 
 
-def _dedup_windows(pyr: Conv5Pyramid, boxes: Tensor, proj: ProjectionParams) -> Tensor:
-    """Indices of the boxes with a distinct (scale, conv5 window), first of each (spec §7 dedup)."""
-    s_idx = select_scales(boxes, pyr.image_size, pyr.short_sides(), target_side=proj.target_side)
-    keys = torch.zeros((boxes.shape[0], 5), dtype=torch.int64)
-    keys[:, 0] = s_idx
-    for s in torch.unique(s_idx).tolist():
-        m = s_idx == s
-        keys[m, 1:] = project_boxes(boxes[m], pyr.image_size, pyr.scaled_sizes[s],
-                                    tuple(pyr.fmaps[s].shape[-2:]), proj.stride, proj.offset0, proj.shrink)
-    _, first = np.unique(keys.numpy(), axis=0, return_index=True)
-    return torch.from_numpy(np.sort(first))
-
-
 @torch.inference_mode()
 def train_svms(
     head: nn.Module,
@@ -536,7 +522,7 @@ def train_svms(
         """(scaled fc7 of the deduplicated proposals Tensor[R, F], negative mask Tensor[R, K] bool)."""
         pyr = load_pyramid(item)
         props = candidates(item) if params.gt_negatives else item.proposals  # (R, 4)
-        keep = _dedup_windows(pyr, props, proj) if props.shape[0] else torch.zeros(0, dtype=torch.int64)
+        keep = distinct_windows(pyr, props, proj)[0]  # spec §7: one sample per (scale, conv5 window)
         props = props[keep]
         iou = pairwise_iou(props, item.gt_boxes)  # (R, G)
         neg = torch.ones((props.shape[0], num_classes), dtype=torch.bool)

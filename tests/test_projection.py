@@ -117,3 +117,24 @@ def test_projection_never_empty_and_validates():
     assert got[:, 2].max() <= 5 and got[:, 3].max() <= 4 and got.min() >= 0
     with pytest.raises(ValueError, match="fmap_size"):
         project_boxes(boxes, (100, 120), (100, 120), (0, 6), **ZF)
+
+
+def test_distinct_windows_share_their_pooled_vector():
+    """Boxes that project to the same conv5 window at the same scale pool the same vector: the first
+    of each distinct (scale, window), in box order, and each box's row among them."""
+    from detector.regions import Conv5Pyramid, ProjectionParams, distinct_windows, pool_regions
+
+    g = torch.Generator().manual_seed(0)
+    pyr = Conv5Pyramid([torch.rand(3, 10, 10, generator=g), torch.rand(3, 20, 20, generator=g)],
+                       [(160, 160), (320, 320)], (160, 160))
+    proj = ProjectionParams(16, 20.0, 2.0, 64.0)
+    base = torch.tensor([[10.0, 10.0, 90.0, 70.0], [0.0, 0.0, 150.0, 150.0], [40.0, 50.0, 80.0, 100.0]])
+    boxes = torch.cat([base, base + 0.5, base[:1]])  # a half-pixel shift stays in the same cells here
+    first, inverse = distinct_windows(pyr, boxes, proj)
+    pooled = pool_regions(pyr, boxes, (1, 2), proj)
+    assert torch.equal(pooled[first][inverse], pooled)
+    assert first.tolist() == sorted(first.tolist()) and first[0] == 0
+    assert len(set(map(tuple, pooled[first].tolist()))) == first.shape[0]  # distinct windows, distinct vectors
+    assert first.shape[0] < boxes.shape[0] and inverse[6] == 0  # the copy of box 0 is box 0's row
+    e = distinct_windows(pyr, torch.zeros(0, 4), proj)
+    assert e[0].shape == (0,) and e[1].shape == (0,)
