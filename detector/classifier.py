@@ -172,10 +172,12 @@ class SPPClassifier(nn.Module):
         shift = (torch.arange(N) * ws)[:, None] * torch.tensor([1, 0, 1, 0])  # (N, 4)
         return spp_pool(tiled, (cells + shift).to(fmap.device), self.levels)  # (N, D)
 
-    def forward(self, x: Tensor, windows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, windows: Tensor | None = None, dropout_rows: Tensor | None = None,
+                dropout_total: int | None = None) -> Tensor:
         """Logits. x (Tensor[N, 3, H, W]) -> Tensor[N, K+1] (dropout active in train mode);
-        ``windows`` as in :meth:`pooled`."""
-        return self.head(self.pooled(x, windows))  # (N, K+1)
+        ``windows`` as in :meth:`pooled`; ``dropout_rows`` / ``dropout_total`` as in
+        :meth:`detector.head.FCHead.forward` (a data-parallel step)."""
+        return self.head(self.pooled(x, windows), dropout_rows, dropout_total)  # (N, K+1)
 
 
 @torch.no_grad()

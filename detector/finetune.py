@@ -98,9 +98,11 @@ class WindowSource(Protocol):
     def trainable(self) -> list[tuple[nn.Module, float]]:
         """Modules trained besides the head, each with its learning-rate multiplier."""
 
-    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """``(x Tensor[b, D], y Tensor[b] int64, B)`` for iterations ``start`` .. ``iters - 1``: this
-        rank's ``b`` windows of the batch of ``B`` (all of them with one process)."""
+    def batches(self, start: int, iters: int) -> Iterator[tuple[Tensor, Tensor, int, Tensor]]:
+        """``(x Tensor[b, D], y Tensor[b] int64, B, rows Tensor[b] int64)`` for iterations ``start`` ..
+        ``iters - 1``: this rank's ``b`` windows of the batch of ``B`` (all of them with one process)
+        and their positions in the batch as one process orders it (dropout draws the whole batch's
+        mask, :meth:`FCHead.forward`)."""
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
         """Features and labels of the fixed validation windows under the current weights (None:
@@ -177,7 +179,7 @@ class CachedWindows:
                                      f"for {p.chunk_iters} batches (finetune.chunk_iters): a batch would be "
                                      f"empty; use more images or a smaller finetune.chunk_iters")
                 lo, hi = _slice(len(idx))
-                yield feats[idx[lo:hi]], lab[idx[lo:hi]], len(idx)
+                yield feats[idx[lo:hi]], lab[idx[lo:hi]], len(idx), torch.arange(lo, hi)
                 it += 1
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
@@ -255,6 +257,10 @@ class TunedTailWindows:
                 scale = int(torch.randint(self.n_scales, (1,), generator=g)) if p.random_scale else None
                 plan.append((idx, win, scale))
             feats, ys = [], []
+            offsets = [0]
+            for _, w, _ in plan:  # where each image's windows start in the one-process batch
+                offsets.append(offsets[-1] + len(w))
+            rows = [torch.arange(offsets[k], offsets[k + 1]) for k in range(info.rank, len(plan), info.world)]
             for idx, win, scale in plan[info.rank::info.world]:  # this rank's images of the batch
                 item, pre = self.items[idx], self.load(self.items[idx])
                 # the tail runs with gradients only on the maps the windows are pooled from
@@ -266,11 +272,11 @@ class TunedTailWindows:
                 scale_index = torch.zeros(len(win), dtype=torch.int64) if scale is not None else None
                 feats.append(pool_regions(pyr, candidates(item)[win], self.levels, self.proj, scale_index))  # (m, D)
                 ys.append(self.labels[idx][win])
-            n = sum(len(w) for _, w, _ in plan)
+            n = offsets[-1]
             if not feats:  # more ranks than images in the batch: this rank adds nothing to it
-                yield torch.zeros((0, self._dim)), torch.zeros(0, dtype=torch.int64), n
+                yield torch.zeros((0, self._dim)), torch.zeros(0, dtype=torch.int64), n, torch.zeros(0, dtype=torch.int64)
                 continue
-            yield torch.cat(feats), torch.cat(ys), n
+            yield torch.cat(feats), torch.cat(ys), n, torch.cat(rows)
 
     def validation(self) -> tuple[Tensor, Tensor] | None:
         if self._val_sel is None:
@@ -348,10 +354,11 @@ def finetune(
 
     With several processes (``detector.distributed``) every rank draws the same batch (the draws
     are functions of the iteration), takes its share of it, and the gradients are summed over the
-    ranks (one all-reduce per step) into the batch's gradient: a step equals the one-process step
-    on the same windows up to the order of the float sum. ``batch_size`` is the whole batch over
-    all ranks, so the learning rate needs no change with the number of processes. Rank 0 writes
-    the resume file, which holds every rank's dropout state.
+    ranks (one all-reduce per step) into the batch's gradient. Every rank draws from the same
+    dropout stream the masks of the whole batch and keeps its rows, so a step equals the
+    one-process step on the same windows, dropout included, up to the order of the float sum.
+    ``batch_size`` is the whole batch over all ranks, so the learning rate needs no change with the
+    number of processes. Rank 0 writes the resume file; a run resumes with any number of processes.
 
     Args:
         head: FCHead with a (K+1)-way ``cls_score`` (background = K).
@@ -382,14 +389,11 @@ def finetune(
         opt.load_state_dict(resume_state["optimizer"])
         best, best_err = (resume_state["best_head"], resume_state["best_source"]), resume_state["best_err"]
         history, start = resume_state["history"], int(resume_state["iter"])
-        rngs = resume_state["rng"]
-        if len(rngs) == info.world:
-            _set_rng_state(rngs[info.rank], device)
-        else:  # another number of processes than the run that saved it: a new dropout stream per rank
-            log.warning("fine-tuning resumes with %d processes where %d saved the state: dropout draws differ from "
-                        "an uninterrupted run", info.world, len(rngs))
-            torch.manual_seed(params.seed * 1_000_003 + start * 7919 + info.rank)
-        log.info("fine-tuning resumes at iteration %d", start)
+        # every rank draws the one dropout stream (rank 0's), whatever the number of processes that
+        # saved the state: a resume with another number continues the uninterrupted run's draws
+        _set_rng_state(resume_state["rng"][0], device)
+        log.info("fine-tuning resumes at iteration %d (saved by %d process(es), resumed by %d)", start,
+                 len(resume_state["rng"]), info.world)
 
     def validation_error() -> float:
         head.eval()
@@ -401,7 +405,7 @@ def finetune(
 
     bar = tqdm(total=iters, initial=start, desc=desc, disable=not progress, unit="it")
     it = start
-    for x, y, n in source.batches(start, iters):
+    for x, y, n, rows in source.batches(start, iters):
         factor = 0.1 ** sum(it >= s for s in params.lr_steps)
         for grp, base in zip(opt.param_groups, base_lrs):
             grp["lr"] = base * factor
@@ -410,7 +414,7 @@ def finetune(
             loss = F.cross_entropy(head(x.to(device)), y.to(device))
             loss.backward()
         else:  # this rank's share of the batch's mean loss; the sum over ranks is the batch's gradient
-            loss = F.cross_entropy(head(x.to(device)), y.to(device), reduction="sum") / n
+            loss = F.cross_entropy(head(x.to(device), rows, n), y.to(device), reduction="sum") / n
             loss.backward()
             _all_reduce_grads(trained)
             loss = loss.detach().clone()
@@ -434,7 +438,7 @@ def finetune(
             log.info("iter %d: loss %.4f, val error %s", it, float(loss.detach()),
                      "n/a" if math.isnan(err) else f"{err:.4f}")
             if save_state is not None and it < iters:
-                rngs = distributed.all_gather(_rng_state(device))  # every rank's dropout stream
+                rngs = distributed.all_gather(_rng_state(device))  # the ranks' dropout streams (one and the same)
                 if info.main:
                     save_state({"head": head.state_dict(), "source": source.state_dict(),
                                 "optimizer": opt.state_dict(), "best_head": best[0], "best_source": best[1],

@@ -195,6 +195,15 @@ class FCHead(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"FCHead expects pooled features of shape [R, {self.in_dim}], got {tuple(x.shape)}")
 
+    def _dropout(self, h: Tensor, rows: Tensor | None, total: int | None) -> Tensor:
+        if not self.training or self.dropout == 0.0 or rows is None:
+            return F.dropout(h, self.dropout, self.training)
+        # the whole batch's mask drawn as F.dropout draws it on the CPU (empty_like(input).bernoulli_
+        # (1 - p), divided by 1 - p), then this process's rows of it
+        noise = torch.empty((int(total), h.shape[1]), dtype=h.dtype, device=h.device).bernoulli_(1.0 - self.dropout)
+        noise.div_(1.0 - self.dropout)
+        return h * noise[rows.to(h.device)]  # (R, F)
+
     def features(self, x: Tensor) -> Tensor:
         """Deterministic fc7 = ReLU(W7 ReLU(W6 x + b6) + b7), no dropout in any mode (spec §7).
 
@@ -209,11 +218,16 @@ class FCHead(nn.Module):
         h = F.relu(_apply_linear(self.fc6, x), inplace=True)  # (R, F)
         return F.relu(_apply_linear(self.fc7, h), inplace=True)  # (R, F)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dropout_rows: Tensor | None = None, dropout_total: int | None = None) -> Tensor:
         """Training path with dropout (active in ``train()`` mode).
 
         Args:
             x (Tensor[R, D]): pooled SPP features.
+            dropout_rows (Tensor[R] int64, optional), dropout_total: in a data-parallel step, where
+                this process's R windows sit in the whole batch of ``dropout_total`` windows. Each
+                dropout mask is then drawn for the whole batch, as one process draws it, and this
+                process keeps its rows, so the processes' steps together are the one-process step
+                (every process must draw from the same generator state). None: a mask for x alone.
         Returns:
             Tensor[R, K+1]: ``cls_score`` logits when ``num_classes`` was given (background = K);
             otherwise Tensor[R, F], fc7 after dropout.
@@ -221,9 +235,9 @@ class FCHead(nn.Module):
         self._check(x)
         x = x.to(self._weight_dtype())
         h = F.relu(_apply_linear(self.fc6, x), inplace=True)  # (R, F)
-        h = F.dropout(h, self.dropout, self.training)
+        h = self._dropout(h, dropout_rows, dropout_total)
         h = F.relu(_apply_linear(self.fc7, h), inplace=True)  # (R, F)
-        h = F.dropout(h, self.dropout, self.training)
+        h = self._dropout(h, dropout_rows, dropout_total)
         if self.cls_score is None:
             return h
         return torch.addmm(self.cls_score.bias, h, self.cls_score.weight.t())  # (R, K+1)

@@ -202,7 +202,7 @@ def train_classifier(
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(seed) * 1000 + epoch)
-        torch.manual_seed(int(seed) * 1000 + epoch + 7919 * info.rank)  # dropout (each rank its own stream)
+        torch.manual_seed(int(seed) * 1000 + epoch)  # dropout: one stream, each rank keeps its rows of the batch's masks
         model.train()
         perm = torch.randperm(M, generator=g)
         loss_sum, wrong, seen = 0.0, 0, 0
@@ -220,9 +220,11 @@ def train_classifier(
             size = batch_size_schedule(mode, sizes, epoch, g)
             flip = torch.rand(idx.shape[0], generator=g) < 0.5 if hflip else None
             n_global = idx.shape[0]
+            rows = None
             if info.active:  # this rank's contiguous share of the global batch
                 lo, hi = n_global * info.rank // info.world, n_global * (info.rank + 1) // info.world
                 idx, flip = idx[lo:hi], None if flip is None else flip[lo:hi]
+                rows = torch.arange(lo, hi)
             x = preprocess_crops(train.images[idx], fmt)  # (N, 3, S, S)
             if flip is not None:
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # (N, 3, S, S)
@@ -230,7 +232,7 @@ def train_classifier(
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             win = _batch_windows(model, train, idx, size, flip)  # (N, 4) or None
             y = train.labels[idx].to(device)
-            logits = net(x.to(device), win)  # (N, K+1)
+            logits = net(x.to(device), win, rows, n_global)  # (N, K+1)
             if info.active:  # DDP averages the ranks' gradients: scale so the average is the global mean's
                 loss = F.cross_entropy(logits, y, reduction="sum") * info.world / n_global
             else:

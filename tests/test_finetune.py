@@ -175,8 +175,9 @@ def test_cached_windows_batches_mix_images_with_the_foreground_share():
     src = CachedWindows(items, [], lambda it: _full(trunk, load(it)), LEVELS, proj, 2, params)
     batches = list(src.batches(0, 6))
     assert len(batches) == 6
-    for x, y, n in batches:
+    for x, y, n, rows in batches:
         assert n == 16 and x.shape == (16, head.in_dim) and int((y < 2).sum()) == 4 and int((y == 2).sum()) == 12
+        assert torch.equal(rows, torch.arange(16))  # one process: the whole batch, in order
     again = list(src.batches(0, 6))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     # a resume inside a chunk replays its draw: iterations 4.. equal the uninterrupted ones
@@ -190,3 +191,21 @@ def test_bad_arguments_are_named():
         TunedTailWindows(trunk, 4, items, [], load, LEVELS, proj, 2, _params())
     with pytest.raises(ValueError, match="images_per_batch"):
         TunedTailWindows(trunk, 1, items, [], load, LEVELS, proj, 2, _params(images_per_batch=0))
+
+
+def test_tuned_tail_rows_place_each_rank_in_the_one_process_batch(monkeypatch):
+    """With 2 processes each rank pools its images of the batch; ``rows`` says where its windows sit
+    in the batch one process would build, which is where its dropout masks come from."""
+    from detector import distributed
+    from detector.distributed import DistInfo
+
+    trunk, head, items, load, proj = _setup(n_items=4)
+    params = _params(batch_size=12, images_per_batch=3, conv_layers=2)
+    one = list(TunedTailWindows(trunk, 2, items, [], load, LEVELS, proj, 2, params).batches(0, 2))
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "current", lambda r=rank: DistInfo(r, 2, r))
+        part = list(TunedTailWindows(trunk, 2, items, [], load, LEVELS, proj, 2, params).batches(0, 2))
+        for (x1, y1, n1, r1), (x, y, n, rows) in zip(one, part):
+            assert n == n1 == x1.shape[0] and torch.equal(r1, torch.arange(n1))
+            torch.testing.assert_close(x, x1[rows], rtol=0, atol=1e-5)
+            assert torch.equal(y, y1[rows])

@@ -186,8 +186,6 @@ class FinetuneStage(Stage[dict]):
             source = CachedWindows(ft_items, val_items, trunk.pyramid, levels, trunk.proj, K, ftc)
             desc = "fine-tune fc6/fc7"
         info = self.run.dist
-        if info.rank:  # every rank its own dropout stream (rank 0 keeps the one-process stream)
-            torch.manual_seed(cfg.seed + 7919 * info.rank)
         resume = load_keyed(self.resume_path, self.key)
         head, hist = finetune(head, source, ftc, resume_state=None if resume is None else resume["state"],
                               save_state=lambda st: save_keyed(self.resume_path, self.key, {"state": st}),
