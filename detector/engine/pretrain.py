@@ -146,7 +146,7 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
         save_config(cfg, out, list(argv))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights)
+    backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights, input_format=bc.input_format)
     K = len(data.train.class_names)
     model = SPPClassifier(backbone, K, fc_dim=pc.fc_dim, levels=pc.levels, dropout=pc.dropout, spp=pc.mode != "nospp",
                           nospp_conv5=_conv5_side(backbone, max(pc.sizes)))
