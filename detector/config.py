@@ -259,6 +259,7 @@ class PretrainConfig:
     # steps) SGD without batch norm stays at the class prior (measured on digits), AdamW learns.
     optimizer: Literal["sgd", "adamw"] = "sgd"
     eval_min_side: PosInt = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
+    workers: PosInt = 4  # threads decoding images of an ImageNet-layout data.root (train/, val/)
 
 
 @dataclass(frozen=True)
