@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -439,21 +440,51 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, Tensor]:
     )
 
 
+def _natural(key: str) -> list:
+    """Sort key that orders ``features.10`` after ``features.9`` and ``conv10`` after ``conv9``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _by_position(own: Mapping[str, Tensor], sd: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """``sd`` renamed to ``own``'s keys when the two are the same layers in another key style (the
+    project's ``conv1..conv5`` and torchvision's ``features.N``): the same number of tensors, with
+    equal shapes when both are taken in layer order. None when they are not."""
+    theirs = sorted(sd, key=_natural)
+    ours = sorted(own, key=_natural)
+    if len(theirs) != len(ours):
+        return None
+    if any(tuple(sd[t].shape) != tuple(own[o].shape) for t, o in zip(theirs, ours)):
+        return None
+    return {o: sd[t] for t, o in zip(theirs, ours)}
+
+
 def load_backbone_weights(module: nn.Module, state_dict: Mapping[str, Tensor], source: str,
                           ignore_prefixes: Sequence[str] = ()) -> None:
     """Copy ``state_dict`` into ``module`` strictly, with errors that name ``source``.
 
-    Missing keys and shape mismatches raise :class:`WeightsError`; extra keys under
-    ``ignore_prefixes`` are dropped silently, other extra keys with a warning.
+    Both key styles load: the module's own names, or the same layers under other names in layer
+    order (``conv1.weight`` ... for ZF-5, torchvision's ``features.0.weight`` ..., matched by
+    position and shape). Missing keys and shape mismatches raise :class:`WeightsError` listing the
+    missing and the unexpected keys; extra keys under ``ignore_prefixes`` are dropped silently,
+    other extra keys with a warning.
     """
     own = module.state_dict()
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     missing = [k for k in own if k not in sd]
     if missing:
-        raise WeightsError(
-            f"{source}: {len(missing)} parameter(s) of {type(module).__name__} are missing from the "
-            f"file, e.g. {missing[:3]} (file has e.g. {list(sd)[:3]}); is it a checkpoint of this arch?"
-        )
+        used = {k: v for k, v in sd.items() if not k.startswith(tuple(ignore_prefixes))}
+        renamed = _by_position(own, used)
+        if renamed is None:
+            unexpected = [k for k in used if k not in own]
+            raise WeightsError(
+                f"{source}: {len(missing)} parameter(s) of {type(module).__name__} are missing from the "
+                f"file: {_listed(missing)}; unexpected key(s) in the file: {_listed(unexpected)}. Neither "
+                f"its names nor its layers in order ({len(used)} tensors for {len(own)}) match; is it a "
+                f"checkpoint of this arch and width?"
+            )
+        log.info("%s: %s's %d tensors loaded by layer order (the file names them e.g. %s)", source,
+                 type(module).__name__, len(own), sorted(used, key=_natural)[:2])
+        sd = renamed
     bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         k, got, want = bad[0]
@@ -466,6 +497,10 @@ def load_backbone_weights(module: nn.Module, state_dict: Mapping[str, Tensor], s
         log.warning("%s: ignoring %d key(s) the backbone does not have, e.g. %s", source, len(extra),
                     extra[:3])
     module.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def _listed(keys: Sequence[str], n: int = 8) -> str:
+    return "none" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _imagenet_state_dict(arch: str) -> tuple[Mapping[str, Tensor], str]:
@@ -497,7 +532,53 @@ def _imagenet_state_dict(arch: str) -> tuple[Mapping[str, Tensor], str]:
         ) from None
 
 
-def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none") -> nn.Module:
+INPUT_FORMATS = ("bgr255_mean128", "rgb_imagenet")
+
+
+def declared_input_format(obj: Any, source: str) -> str | None:
+    """The ``input_format`` a weights file (its loaded object) declares, or None.
+
+    Raises:
+        WeightsError: a declared format that is not one of :data:`INPUT_FORMATS`.
+    """
+    fmt = obj.get("input_format") if isinstance(obj, Mapping) else None
+    if fmt is not None and fmt not in INPUT_FORMATS:
+        raise WeightsError(f"{source}: declares input_format {fmt!r}; expected one of {', '.join(INPUT_FORMATS)}")
+    return fmt
+
+
+def weights_input_format(weights: str) -> str | None:
+    """The input format that ``backbone.weights`` brings: ``rgb_imagenet`` for ``imagenet``, the
+    file's declared ``input_format`` for a file, None for ``none`` or a file that declares none."""
+    if weights == "imagenet":
+        return "rgb_imagenet"
+    path = Path(weights).expanduser()
+    if weights == "none" or not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{path}: cannot read backbone weights ({type(e).__name__}: {e})") from None
+    return declared_input_format(obj, str(path))
+
+
+def resolve_input_format(arch: str, asked: str, declared: str | None, source: str) -> str:
+    """The input format a trunk runs with: the weights' declared one, else the config's
+    (``backbone.input_format``), else the arch's own (``auto``).
+
+    Raises:
+        WeightsError: the weights declare one format and the config asks for another.
+    """
+    if asked not in ("auto", *INPUT_FORMATS):
+        raise ValueError(f"input_format must be 'auto' or one of {', '.join(INPUT_FORMATS)}, got {asked!r}")
+    if declared is not None and asked != "auto" and declared != asked:
+        raise WeightsError(f"{source}: the weights were trained on input_format {declared!r}, but "
+                           f"backbone.input_format asks for {asked!r}; the trunk would see other pixels than it "
+                           f"learnt on. Set backbone.input_format: {declared} (or auto)")
+    return declared or (asked if asked != "auto" else _arch_class(arch).input_format)
+
+
+def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", input_format: str = "auto") -> nn.Module:
     """Build a trunk and load its weights.
 
     Args:
@@ -506,7 +587,11 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none") ->
         weights: "none" (random init: spec §1 for ZF-5, torchvision's for the others); "imagenet"
             (torchvision weights API: the torch.hub cache, or a download on a connected machine);
             or a path to a local file holding a state_dict or ``{"backbone": state_dict}``, read
-            with ``torch.load(weights_only=True)``.
+            with ``torch.load(weights_only=True)``; either key style (:func:`load_backbone_weights`).
+        input_format: the pixels the trunk takes (``model.input_format``): "auto" = what the weights
+            declare (a file's ``input_format``; torchvision's are ``rgb_imagenet``), else the arch's
+            own (ZF-5 ``bgr255_mean128``, spec §2); or one of :data:`INPUT_FORMATS`, refused when
+            the weights declare another.
     Returns:
         nn.Module with ``stride``, ``out_channels``, ``input_format``, ``proj_offset0``,
         ``proj_shrink`` and ``geometry``.
@@ -523,9 +608,11 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none") ->
                              f"has CPU-sized variants")
         model = cls()
     if weights == "none":
+        model.input_format = resolve_input_format(arch, input_format, None, "weights 'none'")
         return model
     if weights == "imagenet":
         sd, source = _imagenet_state_dict(arch)
+        declared = "rgb_imagenet"
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -536,5 +623,7 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none") ->
         except Exception as e:  # noqa: BLE001
             raise WeightsError(f"{path}: cannot read backbone weights ({type(e).__name__}: {e})") from None
         sd, source = _unwrap_state_dict(obj, path), str(path)
+        declared = declared_input_format(obj, source)
+    model.input_format = resolve_input_format(arch, input_format, declared, source)
     load_backbone_weights(model, sd, source, _IGNORED_PREFIXES[arch])
     return model

@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors, numbers, strings and lists, written ato
 with ``torch.load(weights_only=True)``, so that loading can never run code::
 
     format        "sppnet-detector-v2"
-    arch, width_mult, class_names, levels
+    arch, width_mult, input_format, class_names, levels
     params        DetectParams as a dict (every test-time setting, once)
     backbone      trunk state_dict          head    FCHead state_dict (fc6, fc7[, cls_score])
     svms          {"weight" [F, K], "bias" [K], "feature_scale"}
@@ -57,6 +57,7 @@ def detector_state(det: SPPDetector) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "arch": det.arch,
         "width_mult": det.width_mult,
+        "input_format": det.backbone.input_format,
         "class_names": list(det.class_names),
         "levels": list(det.levels),
         "params": det.params.to_dict(),
@@ -115,7 +116,9 @@ def _build(st: dict) -> SPPDetector:
     """A detector from a version-2 dict; raises KeyError/ValueError/RuntimeError/WeightsError when
     fields are missing or do not fit together (:class:`_BadField` for a field that is wrong alone)."""
     names = _class_names(st["class_names"])
-    backbone = build_backbone(st["arch"], width_mult=float(st["width_mult"]), weights="none")
+    # files written before the format was stored used the arch's own ("auto")
+    backbone = build_backbone(st["arch"], width_mult=float(st["width_mult"]), weights="none",
+                              input_format=st.get("input_format", "auto"))
     load_backbone_weights(backbone, st["backbone"], "the checkpoint's backbone")
     head_sd = st["head"]
     fc6 = head_sd["fc6.weight"]  # (F, D)

@@ -300,7 +300,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
         ClassifierCheckpointError: missing, unsafe or foreign file.
     """
     st = read_classifier_state(path)
-    backbone = build_backbone(st["arch"], width_mult=st["width_mult"], weights="none")
+    backbone = build_backbone(st["arch"], width_mult=st["width_mult"], weights="none",
+                              input_format=st.get("input_format", "auto"))
     backbone.load_state_dict(st["backbone"])
     model = SPPClassifier(
         backbone, len(st["class_names"]), fc_dim=st["fc_dim"], levels=st["levels"], dropout=st["dropout"],

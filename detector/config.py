@@ -201,6 +201,11 @@ class BackboneConfig:
     # weights API (local cache, or download on a connected machine); any other string: a local
     # state_dict file loaded with weights_only=True.
     weights: Text = "none"
+    # The pixels the trunk takes: "bgr255_mean128" (the paper's ZF-5: BGR 0..255 minus 128, spec §2)
+    # or "rgb_imagenet" (torchvision: RGB / 255, ImageNet mean / std). "auto": what the weights
+    # file declares (SPP classifier checkpoints and detectors store it; torchvision's ImageNet
+    # weights are rgb_imagenet), else the arch's own. A file that declares another is refused.
+    input_format: Literal["auto", "bgr255_mean128", "rgb_imagenet"] = "auto"
 
     def problems(self) -> list[Relation]:
         out: list[Relation] = []
@@ -254,6 +259,7 @@ class PretrainConfig:
     # steps) SGD without batch norm stays at the class prior (measured on digits), AdamW learns.
     optimizer: Literal["sgd", "adamw"] = "sgd"
     eval_min_side: PosInt = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
+    workers: PosInt = 4  # threads decoding images of an ImageNet-layout data.root (train/, val/)
 
 
 @dataclass(frozen=True)

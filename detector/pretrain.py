@@ -205,6 +205,8 @@ def train_classifier(
         torch.manual_seed(int(seed) * 1000 + epoch)  # dropout: one stream, each rank keeps its rows of the batch's masks
         model.train()
         perm = torch.randperm(M, generator=g)
+        if hasattr(train.images, "set_epoch"):  # crops drawn per epoch (ImageNet-layout training)
+            train.images.set_epoch(epoch)
         loss_sum, wrong, seen = 0.0, 0, 0
         bar = range(per_epoch)
         if progress:

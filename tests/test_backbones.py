@@ -195,6 +195,40 @@ def test_build_backbone_errors_name_the_file(tmp_path):
         build_backbone("vgg16", width_mult=0.5)
 
 
+def test_both_key_styles_load_and_a_foreign_file_lists_its_keys(tmp_path):
+    """The project's conv1..conv5 names and torchvision's features.N names load the same trunk (by
+    layer order and shape); a file that fits neither way lists the missing and unexpected keys."""
+    net = build_backbone("zf5", 0.25)
+    sd = net.state_dict()
+    tv_style = {f"features.{3 * (i // 2)}.{'weight' if i % 2 == 0 else 'bias'}": v for i, v in enumerate(sd.values())}
+    assert list(tv_style)[:3] == ["features.0.weight", "features.0.bias", "features.3.weight"]
+    f = tmp_path / "tv_style.pt"
+    torch.save(tv_style, f)
+    other = build_backbone("zf5", 0.25, weights=str(f))
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+    half = dict(list(tv_style.items())[:4])
+    torch.save(half, f)
+    with pytest.raises(WeightsError, match=r"tv_style.pt: 10 parameter\(s\) of ZF5 are missing from the file: "
+                                           r"conv1.weight, conv1.bias.*unexpected key\(s\) in the file: features.0.weight"):
+        build_backbone("zf5", 0.25, weights=str(f))
+
+
+def test_input_format_travels_with_the_weights(tmp_path):
+    net = build_backbone("zf5", 0.25)
+    assert net.input_format == "bgr255_mean128"  # the arch's own (spec §2)
+    f = tmp_path / "rgb_trained.pt"
+    torch.save({"backbone": net.state_dict(), "input_format": "rgb_imagenet"}, f)
+    assert build_backbone("zf5", 0.25, weights=str(f)).input_format == "rgb_imagenet"  # auto: declared
+    assert build_backbone("zf5", 0.25, weights=str(f), input_format="rgb_imagenet").input_format == "rgb_imagenet"
+    with pytest.raises(WeightsError, match="rgb_trained.pt: the weights were trained on input_format 'rgb_imagenet', "
+                                           "but backbone.input_format asks for 'bgr255_mean128'"):
+        build_backbone("zf5", 0.25, weights=str(f), input_format="bgr255_mean128")
+    assert build_backbone("zf5", 0.25, input_format="rgb_imagenet").input_format == "rgb_imagenet"  # no file
+    torch.save({"backbone": net.state_dict(), "input_format": "bgr"}, f)
+    with pytest.raises(WeightsError, match="declares input_format 'bgr'"):
+        build_backbone("zf5", 0.25, weights=str(f))
+
+
 def test_imagenet_weights_offline_error_and_cache(tmp_path, monkeypatch, tv_nets):
     import torchvision.models._api as api
 

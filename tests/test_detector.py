@@ -184,3 +184,18 @@ def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):
     assert r.returncode != 0
     assert "RuntimeError: <array>: the proposal worker process ended" in r.stderr
     assert "__main__" in r.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_keeps_the_input_format(tmp_path):
+    """A trunk trained on torchvision-style pixels detects on them after a save and load."""
+    from detector.detector import SPPDetector
+
+    det = random_detector(width_mult=0.125, fc_dim=16, num_classes=2, scales=(96,))
+    det.backbone.input_format = "rgb_imagenet"
+    det.save(tmp_path / "m.pt")
+    st = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert st["input_format"] == "rgb_imagenet"
+    assert SPPDetector.load(tmp_path / "m.pt").backbone.input_format == "rgb_imagenet"
+    del st["input_format"]  # a file written before the format was stored: the arch's own
+    torch.save(st, tmp_path / "old.pt")
+    assert SPPDetector.load(tmp_path / "old.pt").backbone.input_format == "bgr255_mean128"

@@ -262,3 +262,19 @@ def test_compare_runs_names_the_first_stage_that_differs(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "fingerprints.json").write_text("[1, 2]")
     assert main([str(tmp_path / "bad"), str(a)]) == 2
+
+
+def test_weights_in_another_input_format_are_refused_before_any_work(tmp_path):
+    """A weights file that declares RGB/ImageNet pixels while the config asks for the paper's BGR - 128
+    ends training at once with a message naming the file and both formats (nothing is written)."""
+    from detector.backbones import WeightsError, build_backbone
+    from detector.config import load_config
+    from detector.engine.train import train
+
+    f = tmp_path / "rgb.pt"
+    torch.save({"backbone": build_backbone("zf5", 0.125).state_dict(), "input_format": "rgb_imagenet"}, f)
+    cfg = load_config(None, [f"backbone.weights={f}", "backbone.width_mult=0.125",
+                             "backbone.input_format=bgr255_mean128", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(WeightsError, match="rgb.pt: the weights were trained on input_format 'rgb_imagenet'"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -6,7 +6,10 @@
     (in a checkout, the same: python tools/train_classifier.py ...)
 
 Data: ``data.root`` as a VOC-layout folder (object crops + background crops of the training images
-not held out, background = class K) or an image folder ``root/<class>/*.jpg``. Held-out crops come
+not held out, background = class K), an ImageNet-layout folder ``root/train/<class>/*`` and
+``root/val/<class>/*`` (random 224 crops of 256-resized images, decoded by ``pretrain.workers``
+threads; scored on val at 1 view, 10 views and the full image, top-1 and top-5: the paper's table
+columns), or an image folder ``root/<class>/*.jpg``. Held-out crops come
 from the images the detector also holds out (``detector.engine.data``); never from the test split.
 Nothing is selected on them: training runs a fixed number of epochs and keeps the last one.
 
@@ -27,8 +30,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from detector import distributed
 from detector.cli import add_config_args, command_line, config_from_args, run_tool
-from detector.engine.pretrain import classifier_crops, pretrain_classifier, table2
+from detector.engine.pretrain import classifier_crops, pretrain_classifier, table2, views_table
 from detector.engine.run import setup_logging, setup_torch
 from detector.pretrain import MODES
 
@@ -49,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode:
             cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, mode=args.mode))
         out = args.out or Path(cfg.output_dir) / ("pretrain_modes" if args.all_modes else "pretrain")
-        setup_logging(out, "log.txt")
+        info, device = distributed.init(cfg.device)  # under torchrun: DistributedDataParallel
+        cfg = dataclasses.replace(cfg, device=device)
+        setup_logging(out, "log.txt", rank=info.rank)
         setup_torch(cfg)
         if args.all_modes:
             print(table2(cfg, out, args.seeds or [cfg.pretrain.seed], args.benchmarks or None, " ".join(command)))
         else:
             m = pretrain_classifier(cfg, out, classifier_crops(cfg), command)
+            if not info.main:
+                return
+            if m.get("views"):
+                print(views_table(m))
             print(f"classifier: {out / 'classifier.pt'} (held-out top-1 error {m[f'error_{max(cfg.pretrain.sizes)}']:.4f})")
 
     return run_tool(body)

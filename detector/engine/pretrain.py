@@ -39,6 +39,7 @@ from detector.backbones import build_backbone
 from detector.classifier import SPPClassifier, classifier_state, reinit_kaiming
 from detector.config import Config, config_to_dict, save_config
 from detector.data.crops import CropSet, crops_from_folder, crops_from_records
+from detector.data.imagefolder import CentreCrops, FolderSplit, RandomCrops, evaluate_views, is_imagenet_layout
 from detector.data.voc import VOCDataError
 from detector.engine.data import TrainingData, training_data
 from detector.engine.run import Stage
@@ -50,7 +51,7 @@ from detector.pretrain import (
 )
 from proposals.imageio import read_image
 
-__all__ = ["CropData", "classifier_crops", "pretrain_classifier", "PretrainStage", "table2"]
+__all__ = ["CropData", "classifier_crops", "pretrain_classifier", "PretrainStage", "table2", "views_table"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class CropData:
     ids: dict  # "train" / "heldout" image ids
     heldout_source: str
     seconds: float
+    views: FolderSplit | None = None  # ImageNet layout: the val split, scored in the paper's views
 
 
 def _crop_records(cfg: Config, data: TrainingData) -> tuple[list, list, str]:
@@ -96,6 +98,15 @@ def classifier_crops(cfg: Config, data: TrainingData | None = None, store: Path 
     dc, pc = cfg.data, cfg.pretrain
     root = Path(dc.root)
     size = max(pc.sizes)
+    if dc.format == "voc" and is_imagenet_layout(root):  # root/train/<class>/*, root/val/<class>/*
+        train_split = FolderSplit(root / "train", dc.classes or None)
+        val = FolderSplit(root / "val", train_split.classes)
+        train = CropSet(images=RandomCrops(train_split, size, pc.seed, pc.workers), labels=train_split.labels,
+                        class_names=train_split.classes, image_ids=train_split.ids())
+        held = CropSet(images=CentreCrops(val, size, pc.workers), labels=val.labels, class_names=val.classes,
+                       image_ids=val.ids())
+        return CropData(train, held, {"train": train.image_ids, "heldout": held.image_ids}, f"{root / 'val'}",
+                        time.perf_counter() - t0, views=val)
     if dc.format == "voc" and not (root / "Annotations").is_dir():
         if not root.is_dir():
             raise FileNotFoundError(f"data.root {root} does not exist (the embedded digits set is built by "
@@ -146,7 +157,7 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
         save_config(cfg, out, list(argv))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights)
+    backbone = build_backbone(bc.arch, width_mult=bc.width_mult, weights=bc.weights, input_format=bc.input_format)
     K = len(data.train.class_names)
     model = SPPClassifier(backbone, K, fc_dim=pc.fc_dim, levels=pc.levels, dropout=pc.dropout, spp=pc.mode != "nospp",
                           nospp_conv5=_conv5_side(backbone, max(pc.sizes)))
@@ -173,8 +184,15 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
         distributed.barrier("classifier written")
         return load_keyed(ckpt, key)["meta"]["metrics"]
     size = max(pc.sizes)
-    warped = evaluate_warped(model, data.heldout, size=size, device=cfg.device)
-    own = evaluate_native(model, data.heldout, pc.eval_min_side, device=cfg.device) if model.spp else None
+    views = None
+    if data.views is not None:  # ImageNet layout: the paper's 1-view, 10-view and full-image columns
+        views = evaluate_views(model, data.views, size, device=cfg.device, workers=pc.workers,
+                               max_images=pc.val_max_images)
+        warped = {"error": views["1 view"]["top1"], "n": views["n"]}
+        own = {"error": views["full image"]["top1"], "n": views["n"]} if model.spp else None
+    else:
+        warped = evaluate_warped(model, data.heldout, size=size, device=cfg.device)
+        own = evaluate_native(model, data.heldout, pc.eval_min_side, device=cfg.device) if model.spp else None
     metrics = {
         "mode": pc.mode, "seed": pc.seed, "epochs": pc.epochs, "sizes": list(pc.sizes),
         "arch": bc.arch, "width_mult": bc.width_mult, "fc_dim": pc.fc_dim,
@@ -182,7 +200,7 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
         "train_crops": len(data.train), "heldout_crops": len(data.heldout), "heldout_source": data.heldout_source,
         "train_counts": data.train.counts(), "heldout_counts": data.heldout.counts(),
         f"error_{size}": warped["error"], "eval_warped": warped,
-        "error_own": None if own is None else own["error"], "eval_own": own,
+        "error_own": None if own is None else own["error"], "eval_own": own, "views": views,
         "history": hist, "train_seconds": t_train, "crop_seconds": data.seconds,
         "eval_seconds": time.perf_counter() - t0 - t_train,
     }
@@ -197,6 +215,19 @@ def pretrain_classifier(cfg: Config, out: Path, data: CropData, argv: Sequence[s
     log.info("wrote %s", ckpt)
     distributed.barrier("classifier written")
     return metrics
+
+
+def views_table(metrics: dict) -> str:
+    """The paper's Table 1-4 columns of an ImageNet-layout classifier: top-1 / top-5 error (%) at
+    1 view (centre crop), 10 views and the full image (through SPP)."""
+    v = metrics["views"]
+    cols = ("1 view", "10 views", "full image")
+    return "\n".join([
+        f"top-1 / top-5 error (%) on {metrics['heldout_source']} ({v['n']} images), "
+        f"{metrics['arch']} x{metrics['width_mult']}, {metrics['epochs']} epochs, sizes {metrics['sizes']}:",
+        "| training | " + " | ".join(cols) + " |", "|---|---|---|---|",
+        f"| {metrics['mode']} | " + " | ".join(f"{100 * v[c]['top1']:.2f} / {100 * v[c]['top5']:.2f}" for c in cols)
+        + " |"])
 
 
 class PretrainStage(Stage[str]):

@@ -33,7 +33,7 @@ import torch
 
 from detector import distributed
 from detector.artifacts import content_id, digest, load_keyed, save_keyed, tensor_digest
-from detector.backbones import TrunkPrefix, build_backbone
+from detector.backbones import TrunkPrefix, build_backbone, resolve_input_format, weights_input_format
 from detector.bbox_reg import BoxRegressor
 from detector.bbox_train import train_box_regressors
 from detector.cache import Conv5Cache
@@ -76,7 +76,8 @@ class Trunk:
     def __init__(self, cfg: Config, weights: str, cache: Conv5Cache | None = None) -> None:
         bc = cfg.backbone
         self.cfg, self.n_tail, self.cache = cfg, cfg.finetune.conv_layers, cache
-        self.net = build_backbone(bc.arch, width_mult=bc.width_mult, weights=weights).eval()
+        self.net = build_backbone(bc.arch, width_mult=bc.width_mult, weights=weights,
+                                  input_format=bc.input_format).eval()
         self.proj = ProjectionParams.of(self.net, cfg.features.target_side)
 
     def load_tail(self, state: dict | None) -> None:
@@ -113,7 +114,8 @@ class Conv5CacheStage(Stage[Conv5Cache]):
     def __init__(self, cfg: Config, weights: Output[str], items: Sequence[TrainItem], out_dir: Path) -> None:
         super().__init__(weights)
         fc, n_tail = cfg.features, cfg.finetune.conv_layers
-        trunk = build_backbone(cfg.backbone.arch, width_mult=cfg.backbone.width_mult, weights=weights.value).eval()
+        trunk = build_backbone(cfg.backbone.arch, width_mult=cfg.backbone.width_mult, weights=weights.value,
+                               input_format=cfg.backbone.input_format).eval()
         folder = Path(fc.cache_dir) if fc.cache_dir else Path(out_dir) / "conv5_cache"
         self.cache = Conv5Cache(folder, key={"prefix_of_tail": n_tail} if n_tail else None,
                                 backbone=TrunkPrefix(trunk, n_tail) if n_tail else trunk,
@@ -435,7 +437,10 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
     if stop_after is not None and stop_after not in TRAIN_STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(TRAIN_STAGES)}, got {stop_after!r}")
     detect_params(cfg)  # test-time settings are checked before hours of training, not after
+    bc = cfg.backbone  # weights that declare other pixels than the config asks for: refused now
+    fmt = resolve_input_format(bc.arch, bc.input_format, weights_input_format(bc.weights), bc.weights)
     run = Run(cfg, log_name="train_log.txt", stop_after=stop_after, argv=argv)
+    log.info("trunk input format: %s (backbone.input_format %s, weights %s)", fmt, bc.input_format, bc.weights)
     cfg = run.cfg  # with the device resolved
     t0 = time.perf_counter()
     data = training_data(cfg)
