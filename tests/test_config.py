@@ -182,6 +182,7 @@ BAD_VALUES = [
     ("pretrain.val_max_images=-1", "pretrain.val_max_images must be >= 0"),
     ("pretrain.eval_min_side=0", "pretrain.eval_min_side must be >= 1"),
     ("pretrain.eval_min_side=16", "pretrain.eval_min_side must be >= 31 px"),
+    ("pretrain.workers=0", "pretrain.workers must be >= 1"),
     # features
     ("features.train_scales=[-100]", "features.train_scales[0] must be >= 1, got -100"),
     ("features.train_scales=[]", "features.train_scales must be non-empty"),
