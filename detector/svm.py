@@ -16,8 +16,9 @@ liblinear 1.93 options map as follows (checked against sklearn 1.9 ``svm/_base.p
 
 So the minimised objective is the spec's
 ``C * (2 * sum_pos hinge + sum_neg hinge) + 1/2 ||w||^2 + 1/2 (b / 10)^2`` (:func:`svm_objective`).
-Tolerance: sklearn's default ``tol=1e-4`` is tighter than the liblinear command line's default
-(0.1 for the dual solvers), i.e. the same objective solved more accurately. ``random_state`` fixes
+Tolerance: ``-e``, passed as sklearn's ``tol``. The training flow uses ``svm.tol`` (default 0.1, the
+liblinear command line's default for the dual solvers, which the spec's code used); the functions
+here default to sklearn's tighter 1e-4 (the same objective solved more accurately). ``random_state`` fixes
 liblinear's coordinate order, so a fit is deterministic. A ``ConvergenceWarning`` (``max_iter``
 passes reached) is caught and logged as a warning with the class; the solution is still used.
 
