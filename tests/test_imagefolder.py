@@ -110,3 +110,30 @@ def test_classifier_command_on_an_image_folder(tmp_path):
     assert torch.equal(net.state_dict()["conv1.weight"], st["backbone"]["conv1.weight"])
     assert sorted(k.split(".")[0] for k in weights_fc_layers(str(out / "classifier.pt"))) == \
         ["cls_score", "cls_score", "fc6", "fc6", "fc7", "fc7"]
+
+
+def test_classifier_on_an_image_folder_under_torchrun(tmp_path):
+    """Two processes (gloo on 127.0.0.1): DistributedDataParallel over the folder's crops; rank 0
+    writes the classifier and prints the table, rank 1 logs to its own file."""
+    import os
+    import socket
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("gloo on the loopback address is tested on Linux")
+    root = digit_folder(tmp_path / "imgs", n_train=4, n_val=2)
+    out = tmp_path / "cls"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+                        "--master-addr=127.0.0.1", f"--master-port={port}", str(REPO / "tools/train_classifier.py"),
+                        "--config", "digits_zf5", "--set", f"data.root={root}", "data.classes=[]",
+                        "backbone.width_mult=0.125", "pretrain.sizes=[40,48]", "pretrain.epochs=1",
+                        "pretrain.batch_size=4", "pretrain.fc_dim=32", "pretrain.workers=1", "pretrain.levels=[1,2]",
+                        "num_threads=1", f"output_dir={tmp_path / 'run'}", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("| training | 1 view | 10 views | full image |") == 1  # printed by rank 0 only
+    assert (out / "classifier.pt").is_file() and (out / "logs" / "rank1.txt").is_file()
+    assert "rank 1 of 2" in (out / "logs" / "rank1.txt").read_text()
