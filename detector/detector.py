@@ -595,7 +595,7 @@ class SPPDetector(nn.Module):
 
         Args:
             path: ``model.pt``.
-            device: "cpu", "cuda", ...
+            device: "cpu", "cuda", "cuda:N", or "auto" (CUDA when torch sees one, else the CPU).
             scales: override the test scales stored in the checkpoint.
             svd_rank: compress fc6/fc7 to this rank after loading (0 = dense); None = the rank
                 stored with the model (its training config's ``test.svd_rank``), so the library call
@@ -606,8 +606,9 @@ class SPPDetector(nn.Module):
                 (the file and the problem are named).
         """
         from detector.checkpoint import load_detector
+        from detector.engine.run import resolve_device
 
-        det = load_detector(path, device=device)
+        det = load_detector(path, device=resolve_device(device) if isinstance(device, str) else device)
         if scales:
             det.params = dataclasses.replace(det.params, scales=tuple(scales))
         return det.compress_fc(det.params.svd_rank if svd_rank is None else int(svd_rank))
