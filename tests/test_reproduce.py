@@ -75,11 +75,12 @@ def _weights(path: Path, style: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("style", ["project", "features"])
-def test_runbook_end_to_end_on_a_voc2007_shaped_fixture(tmp_path, style):
+def test_runbook_end_to_end_on_a_voc2007_shaped_fixture(tmp_path):
+    """From random weights in torchvision's key style (features.N; tests/test_backbones.py loads both
+    key styles into the same trunk)."""
     devkit = voc2007_fixture(tmp_path)
     out = tmp_path / "run"
-    table = reproduce_voc07(devkit, str(_weights(tmp_path / f"{style}.pt", style)),
+    table = reproduce_voc07(devkit, str(_weights(tmp_path / "features.pt", "features")),
                             overrides=[*TINY, f"output_dir={out}"], scales_1=[160], scales_5=[96, 128, 160],
                             compare_images=2)
     m = table.measured
@@ -94,13 +95,13 @@ def test_runbook_end_to_end_on_a_voc2007_shaped_fixture(tmp_path, style):
     assert m["SPP 1-sc"]["mAP"] == pytest.approx(100 * one["mAP"]) and m["SPP 5-sc"]["mAP"] == pytest.approx(100 * five["mAP"])
     text = (out / "table6.md").read_text()
     assert "| mAP (ftfc7 bb) |" in text and "| 58.0 |" in text and "| 59.2 |" in text  # the paper beside
-    if style == "project":  # the command prints the same table (a rerun: every stage is loaded)
-        r = subprocess.run([sys.executable, str(REPO / "tools/reproduce_voc07.py"), "--devkit", str(devkit),
-                            "--weights", str(tmp_path / "project.pt"), "--scales-1", "160", "--scales-5", "96", "128",
-                            "160", "--compare-images", "2", "--set", *TINY, f"output_dir={out}"],
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "| mAP (ftfc7 bb) |" in r.stdout and "stage finetune: loaded" in r.stderr
+    # the command prints the table; a rerun loads every stage instead of training again
+    r = subprocess.run([sys.executable, str(REPO / "tools/reproduce_voc07.py"), "--devkit", str(devkit),
+                        "--weights", str(tmp_path / "features.pt"), "--scales-1", "160",
+                        "--scales-5", "96", "128", "160", "--compare-images", "2", "--set", *TINY, f"output_dir={out}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| mAP (ftfc7 bb) |" in r.stdout and "stage finetune: loaded" in r.stderr
 
 
 def test_runbook_refuses_a_missing_devkit_and_weights(tmp_path):
