@@ -368,6 +368,11 @@ class SVMConfig:
     # SVM that scores most windows at the margin (-1 > hard_thresh) otherwise adds every window of
     # every image and retrains each time (measured on digits: 18 s per image and growing).
     max_hard_per_image: Count = 0
+    # Cached negatives kept per class after each retrain, the highest-scoring; 0 = no cap (spec §7:
+    # eviction by score only). A cap bounds the SVM stage's memory when a weak SVM evicts nothing
+    # (a 200-iteration digits head kept 47627 negatives of one class after 1069 images; BENCHMARKS.md
+    # "growth"). Not measured on mAP.
+    max_cache: Count = 0
 
     def problems(self) -> list[Relation]:
         if not self.evict_thresh < self.hard_thresh:  # else negatives that still count as hard are evicted

@@ -220,6 +220,8 @@ class HardNegativeMiner:
         max_hard_per_image: after the first image, add at most this many new hard negatives per
             class and image, the highest-scoring first (0 = no cap, as the spec).
         active: the classes to train (default all); a process of a distributed job trains its share.
+        max_cache: after each retrain keep at most this many cached negatives per class, the
+            highest-scoring (0 = no cap, as the spec: its eviction bounds the cache by score only).
     Attributes:
         W (Tensor[F, K]), b (Tensor[K]): the current classifiers.
         num_images (int): images processed so far.
@@ -241,6 +243,7 @@ class HardNegativeMiner:
         class_names: Sequence[str] | None = None,
         max_hard_per_image: int = 0,
         active: Sequence[int] | None = None,
+        max_cache: int = 0,
     ) -> None:
         if num_classes <= 0 or feat_dim <= 0:
             raise ValueError(f"num_classes and feat_dim must be positive, got {num_classes}, {feat_dim}")
@@ -254,6 +257,7 @@ class HardNegativeMiner:
         self.retrain_every = retrain_every
         self.tol, self.max_iter = tol, max_iter
         self.max_hard_per_image = int(max_hard_per_image)
+        self.max_cache = int(max_cache)
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {num_classes} classes")
@@ -423,6 +427,10 @@ class HardNegativeMiner:
         obj = svm_objective(w, b, pos, cache.neg, self.C, self.pos_weight, self.bias)
         z_neg = cache.neg @ w + b  # (Q,)
         easy = z_neg < self.evict_thresh
+        if self.max_cache and int((~easy).sum()) > self.max_cache:  # keep the hardest max_cache
+            order = torch.argsort(z_neg.masked_fill(easy, float("-inf")), descending=True, stable=True)
+            easy = torch.ones_like(easy)
+            easy[order[: self.max_cache]] = False
         n_before = cache.neg.shape[0]
         cache.neg = cache.neg[~easy].contiguous()  # (Q', F)
         cache.neg_keys = cache.neg_keys[~easy]  # (Q',)
@@ -551,7 +559,8 @@ def train_svms(
     miner = HardNegativeMiner(num_classes, int(head.out_dim), C=params.C, pos_weight=params.pos_weight,
                               bias=params.bias, hard_thresh=params.hard_thresh, evict_thresh=params.evict_thresh,
                               retrain_every=params.retrain_every, class_names=class_names,
-                              max_hard_per_image=params.max_hard_per_image, active=classes, tol=params.tol)
+                              max_hard_per_image=params.max_hard_per_image, active=classes, tol=params.tol,
+                              max_cache=params.max_cache)
     for c in classes:
         if feats_pos[c]:
             miner.add_positives(c, torch.cat(feats_pos[c]))

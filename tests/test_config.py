@@ -242,6 +242,7 @@ BAD_VALUES = [
     ("svm.max_images=-1", "svm.max_images must be >= 0"),
     ("svm.max_hard_per_image=-1", "svm.max_hard_per_image must be >= 0"),
     ("svm.tol=0", "svm.tol must be > 0"),
+    ("svm.max_cache=-1", "svm.max_cache must be >= 0"),
     # bbox_reg
     ("bbox_reg.lam=0", "bbox_reg.lam must be > 0"),
     ("bbox_reg.min_iou=1", "bbox_reg.min_iou must be in [0, 1)"),

@@ -230,3 +230,18 @@ def test_other_class_ground_truth_boxes_are_negatives(monkeypatch, gt_negatives)
     # rows: GT 0, GT 1, proposal on GT 0, background proposal (or the proposals only)
     want = [[False, True], [True, False], [False, True], [True, True]]
     assert seen[0].tolist() == (want if gt_negatives else want[2:])
+
+
+def test_max_cache_keeps_the_hardest_negatives():
+    """svm.max_cache: after a retrain at most N negatives stay per class, the highest-scoring ones."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(6, 3, generator=g) + 3.0
+    neg = torch.randn(40, 3, generator=g) - 3.0
+    miner = HardNegativeMiner(1, 3, **{**SPEC, "retrain_every": 10**6, "evict_thresh": -1e9}, max_cache=5)
+    miner.add_positives(0, pos)
+    miner.process_image(neg, torch.ones(40, 1, dtype=torch.bool))  # the first image: all, then a retrain
+    assert miner.num_negatives(0) == 5
+    w, b = miner.W[:, 0], miner.b[0]
+    kept = miner.negative_keys(0).tolist()
+    scores = neg @ w + b  # the retrain's scores (W has not changed since)
+    assert sorted(kept) == sorted(torch.argsort(scores, descending=True)[:5].tolist())
