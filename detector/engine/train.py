@@ -171,10 +171,7 @@ class FinetuneStage(Stage[dict]):
         trunk = Trunk(cfg, weights, cache)
         D = spp_out_dim(trunk.net.out_channels, cfg.features.levels)
         head = FCHead(D, fc_dim=cfg.head.fc_dim, num_classes=K, dropout=cfg.head.dropout)
-        if self.fc_from_weights():
-            init_fc_from_weights(head, weights, self.data.class_names)
-        else:
-            log.info("fc layers: fc6, fc7, cls_score random (spec §1); the trunk's weights (%s) hold none", weights)
+        init_fc_from_weights(head, weights, self.data.class_names)  # logs where each layer came from
         ft_items = make_items(self.data.finetune, props, flips=cfg.data.use_flipped)
         val_items = make_items(self.data.held_out, props, flips=False)
         levels = cfg.features.levels
@@ -214,20 +211,17 @@ _FC_NAMES = {"fc6.": "fc6.", "fc7.": "fc7.", "cls_score.": "cls_score.",
              "classifier.0.": "fc6.", "classifier.3.": "fc7."}  # the last two: torchvision's VGG
 
 
-def weights_fc_layers(weights: str) -> dict[str, torch.Tensor]:
-    """The fc layers a trunk weights file holds, under FCHead's names (``fc6.weight``, ...).
-
-    Where they are: the ``fc`` mapping of an SPP classifier checkpoint (``sppnet classifier``, the
-    pre-training stage), or ``fc6.*`` / ``fc7.*`` keys beside the conv keys of a flat state dict (a
-    converted paper ZF-5), or torchvision VGG's ``classifier.0`` / ``classifier.3``. Empty for
-    ``none``, ``imagenet`` and files without fc layers. Read with ``weights_only=True``.
-    """
+def _read_weights(weights: str) -> dict:
+    """The trunk weights file's dict (``weights_only=True``), or {} for ``none``, ``imagenet``, a
+    missing file or a file that is not a dict."""
     path = Path(weights)
     if weights in ("none", "imagenet") or not path.is_file():
         return {}
     st = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(st, dict):
-        return {}
+    return st if isinstance(st, dict) else {}
+
+
+def _fc_layers(st: dict) -> dict[str, torch.Tensor]:
     flat = st.get("fc") if isinstance(st.get("fc"), dict) else st.get("state_dict", st)
     if not isinstance(flat, dict):
         return {}
@@ -240,6 +234,17 @@ def weights_fc_layers(weights: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def weights_fc_layers(weights: str) -> dict[str, torch.Tensor]:
+    """The fc layers a trunk weights file holds, under FCHead's names (``fc6.weight``, ...).
+
+    Where they are: the ``fc`` mapping of an SPP classifier checkpoint (``sppnet classifier``, the
+    pre-training stage), or ``fc6.*`` / ``fc7.*`` keys beside the conv keys of a flat state dict (a
+    converted paper ZF-5), or torchvision VGG's ``classifier.0`` / ``classifier.3``. Empty for
+    ``none``, ``imagenet`` and files without fc layers. Read with ``weights_only=True``.
+    """
+    return _fc_layers(_read_weights(weights))
+
+
 def init_fc_from_weights(head: FCHead, weights: str, class_names: Sequence[str]) -> list[str]:
     """Initialise fc6/fc7 from the trunk's weights file where it holds them with the head's shapes
     (paper §4: detection fine-tunes the classification net's fc layers); the others keep their
@@ -250,9 +255,9 @@ def init_fc_from_weights(head: FCHead, weights: str, class_names: Sequence[str])
     Returns:
         the copied parameter names.
     """
-    fc = weights_fc_layers(weights)
-    st = torch.load(weights, map_location="cpu", weights_only=True) if fc else {}
-    same_classes = isinstance(st, dict) and tuple(st.get("class_names", ())) == tuple(class_names)
+    st = _read_weights(weights)  # read once
+    fc = _fc_layers(st)
+    same_classes = tuple(st.get("class_names", ())) == tuple(class_names)
     prefixes = ("fc6", "fc7") + (("cls_score",) if same_classes else ())
     own = head.state_dict()
     skipped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in fc.items()
