@@ -237,20 +237,21 @@ def predict_one_class(features: Tensor, beta: Tensor, mu: Tensor, T_inv: Tensor)
 
 
 def refine_boxes(weight: Tensor, feature_scale: float, boxes: Tensor, pooled: Tensor, rows: Tensor,
-                 labels: Tensor) -> Tensor:
+                 labels: Tensor, pooled_rows: Optional[Tensor] = None) -> Tensor:
     """:meth:`BoxRegressor.refine` as a free function of the packed weights (TorchScript compiles it:
     the exported program of ``detector.export`` calls it).
 
     Args:
         weight (Tensor[D+1, 4K]): packed regressors, last row = bias; feature_scale: their pool5 scale.
-        boxes (Tensor[R, 4]), pooled (Tensor[R, D]), rows (Tensor[N] int64), labels (Tensor[N] int64):
-            as :meth:`BoxRegressor.refine`.
+        boxes (Tensor[R, 4]), pooled (Tensor[R, D] or [U, D]), rows (Tensor[N] int64), labels
+            (Tensor[N] int64), pooled_rows (Tensor[N] int64 or None): as :meth:`BoxRegressor.refine`.
     Returns:
         Tensor[N, 4]: refined xyxy boxes (not clipped).
     """
     if rows.shape[0] == 0:
         return boxes[rows]
-    uwin, inv = torch.unique(rows, return_inverse=True)  # (U,), (N,)
+    prow = rows if pooled_rows is None else pooled_rows  # (N,) each detection's row of pooled
+    uwin, inv = torch.unique(prow, return_inverse=True)  # (U,), (N,)
     deltas = torch.addmm(weight[-1], pooled[uwin], weight[:-1], alpha=feature_scale)  # (U, 4K)
     cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
     return decode(boxes[rows], deltas[inv].gather(1, cols))  # (N, 4)
@@ -278,7 +279,8 @@ class BoxRegressor(nn.Module):
         self.register_buffer("weight", weight.detach().to(torch.float32).clone())
         self.feature_scale = float(feature_scale)
 
-    def refine(self, boxes: Tensor, pooled: Tensor, rows: Tensor, labels: Tensor) -> Tensor:
+    def refine(self, boxes: Tensor, pooled: Tensor, rows: Tensor, labels: Tensor,
+               pooled_rows: Optional[Tensor] = None) -> Tensor:
         """Regress each detection with its own class's regressor (spec §8: only the kept boxes).
 
         A window kept for several classes is regressed once for all classes (U x D x 4K
@@ -288,13 +290,16 @@ class BoxRegressor(nn.Module):
 
         Args:
             boxes (Tensor[R, 4]): xyxy windows of the image.
-            pooled (Tensor[R, D]): their unscaled pooled conv5 features.
+            pooled (Tensor[R, D] or Tensor[U, D]): their unscaled pooled conv5 features, one row per
+                window, or one per distinct pooled window with ``pooled_rows``.
             rows (Tensor[N] int64): window of each detection.
             labels (Tensor[N] int64): class of each detection.
+            pooled_rows (Tensor[N] int64, optional): each detection's row of ``pooled`` (default
+                ``rows``).
         Returns:
             Tensor[N, 4]: refined xyxy boxes (not clipped).
         """
-        return refine_boxes(self.weight, self.feature_scale, boxes, pooled, rows, labels)
+        return refine_boxes(self.weight, self.feature_scale, boxes, pooled, rows, labels, pooled_rows)
 
     @property
     def num_classes(self) -> int:

@@ -33,7 +33,7 @@ from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
 from detector.pyramid import image_pyramid, preprocess, preprocess_float, pyramid_sizes, resized_size, trunk_pyramid
-from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+from detector.regions import Conv5Pyramid, ProjectionParams, distinct_windows, pool_regions
 from detector.svm import LinearSVMs
 from proposals import propose
 from proposals.imageio import (
@@ -166,6 +166,8 @@ class SPPDetector(nn.Module):
         self.svd_rank = 0  # the rank fc6/fc7 run at now (compress_fc)
         self.params = params  # checked by the setter
         self.last_timings: dict[str, float] = {}
+        # windows scored by the last call, and how many of them pooled distinct conv5 cells
+        self.last_counts: dict[str, int] = {}
         # (image size, batch size, device, dtype, threads, scaled sizes) -> whether a batch through the
         # trunk gives each image's own conv5 bits (see _trunk_pyramids)
         self._batch_exact: dict[tuple, bool] = {}
@@ -250,6 +252,7 @@ class SPPDetector(nn.Module):
         image_size: tuple[int, int],
         score_threshold: float | None = None,
         timed: Any = None,
+        pooled_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Scores of all windows -> detections, in the spec's order (§8-9).
 
@@ -261,11 +264,14 @@ class SPPDetector(nn.Module):
 
         Args:
             boxes (Tensor[R, 4]): xyxy proposals, original-image pixels.
-            pooled (Tensor[R, D]): their pooled conv5 features (the regressors' input).
+            pooled (Tensor[R, D], or Tensor[U, D] with ``pooled_index``): their pooled conv5
+                features (the regressors' input).
             scores (Tensor[R, K]): class scores.
             image_size: (H, W) of the original image.
             score_threshold: default ``params.score_thresh``.
             timed: optional context-manager factory ``timed(stage)`` that times "nms" and "bbox".
+            pooled_index (Tensor[R] int64, optional): each window's row of ``pooled`` when it holds
+                one row per distinct pooled window (:func:`detector.regions.distinct_windows`).
         Returns:
             dict of ``boxes`` (float32 [N, 4]), ``scores`` (float32 [N]) and ``labels`` (int64 [N]),
             by descending score, on the model's device.
@@ -283,7 +289,9 @@ class SPPDetector(nn.Module):
             return kept
         with timed("bbox"):
             lab = kept["labels"]
-            refined = self.bbox.refine(boxes, pooled, kept["window_index"], lab)  # (N, 4)
+            rows = kept["window_index"]  # (N,)
+            prow = None if pooled_index is None else pooled_index[rows]  # (N,)
+            refined = self.bbox.refine(boxes, pooled, rows, lab, prow)  # (N, 4)
         with timed("nms"):
             # one "window" per kept detection, with its class's score only: the second NMS and
             # top-k stay per class
@@ -369,12 +377,19 @@ class SPPDetector(nn.Module):
         if boxes.shape[0] == 0:
             return {k: v.to(self.device) for k, v in _empty_detections().items()}
         with self._timed("pool"):
-            pooled = pool_regions(pyr, boxes, self.levels, self.proj)  # (R, D)
+            # windows that pool the same conv5 cells at the same scale share one pooled vector, one
+            # fc pass and one score row (the scores are gathered back per window)
+            first, inverse = distinct_windows(pyr, boxes, self.proj)  # (U,), (R,)
+            inverse = inverse.to(self.device)
+            pooled = pool_regions(pyr, boxes[first.to(self.device)], self.levels, self.proj)  # (U, D)
+        self.last_counts["windows"] = self.last_counts.get("windows", 0) + boxes.shape[0]
+        self.last_counts["distinct"] = self.last_counts.get("distinct", 0) + first.shape[0]
         with self._timed("fc"):
-            feats = self.fc_features(pooled)  # (R, F)
+            feats = self.fc_features(pooled)  # (U, F)
         with self._timed("svm"):
-            scores = self.svm_scores(feats)  # (R, K)
-        return self.postprocess(boxes, pooled, scores, pyr.image_size, score_threshold, timed=self._timed)
+            scores = self.svm_scores(feats)[inverse]  # (R, K)
+        return self.postprocess(boxes, pooled, scores, pyr.image_size, score_threshold, timed=self._timed,
+                                pooled_index=inverse)
 
     def _run(self, items: Iterable[_Item], score_threshold: float | None, batch_size: int,
              workers: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -390,6 +405,7 @@ class SPPDetector(nn.Module):
         from itertools import islice
 
         self.last_timings = {s: 0.0 for s in STAGES}
+        self.last_counts = {"windows": 0, "distinct": 0}
         it = iter(items)
         pool = None
         chunks: deque[list[_Item]] = deque()

@@ -69,6 +69,7 @@ from detector.bbox_reg import refine_boxes
 from detector.detector import SPPDetector
 from detector.postprocess import detections_from_scores
 from detector.projection import project_windows, scale_choice
+from detector.regions import first_occurrence
 from detector.pyramid import hwc_layout, preprocess_float, resized_size
 from detector.spp import _roi_pool_bins_exact, _roi_pool_levels
 
@@ -159,28 +160,38 @@ class DetectionProgram(nn.Module):
         nbins = 0
         for n in self.levels:
             nbins += n * n
-        pooled = torch.zeros((boxes.shape[0], fmaps[0].shape[0] * nbins), dtype=torch.float32, device=dev)  # (R, D)
+        keys = torch.zeros((boxes.shape[0], 5), dtype=torch.int64)  # (R, 5) scale index and conv5 window
+        keys[:, 0] = scale_index
         for s in range(len(fmaps)):
             fmap = fmaps[s]
             if max(fmap.shape[1], fmap.shape[2]) > self.max_exact_side:
                 raise RuntimeError("conv5 map wider than the side up to which roi_pool's bins are checked exact")
             idx = torch.nonzero(scale_index == s).flatten()  # (R_s,)
-            windows = project_windows(b64[idx], float(min(h, w)), float(shorts[s]), fmap.shape[1], fmap.shape[2],
-                                      self.stride, self.offset0, self.shrink)  # (R_s, 4) int64
-            pooled[idx.to(dev)] = _roi_pool_levels(fmap.float(), windows.to(dev), self.levels)  # (R_s, D)
-        feats = F.relu(self.fc6(pooled))  # (R, F)
-        feats = F.relu(self.fc7(feats))  # (R, F)
-        scores = torch.addmm(self.svm_bias, feats, self.svm_weight, alpha=self.svm_scale)  # (R, K)
+            keys[idx, 1:] = project_windows(b64[idx], float(min(h, w)), float(shorts[s]), fmap.shape[1], fmap.shape[2],
+                                            self.stride, self.offset0, self.shrink)  # (R_s, 4) int64
+        # one pooled vector, fc pass and score row per distinct (scale, window), as the eager model
+        first, inverse = first_occurrence(keys)  # (U,), (R,)
+        ukeys = keys[first]  # (U, 5)
+        pooled = torch.zeros((first.shape[0], fmaps[0].shape[0] * nbins), dtype=torch.float32, device=dev)  # (U, D)
+        for s in range(len(fmaps)):
+            idx = torch.nonzero(ukeys[:, 0] == s).flatten()  # (U_s,)
+            pooled[idx.to(dev)] = _roi_pool_levels(fmaps[s].float(), ukeys[idx, 1:].to(dev), self.levels)  # (U_s, D)
+        inverse = inverse.to(dev)
+        feats = F.relu(self.fc6(pooled))  # (U, F)
+        feats = F.relu(self.fc7(feats))  # (U, F)
+        scores = torch.addmm(self.svm_bias, feats, self.svm_weight, alpha=self.svm_scale)  # (U, K)
         if self.softmax:
-            logp = torch.log_softmax(torch.addmm(self.cls_bias, feats, self.cls_weight.t()), dim=1)  # (R, K + 1)
+            logp = torch.log_softmax(torch.addmm(self.cls_bias, feats, self.cls_weight.t()), dim=1)  # (U, K + 1)
             scores = scores + logp[:, : self.num_classes]
+        scores = scores[inverse]  # (R, K)
         size = [h, w]
         kept = detections_from_scores(boxes, scores, self.score_threshold, self.nms, self.max_per_class, size,
                                       True)
         if not self.has_bbox:
             return kept["boxes"], kept["scores"], kept["labels"]
         lab = kept["labels"]
-        refined = refine_boxes(self.bbox_weight, self.bbox_scale, boxes, pooled, kept["window_index"], lab)  # (N, 4)
+        rows = kept["window_index"]  # (N,)
+        refined = refine_boxes(self.bbox_weight, self.bbox_scale, boxes, pooled, rows, lab, inverse[rows])  # (N, 4)
         n = lab.shape[0]
         sc = torch.full((n, self.num_classes), -math.inf, device=dev, dtype=kept["scores"].dtype)  # (N, K)
         sc[torch.arange(n, device=dev), lab] = kept["scores"]

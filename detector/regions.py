@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from detector.projection import project_boxes, select_scales
 from detector.spp import spp_pool
 
-__all__ = ["ProjectionParams", "Conv5Pyramid", "pool_regions"]
+__all__ = ["ProjectionParams", "Conv5Pyramid", "pool_regions", "distinct_windows", "first_occurrence"]
 
 
 @dataclass(frozen=True)
@@ -124,8 +123,27 @@ def distinct_windows(pyramid: Conv5Pyramid, boxes: torch.Tensor, proj: Projectio
         m = s_idx == s
         keys[m, 1:] = project_boxes(boxes[m], pyramid.image_size, pyramid.scaled_sizes[s],
                                     tuple(pyramid.fmaps[s].shape[-2:]), proj.stride, proj.offset0, proj.shrink)
-    _, first, inverse = np.unique(keys.numpy(), axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # distinct windows in the order of their first box
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.shape[0])
-    return torch.from_numpy(first[order]), torch.from_numpy(rank[inverse.reshape(-1)])
+    return first_occurrence(keys)
+
+
+def first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``keys`` in the order they first occur (TorchScript compiles it: the exported
+    program of ``detector.export`` dedups windows with it exactly as the eager model).
+
+    Args:
+        keys (Tensor[R, k] int64): one row per item (e.g. scale index and conv5 window).
+    Returns:
+        (first, inverse): first (Tensor[U] int64, ascending) = index of each distinct row's first
+        occurrence; inverse (Tensor[R] int64) = each row's position in ``first``.
+    """
+    R = keys.shape[0]
+    if R == 0:
+        return torch.zeros(0, dtype=torch.int64, device=keys.device), torch.zeros(0, dtype=torch.int64, device=keys.device)
+    _, inv = torch.unique(keys, dim=0, return_inverse=True)  # (R,) sorted-row ids
+    U = int(inv.max()) + 1
+    arange = torch.arange(R, dtype=torch.int64, device=keys.device)  # (R,)
+    first = torch.full((U,), R, dtype=torch.int64, device=keys.device).scatter_reduce(0, inv, arange, "amin")  # (U,)
+    order = torch.argsort(first)  # (U,) distinct first indices: no ties
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(U, dtype=torch.int64, device=keys.device)
+    return first[order], rank[inv]

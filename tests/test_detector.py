@@ -199,3 +199,30 @@ def test_checkpoint_keeps_the_input_format(tmp_path):
     del st["input_format"]  # a file written before the format was stored: the arch's own
     torch.save(st, tmp_path / "old.pt")
     assert SPPDetector.load(tmp_path / "old.pt").backbone.input_format == "bgr255_mean128"
+
+
+def test_windows_that_pool_the_same_cells_are_scored_once(det, photos):
+    """Boxes that project to the same conv5 window at the same scale are pooled and run through fc
+    once (last_counts), and the detections equal the reference that pools, scores and regresses
+    every window on its own (to float tolerance: the fc matmul has fewer rows)."""
+    from detector.regions import distinct_windows, pool_regions
+
+    im = photos[0]
+    base = random_boxes(120, 160, 60, torch.Generator().manual_seed(1))
+    # each box again shifted by one pixel (stride 16: mostly the same window) and once more exactly
+    boxes = torch.cat([base, base + 1.0, base])  # (180, 4)
+    out = det.detect(im, proposals=boxes)
+    pyr = det.compute_pyramid(im)
+    first, inverse = distinct_windows(pyr, boxes, det.proj)
+    assert det.last_counts == {"windows": 180, "distinct": first.shape[0]}
+    assert first.shape[0] <= 120  # the exact copies at least
+    # reference: every window on its own
+    with torch.inference_mode():
+        pooled = pool_regions(pyr, boxes, det.levels, det.proj)  # (R, D)
+        assert torch.equal(pooled[first][inverse], pooled)  # same cells, same vector
+        scores = det.svm_scores(det.fc_features(pooled))  # (R, K)
+        ref = det.postprocess(boxes, pooled, scores, pyr.image_size)
+    assert torch.equal(out["labels"], ref["labels"])
+    torch.testing.assert_close(out["scores"], ref["scores"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["boxes"], ref["boxes"], rtol=1e-5, atol=1e-4)
+    assert len(out["scores"]) > 0
