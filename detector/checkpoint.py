@@ -49,6 +49,9 @@ def detector_state(det: SPPDetector) -> dict[str, Any]:
     if det.svd_rank:
         raise ValueError("SPPDetector.save: fc6/fc7 are SVD-compressed; save the dense model with "
                          "params.svd_rank set (SPPDetector.load applies it)")
+    if det.fc_precision != "float32":
+        raise ValueError(f"SPPDetector.save: fc6/fc7 run at {det.fc_precision}; save the float32 model with "
+                         "params.fc_precision set (SPPDetector.load applies it)")
 
     def cpu(sd: dict) -> dict:
         return {k: v.detach().cpu() for k, v in sd.items()}

@@ -405,6 +405,9 @@ class TestConfig:
     # pipeline trains anyway; Fast R-CNN later scored with the softmax alone)
     score: Literal["svm", "svm+softmax"] = "svm"
     svd_rank: Count = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
+    # arithmetic of fc6/fc7 at test time (detector/fc_precision.py): "float32" (the spec's), "int8"
+    # (dynamic quantisation, CPU only) or "float16" (CUDA only); elsewhere float32 with a warning
+    fc_precision: Literal["float32", "int8", "float16"] = "float32"
     # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
     # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
     target_side: Annotated[float, at_least(0, "0 = features.target_side")] = 0.0

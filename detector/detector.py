@@ -30,6 +30,7 @@ from torch import nn
 
 from detector.bbox_reg import BoxRegressor
 from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
+from detector.fc_precision import FC_PRECISIONS
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
 from detector.pyramid import image_pyramid, preprocess, preprocess_float, pyramid_sizes, resized_size, trunk_pyramid
@@ -72,6 +73,9 @@ class DetectParams:
             log-probability of the class under the fine-tuned (K+1)-way ``cls_score`` layer).
         svd_rank: truncated-SVD rank of fc6/fc7 the model runs with (0 = dense); applied by
             :meth:`SPPDetector.load`.
+        fc_precision: ``"float32"``, ``"int8"`` (CPU) or ``"float16"`` (CUDA): the arithmetic of
+            fc6/fc7 at test time (:mod:`detector.fc_precision`); applied by :meth:`SPPDetector.load`
+            after ``svd_rank``.
         proposal_options: keyword arguments of :func:`proposals.selective_search` used when
             ``detect`` is called without proposals (the training run's settings).
     """
@@ -84,6 +88,7 @@ class DetectParams:
     score_thresh: float
     score: Literal["svm", "svm+softmax"]
     svd_rank: int
+    fc_precision: str = "float32"  # absent from checkpoints written before it existed
     proposal_options: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,8 @@ class DetectParams:
             problems.append(f"score must be one of {SCORES}, got {self.score!r}")
         if self.svd_rank < 0:
             problems.append(f"svd_rank must be >= 0 (0 = dense), got {self.svd_rank}")
+        if self.fc_precision not in FC_PRECISIONS:
+            problems.append(f"fc_precision must be one of {', '.join(FC_PRECISIONS)}, got {self.fc_precision!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -164,6 +171,7 @@ class SPPDetector(nn.Module):
         self.width_mult = float(width_mult)
         self.meta = dict(meta or {})
         self.svd_rank = 0  # the rank fc6/fc7 run at now (compress_fc)
+        self.fc_precision = "float32"  # the precision fc6/fc7 run at now (lower_fc)
         self.params = params  # checked by the setter
         self.last_timings: dict[str, float] = {}
         # windows scored by the last call, and how many of them pooled distinct conv5 cells
@@ -227,7 +235,7 @@ class SPPDetector(nn.Module):
 
     def fc_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc7 features (unscaled; the SVMs apply their feature scale). pooled (Tensor[R, D]) -> Tensor[R, F]."""
-        return self.head.features(pooled)  # (R, F)
+        return self.head.features(pooled).float()  # (R, F)
 
     def svm_scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Class scores of all windows (see :class:`DetectParams` ``score``).
@@ -591,6 +599,20 @@ class SPPDetector(nn.Module):
             self.svd_rank = int(rank)
         return self
 
+    def lower_fc(self, precision: str) -> "SPPDetector":
+        """Run fc6/fc7 (dense or SVD factors) at ``precision`` (:mod:`detector.fc_precision`; in place,
+        once; "float32" = keep). int8 needs the CPU and float16 CUDA: elsewhere the layers stay
+        float32 with a warning, and ``fc_precision`` says what runs. Returns self."""
+        from detector.fc_precision import lower_fc_precision, runnable_precision
+
+        if self.fc_precision != "float32":
+            raise ValueError(f"fc6/fc7 already run at {self.fc_precision}")
+        run = runnable_precision(precision, self.device)
+        if run != "float32":
+            self.head = lower_fc_precision(self.head, run).eval()
+            self.fc_precision = run
+        return self
+
     # ------------------------------------------------------------------ checkpoint
 
     def save(self, path: str | Path) -> Path:
@@ -606,6 +628,7 @@ class SPPDetector(nn.Module):
         device: str | torch.device = "cpu",
         scales: Sequence[int] | None = None,
         svd_rank: int | None = None,
+        fc_precision: str | None = None,
     ) -> "SPPDetector":
         """Load a checkpoint (``torch.load(weights_only=True)``: loading can never run code).
 
@@ -616,6 +639,8 @@ class SPPDetector(nn.Module):
             svd_rank: compress fc6/fc7 to this rank after loading (0 = dense); None = the rank
                 stored with the model (its training config's ``test.svd_rank``), so the library call
                 scores like ``tools/test_net.py``.
+            fc_precision: ``"float32"``, ``"int8"`` (CPU) or ``"float16"`` (CUDA) for fc6/fc7 after
+                the SVD (:mod:`detector.fc_precision`); None = the stored ``test.fc_precision``.
         Raises:
             detector.checkpoint.CheckpointError: missing file, a file that would need to run code
                 to load, not an SPPDetector checkpoint, or one whose parts do not fit together
@@ -627,7 +652,14 @@ class SPPDetector(nn.Module):
         det = load_detector(path, device=resolve_device(device) if isinstance(device, str) else device)
         if scales:
             det.params = dataclasses.replace(det.params, scales=tuple(scales))
-        return det.compress_fc(det.params.svd_rank if svd_rank is None else int(svd_rank))
+        if svd_rank is not None or fc_precision is not None:
+            try:
+                det.params = dataclasses.replace(
+                    det.params, svd_rank=det.params.svd_rank if svd_rank is None else int(svd_rank),
+                    fc_precision=det.params.fc_precision if fc_precision is None else fc_precision)
+            except ValueError as e:
+                raise ValueError(f"SPPDetector.load({path}): {e}") from None
+        return det.compress_fc(det.params.svd_rank).lower_fc(det.params.fc_precision)
 
 
 @dataclass

@@ -225,11 +225,15 @@ def export_detector(det: SPPDetector, out: str | Path, fmt: str = "torchscript",
     Returns:
         the path written.
     Raises:
-        ExportError: an unknown format, levels roi_pool cannot pool exactly, or an exporter that
+        ExportError: an unknown format, fc6/fc7 at a lowered precision, levels roi_pool cannot pool
+            exactly, or an exporter that
             refuses the program (its first message line is quoted).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if det.fc_precision != "float32":
+        raise ExportError(f"fc6/fc7 run at {det.fc_precision}; export the float32 model "
+                          "(SPPDetector.load(path, fc_precision='float32'))")
     det = copy.deepcopy(det).cpu().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

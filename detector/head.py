@@ -57,6 +57,8 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (Tensor[R, in]) -> Tensor[R, out]: one mm and one addmm."""
+        if not isinstance(self.down, nn.Linear):  # int8 factors (detector.fc_precision)
+            return self.up(self.down(x))  # (R, out)
         h = torch.mm(x, self.down.weight.t())  # (R, r)
         return torch.addmm(self.up.bias, h, self.up.weight.t())  # (R, out)
 
@@ -243,7 +245,9 @@ class FCHead(nn.Module):
         return torch.addmm(self.cls_score.bias, h, self.cls_score.weight.t())  # (R, K+1)
 
     def _weight_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """fc6's weight dtype: the input is cast to it (float32 for int8 layers, which quantise it)."""
+        w = next(self.fc6.parameters(), None)
+        return torch.float32 if w is None else w.dtype
 
     @torch.no_grad()
     def compress_svd(self, rank: int, fc7_rank: int | None = None, exact: bool | None = None) -> "FCHead":

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from detector import SPPDetector
 
-        det = SPPDetector.load(args.checkpoint, device=args.device)
+        # the program runs float32 fc6/fc7 (at the stored svd_rank) whatever test.fc_precision says
+        det = SPPDetector.load(args.checkpoint, device=args.device, fc_precision="float32")
         try:
             out = export_detector(det, args.out, args.format, score_threshold=args.threshold)
         except ExportError as e:

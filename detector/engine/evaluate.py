@@ -62,7 +62,7 @@ def build_detector(cfg: Config, checkpoint: str | Path, device: str | None = Non
         CheckpointError: the file cannot be loaded, or a setting does not fit this model (named).
     """
     det = SPPDetector.load(checkpoint, device=device or cfg.device, scales=cfg.features.test_scales,
-                           svd_rank=cfg.test.svd_rank)
+                           svd_rank=cfg.test.svd_rank, fc_precision=cfg.test.fc_precision)
     t = cfg.test
     try:
         det.params = dataclasses.replace(
@@ -84,7 +84,7 @@ def timing_table(per_image: dict[str, list[float]]) -> str:
 
 class DetectStage(Stage[dict]):
     """Detections of every image of a split: ``{"dets": {id: {boxes, scores, labels}}, "times":
-    {id: {stage: seconds}}, "n_props": {id: R}, "failed": [ids]}``."""
+    {id: {stage: seconds}}, "n_props": {id: R}, "n_distinct": {id: windows fc ran on}, "failed": [ids]}``."""
 
     name = "detect"
 
@@ -97,7 +97,7 @@ class DetectStage(Stage[dict]):
 
     def settings(self) -> object:
         d = self.det
-        return [content_id(self.checkpoint), d.params.to_dict(), d.svd_rank, d.device.type, self.mode,
+        return [content_id(self.checkpoint), d.params.to_dict(), d.svd_rank, d.fc_precision, d.device.type, self.mode,
                 [r.image_id for r in self.records]]
 
     @property
@@ -135,7 +135,7 @@ class DetectStage(Stage[dict]):
                 i0 += len(shard)
                 continue
             out: dict[str, Any] = {"ids": [r.image_id for r in shard], "dets": {}, "times": {}, "n_props": {},
-                                   "failed": [], "warnings": []}
+                                   "n_distinct": {}, "failed": [], "warnings": []}
             for rec in shard:
                 try:
                     image, warning = decode_image(rec.path)
@@ -158,9 +158,11 @@ class DetectStage(Stage[dict]):
                 t0 = time.perf_counter()
                 if self.mode == "rcnn":
                     dets, stage_times = detect_rcnn(self.det, image, boxes)
+                    out["n_distinct"][rec.image_id] = len(boxes)
                 else:
                     dets = self.det.detect(image, proposals=boxes)
                     stage_times = self.det.last_timings
+                    out["n_distinct"][rec.image_id] = self.det.last_counts["distinct"]
                 times["total"] = time.perf_counter() - t0
                 times.update({k: v for k, v in stage_times.items() if k != "proposals"})
                 out["dets"][rec.image_id] = dets
@@ -186,9 +188,9 @@ def _empty() -> dict[str, torch.Tensor]:
 
 
 def _merge(shards: list[dict]) -> dict:
-    out: dict[str, Any] = {"dets": {}, "times": {}, "n_props": {}, "failed": [], "warnings": []}
+    out: dict[str, Any] = {"dets": {}, "times": {}, "n_props": {}, "n_distinct": {}, "failed": [], "warnings": []}
     for s in shards:
-        for k in ("dets", "times", "n_props"):
+        for k in ("dets", "times", "n_props", "n_distinct"):
             out[k].update(s[k])
         out["failed"] += list(s["failed"])
         out["warnings"] += list(s.get("warnings", []))
@@ -229,7 +231,9 @@ class EvalReport:
         if self.comparison:
             lines += [self.comparison, ""]
         lines += [
-            f"{r['images']} {self.split} images, {r['mean_proposals']:.0f} proposals per image, "
+            f"{r['images']} {self.split} images, {r['mean_proposals']:.0f} proposals per image "
+            f"({r['mean_distinct_windows']:.0f} distinct conv5 windows: fc ran on "
+            f"{100 * r['mean_distinct_windows'] / max(r['mean_proposals'], 1e-9):.1f}% of them), "
             f"scales {r['scales']}, mode {r['mode']}, peak memory {r['peak_memory_mb']:.0f} MiB"
             + (f"; {len(r['failed_images'])} unreadable image(s) scored with no detections" if r['failed_images'] else "")
             + (f"; {len(r['image_warnings'])} image(s) decoded with a warning (see eval.json)"
@@ -351,6 +355,9 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
               for k, v in per_image.items() if v}
     report = {"split": name, "images": len(records), "mode": mode, "scales": list(det.params.scales),
               "mean_proposals": mean_count({r.image_id: props[r.image_id] for r in records}),
+              "mean_distinct_windows": statistics.mean([detected["n_distinct"][r.image_id] for r in records
+                                                        if r.image_id in detected["n_distinct"]] or [0]),
+              "fc_precision": det.params.fc_precision,
               "peak_memory_mb": peak_memory_mb(), "failed_images": detected["failed"],
               "image_warnings": detected["warnings"], "timing_s_per_image": timing,
               "coco": coco, "checkpoint": str(checkpoint), **result.to_dict()}

@@ -66,7 +66,8 @@ def detect_params(cfg: Config) -> DetectParams:
     return DetectParams(scales=tuple(cfg.features.test_scales), max_size=cfg.features.max_size,
                         target_side=t.target_side or cfg.features.target_side, nms=t.nms,
                         max_per_class=t.max_per_class, score_thresh=t.score_thresh, score=t.score,
-                        svd_rank=t.svd_rank, proposal_options=proposal_options(cfg.proposals))
+                        svd_rank=t.svd_rank, fc_precision=t.fc_precision,
+                        proposal_options=proposal_options(cfg.proposals))
 
 
 class Trunk:
