@@ -94,13 +94,18 @@ def _time(fn: Callable[[], Any], reps: int, dev: torch.device | None = None) -> 
 
 
 @torch.inference_mode()
-def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[int] = (1024, 512, 256)
-                   ) -> tuple[str, dict[str, float]]:
-    """SPP-net detection per image (1 scale 688, proposals excluded) with its stage breakdown and
-    fc6/fc7 SVD ranks, vs torchvision Faster R-CNN models with random weights on the same images."""
+def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[int] = (1024, 512, 256),
+                   int8_svd_ranks: Sequence[int] = (512, 256)) -> tuple[str, dict[str, float]]:
+    """SPP-net detection per image (1 scale 688, proposals excluded) with its stage breakdown, for
+    each fc option (dense, SVD ranks, int8 alone and after the SVD), vs torchvision Faster R-CNN
+    models with random weights on the same images; and the fraction of windows that share their
+    conv5 cells with an earlier window (scored once)."""
     import torchvision
 
-    photos, props, _ = _inputs(n_images, n_props)
+    from detector.fc_precision import lower_fc_precision
+    from detector.head import LowRankLinear
+
+    photos, props, n_ss = _inputs(n_images, n_props)
     det = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
     rows: list[tuple[str, dict[str, float]]] = []
     stages: dict[str, list[float]] = {}
@@ -117,20 +122,38 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
                     stages.setdefault(k, []).append(v)
         return times
 
-    spp = _stats(run_spp(det))
-    rows.append(("SPP-net ZF-5, 1 scale (688), fc 4096", spp))
-    ratios = {"detect_spp_s_per_image": spp["median"]}
-    from detector.head import LowRankLinear
-
-    for r in svd_ranks:
-        # timing does not depend on the weights: random rank-r factors of the shapes compress_svd makes
-        # (a float64 SVD of the 4096x12800 fc6 would take about a minute per rank on 2 cores)
+    def option(rank: int, int8: bool):
+        if not rank and not int8:
+            return det
         d = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
-        d.head.fc6 = LowRankLinear(d.head.in_dim, d.head.fc_dim, r).eval()
-        d.head.fc7 = LowRankLinear(d.head.fc_dim, d.head.fc_dim, r).eval()
-        s = _stats(run_spp(d))
-        rows.append((f"SPP-net ZF-5, 1 scale, fc6/fc7 SVD rank {r}", s))
-        ratios[f"detect_spp_svd{r}_s_per_image"] = s["median"]
+        if rank:
+            # timing does not depend on the weights: random rank-r factors of the shapes compress_svd
+            # makes (a float64 SVD of the 4096x12800 fc6 would take about a minute per rank on 2 cores)
+            d.head.fc6 = LowRankLinear(d.head.in_dim, d.head.fc_dim, rank).eval()
+            d.head.fc7 = LowRankLinear(d.head.fc_dim, d.head.fc_dim, rank).eval()
+        if int8:
+            d.head = lower_fc_precision(d.head, "int8")
+        return d
+
+    ratios: dict[str, float] = {}
+    options = [(0, False)] + [(r, False) for r in svd_ranks] + [(0, True)] + [(r, True) for r in int8_svd_ranks]
+    for rank, int8 in options:
+        s = _stats(run_spp(option(rank, int8)))
+        tag = "_".join(([f"svd{rank}"] if rank else []) + (["int8"] if int8 else [])) or "dense"
+        what = " + ".join(([f"SVD rank {rank}"] if rank else []) + (["int8"] if int8 else [])) or "dense float32"
+        rows.append((f"SPP-net ZF-5, 1 scale (688), fc6/fc7 4096 {what}", s))
+        ratios[f"detect_spp_{tag}_s_per_image"] = s["median"]
+    ratios["detect_spp_s_per_image"] = ratios["detect_spp_dense_s_per_image"]
+    spp = rows[0][1]
+    # windows scored once: all proposals, and the selective-search ones alone (the rest are random
+    # padding, which rarely shares cells)
+    shared = []
+    for (_, im), b, k in zip(photos, props, n_ss):
+        for boxes in (b, b[:k]):
+            det.detect(im, proposals=boxes)
+            shared.append(1.0 - det.last_counts["distinct"] / max(det.last_counts["windows"], 1))
+    ratios["detect_shared_window_fraction"] = statistics.mean(shared[0::2])
+    ratios["detect_shared_window_fraction_ss_only"] = statistics.mean(shared[1::2])
     # per-class NMS + top-k of one image's candidates (every window x class above -1.5: the random
     # SVMs pass them all, the worst case): the project's path vs torchvision's batched_nms
     from torchvision.ops import batched_nms
@@ -178,7 +201,7 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
         ratios[f"detect_{name}_over_spp"] = s["median"] / spp["median"]
     lines = ["| model | seconds per image, median [min-max] |", "|---|---|"]
     lines += [f"| {n} | {_fmt(s)} |" for n, s in rows]
-    lines += ["", "SPP-net stage breakdown (full-width ZF-5, 688, no SVD), seconds per image:", "",
+    lines += ["", "SPP-net stage breakdown (full-width ZF-5, 688, dense float32 fc), seconds per image:", "",
               "| stage | median [min-max] |", "|---|---|"]
     lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items() if k != "proposals"]
     lines += ["", f"Per-class NMS and top {kpc} of the first image's {cb.shape[0]} (window, class) candidates "
@@ -187,7 +210,11 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
               f"{'yes' if same else 'NO'}:", "", "| implementation | ms, median [min-max] |", "|---|---|"]
     lines += [f"| {n} | {_fmt({k: v * 1000 for k, v in s.items()}, 1)} |" for n, s in nms_rows]
     md = (f"{n_images} photos resized to 500x375, {n_props} proposals per image (given, so proposal time is "
-          f"excluded), random weights everywhere, {torch.get_num_threads()} threads.\n\n" + "\n".join(lines))
+          f"excluded), random weights everywhere, {torch.get_num_threads()} threads. Windows that project onto "
+          f"the same conv5 cells as an earlier window (pooled and scored once): "
+          f"{100 * ratios['detect_shared_window_fraction']:.1f}% of the {n_props} given, "
+          f"{100 * ratios['detect_shared_window_fraction_ss_only']:.1f}% of the selective-search boxes alone "
+          f"({', '.join(map(str, n_ss))} per image).\n\n" + "\n".join(lines))
     return md, ratios
 
 
