@@ -39,6 +39,8 @@ from conv5 back to the image gives ``centre(m) = stride * m + offset0``:
 * ZF-5 (7/2/1, pool 3/2/0, 5/2/0, pool 3/2/0, three 3/1/1): 16 m + 20.
 * VGG-16 conv5_3 (3x3 pad 1 convs, four 2x2/2 pools): 16 m + 7.5.
 * ResNet-50 through layer3 (7/2/3, pool 3/2/1, stride-2 3x3 pad 1 and 1x1 convs): 16 m + 0.
+* ResNet-18 through layer3 (the same stem, 3x3 pad 1 convs, two of them stride 2): 16 m + 0.
+* MobileNetV3-Large to stride 16 (3/2/1 stem, depthwise k/s/(k-1)/2 convs, four of stride 2): 16 m + 0.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ __all__ = [
     "ZF5",
     "VGG16Conv5",
     "ResNet50C4",
+    "ResNet18C4",
+    "MobileNetV3C4",
     "WeightsError",
     "build_backbone",
     "conv5_size",
@@ -70,7 +74,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("zf5", "vgg16", "resnet50")
+ARCHS = ("zf5", "vgg16", "resnet50", "resnet18", "mobilenet_v3")
 PROJ_SHRINK = 6.5  # spec §3: window edges move 6.5 px inwards before rounding to a cell
 
 
@@ -371,6 +375,122 @@ class ResNet50C4(nn.Module):
         return self.layer3[6 - n:](x)  # (N, 1024, Hs, Ws)
 
 
+def _resnet18_c4_geometry() -> tuple[Layer, ...]:
+    # conv1 7/2/3, maxpool 3/2/1, then both 3x3 convs of every basic block: layer1 2 blocks, layer2
+    # and layer3 2 each, the first conv of layer2/layer3 with stride 2 (the 1x1/2 shortcut has the
+    # same size and centre).
+    s1, s2 = Layer(3, 1, 1), Layer(3, 2, 1)
+    return (Layer(7, 2, 3), Layer(3, 2, 1)) + (s1,) * 4 + (s2,) + (s1,) * 3 + (s2,) + (s1,) * 3
+
+
+class ResNet18C4(nn.Module):
+    """torchvision ResNet-18 stem + layer1..layer3, stride 16, 256 channels: a light trunk for CPU
+    inference (about 1/4 of ZF-5's multiply-adds at the same input; with levels 6,3,2,1 its pooled
+    width is ZF-5's 12800).
+
+    Parameter names equal torchvision's, so a torchvision ``resnet18`` state_dict loads directly
+    (``layer4.*`` and ``fc.*`` are ignored). BatchNorm layers use their running statistics in
+    ``eval()`` mode.
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 256, Hs, Ws].
+    RF centre of cell m: pixel ``16 m`` (0-based), receptive field 211 px.
+    """
+
+    stride = 16
+    out_channels = 256
+    input_format = "rgb_imagenet"
+    proj_shrink = PROJ_SHRINK
+    geometry = _resnet18_c4_geometry()
+    proj_offset0 = rf_geometry(geometry)[1]  # 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNet18C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # (N, 256, Hs, Ws)
+
+    tail_units = 1  # the last basic block of layer3 (its first one has stride 2)
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` basic blocks of layer3."""
+        _check_tail(self, n)
+        return list(self.layer3[2 - n:])
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        return self.layer3[: 2 - n](x)
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.layer3[2 - n:](x)  # (N, 256, Hs, Ws)
+
+
+def _mobilenet_v3_c4_geometry() -> tuple[Layer, ...]:
+    # the stem conv 3/2/1, then the depthwise conv of each inverted-residual block (its 1x1 expand
+    # and project convs, and the squeeze-excitation's global average, change neither size nor
+    # centre): torchvision's mobilenet_v3_large blocks 1-12, kernel / stride (padding (k - 1) / 2):
+    # 3/1, 3/2, 3/1, 5/2, 5/1, 5/1, 3/2, then five 3/1; block 13 (stride 32) is cut off.
+    kernels_strides = ((3, 1), (3, 2), (3, 1), (5, 2), (5, 1), (5, 1), (3, 2), (3, 1), (3, 1), (3, 1), (3, 1), (3, 1))
+    return (Layer(3, 2, 1),) + tuple(Layer(k, s, (k - 1) // 2) for k, s in kernels_strides)
+
+
+class MobileNetV3C4(nn.Module):
+    """torchvision MobileNetV3-Large ``features[:13]`` (the stem and the 12 blocks up to stride 16),
+    112 channels: the lightest trunk (pooled width 5600 with levels 6,3,2,1).
+
+    Parameter names equal torchvision's (``features.N.*``), so a torchvision ``mobilenet_v3_large``
+    state_dict loads directly (its later blocks and ``classifier.*`` are ignored). Its blocks'
+    squeeze-excitation multiplies each channel by a function of the whole image's mean, so a
+    window's conv5 cells depend slightly on the rest of the image (as in torchvision's own detectors
+    on this trunk). BatchNorm layers use their running statistics in ``eval()`` mode.
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 112, Hs, Ws].
+    RF centre of cell m: pixel ``16 m`` (0-based), receptive field 275 px through the convolutions.
+    """
+
+    stride = 16
+    out_channels = 112
+    input_format = "rgb_imagenet"
+    proj_shrink = PROJ_SHRINK
+    geometry = _mobilenet_v3_c4_geometry()
+    proj_offset0 = rf_geometry(geometry)[1]  # 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v3_large
+
+        self.features = mobilenet_v3_large(weights=None).features[:13]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"MobileNetV3C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+        return self.features(x)  # (N, 112, Hs, Ws)
+
+    tail_units = 5  # blocks 8-12 (block 7 has stride 2)
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` inverted-residual blocks."""
+        _check_tail(self, n)
+        return list(self.features[13 - n:13])
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.features[: 13 - n](x)
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        _check_tail(self, n)
+        return self.features[13 - n:13](x)  # (N, 112, Hs, Ws)
+
+
 class TrunkPrefix(nn.Module):
     """A trunk without its last ``n`` units, as a module (what the cache runs when conv layers are
     fine-tuned). Shares the trunk's parameters.
@@ -400,14 +520,17 @@ def _check_tail(trunk: nn.Module, n: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # construction and weights
 
-_TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet50": "ResNet50_Weights"}
+_TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights",
+                        "mobilenet_v3": "MobileNet_V3_Large_Weights"}
 # keys of a full torchvision model that the trunk does not use (silently ignored on load)
-_IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."),
+_IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."), "resnet18": ("layer4.", "fc."),
+                     "mobilenet_v3": tuple(f"features.{i}." for i in range(13, 17)) + ("classifier.",),
                      "zf5": ("fc6.", "fc7.", "fc8.", "cls_score.")}  # fc layers: read by the fine-tuning stage
 
 
 def _arch_class(arch: str) -> type[nn.Module]:
-    table = {"zf5": ZF5, "vgg16": VGG16Conv5, "resnet50": ResNet50C4}
+    table = {"zf5": ZF5, "vgg16": VGG16Conv5, "resnet50": ResNet50C4, "resnet18": ResNet18C4,
+             "mobilenet_v3": MobileNetV3C4}
     if arch not in table:
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {', '.join(ARCHS)}")
     return table[arch]
@@ -419,7 +542,7 @@ def conv5_size(arch: str, side: int) -> int:
     ZF-5: 224 -> 13, 180 -> 10, 480 -> 29, 576 -> 35, 688 -> 42, 874 -> 53, 1200 -> 74 (spec §1).
 
     Args:
-        arch: "zf5", "vgg16" or "resnet50".
+        arch: one of :data:`ARCHS`.
         side: input side in pixels.
     Returns:
         int: the conv5 side (0 when the input is too small for the trunk).
@@ -582,7 +705,8 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", in
     """Build a trunk and load its weights.
 
     Args:
-        arch: "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3).
+        arch: "zf5" (spec §1), "vgg16" (conv5_3), "resnet50" or "resnet18" (through layer3), or
+            "mobilenet_v3" (MobileNetV3-Large to stride 16).
         width_mult: channel multiplier, ZF-5 only (must be 1.0 for the torchvision trunks).
         weights: "none" (random init: spec §1 for ZF-5, torchvision's for the others); "imagenet"
             (torchvision weights API: the torch.hub cache, or a download on a connected machine);

@@ -55,15 +55,15 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # devkit order (VOCinit.m); foreground ids 0..19 follow it
 
 
-Arch = Literal["zf5", "vgg16", "resnet50"]  # detector.backbones.ARCHS
+Arch = Literal["zf5", "vgg16", "resnet50", "resnet18", "mobilenet_v3"]  # detector.backbones.ARCHS
 
 # Stride-16 conv units at the end of each trunk that finetune.conv_layers may tune: the
 # ``tail_units`` of the trunk classes in detector/backbones.py, repeated here so that loading a
 # config needs no torch (tests/test_config.py checks that the two agree).
-TAIL_UNITS: dict[str, int] = {"zf5": 3, "vgg16": 3, "resnet50": 5}
+TAIL_UNITS: dict[str, int] = {"zf5": 3, "vgg16": 3, "resnet50": 5, "resnet18": 1, "mobilenet_v3": 5}
 # Smallest input side (px) that leaves each trunk a non-empty conv5 map
 # (detector.backbones.conv5_size; tests/test_config.py checks it). Scales and crop sizes under it fail.
-MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "vgg16": 16, "resnet50": 1}
+MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "vgg16": 16, "resnet50": 1, "resnet18": 1, "mobilenet_v3": 1}
 
 
 class ConfigError(ValueError):
@@ -195,7 +195,9 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    arch: Arch = "zf5"  # "zf5" (spec §1), "vgg16" (conv5_3) or "resnet50" (through layer3)
+    # "zf5" (spec §1), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
+    # "mobilenet_v3" (MobileNetV3-Large to stride 16); the last two are light trunks for fast inference
+    arch: Arch = "zf5"
     width_mult: PosFloat = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local

@@ -129,7 +129,8 @@ def _positive(net: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch,height,width,cell", [("zf5", 32, 200, 4), ("vgg16", 16, 208, 6),
-                                                    ("resnet50", 16, 288, 9)])
+                                                    ("resnet50", 16, 288, 9), ("resnet18", 16, 240, 7),
+                                                    ("mobilenet_v3", 16, 304, 9)])
 def test_receptive_field_matches_projection_constants(arch, height, width, cell, tv_nets):
     """Impulses just inside and just outside the predicted receptive field of conv5 column ``cell``.
 
@@ -137,7 +138,8 @@ def test_receptive_field_matches_projection_constants(arch, height, width, cell,
     ``rf_size``; both edges are checked, so centre and size are the trunk's real ones. (On a zero
     image the LRN scales zeros, so ZF-5's field is the 139 px of its convolutions and pools.)
     """
-    net = _positive(tv_nets[arch] if arch in tv_nets else build_backbone(arch, width_mult=0.25))
+    net = _positive(tv_nets[arch] if arch in tv_nets else
+                    build_backbone(arch, width_mult=0.25 if arch == "zf5" else 1.0).eval())
     centre = net.stride * cell + net.proj_offset0
     half = (rf_size(net.geometry) - 1) / 2
     left, right = int(centre - half), int(centre + half)
@@ -151,6 +153,26 @@ def test_receptive_field_matches_projection_constants(arch, height, width, cell,
     assert out.shape[-1] == conv5_size(arch, width) and out.shape[-2] == conv5_size(arch, height)
     reached = (out[:, :, :, cell].abs().flatten(1).sum(1) > 0).tolist()
     assert reached == [False, True, True, False], (arch, cols, reached)
+
+
+def test_light_trunks_geometry_and_sizes():
+    """The light trunks' projection constants, hand-derived in detector/backbones.py, and their
+    conv5 sizes against the modules' own outputs (odd sides included)."""
+    from detector.backbones import MobileNetV3C4, ResNet18C4
+
+    assert rf_geometry(ResNet18C4.geometry) == (16, 0.0) and rf_size(ResNet18C4.geometry) == 211
+    assert rf_geometry(MobileNetV3C4.geometry) == (16, 0.0) and rf_size(MobileNetV3C4.geometry) == 275
+    for arch, channels in (("resnet18", 256), ("mobilenet_v3", 112)):
+        net = build_backbone(arch).eval()
+        assert net.stride == 16 and net.out_channels == channels and net.input_format == "rgb_imagenet"
+        with torch.no_grad():
+            for h, w in ((33, 47), (100, 171), (17, 250)):
+                out = net(torch.zeros(1, 3, h, w))
+                assert out.shape == (1, channels, conv5_size(arch, h), conv5_size(arch, w)), (arch, h, w)
+        # the tail split used by fine-tuning composes to the whole trunk
+        x = torch.rand(1, 3, 64, 80)
+        with torch.no_grad():
+            torch.testing.assert_close(net.forward_tail(net.forward_prefix(x, net.tail_units), net.tail_units), net(x))
 
 
 def test_torchvision_adapters_stride_and_channels(tv_nets):

@@ -28,8 +28,10 @@ def random_detector(
     levels: Sequence[int] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    arch: str = "zf5",
 ) -> "SPPDetector":
-    """A random-weight ZF-5 SPPDetector for timing only (timing does not depend on weights).
+    """A random-weight SPPDetector (ZF-5 unless ``arch`` says otherwise; width_mult is ZF-5's) for
+    timing only (timing does not depend on weights).
 
     Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim`` and SPP ``levels`` (default: the
     paper's, ``detector.config`` defaults), random SVMs and box regressors, class names ``class0..``;
@@ -50,7 +52,7 @@ def random_detector(
     levels = tuple(levels or Config().features.levels)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    backbone = build_backbone("zf5", width_mult=width_mult, weights="none")
+    backbone = build_backbone(arch, width_mult=width_mult, weights="none").eval()
     d = spp_out_dim(backbone.out_channels, levels)
     head = FCHead(d, fc_dim=fc_dim, num_classes=None, dropout=Config().head.dropout)
     k = num_classes
@@ -58,7 +60,7 @@ def random_detector(
     bbox = BoxRegressor(torch.randn(d + 1, 4 * k, generator=g) * 1e-4, 1.0)
     params = dataclasses.replace(detect_params(Config()), scales=tuple(scales))  # the spec's test settings
     return SPPDetector(backbone=backbone, head=head, svms=svms, bbox=bbox, class_names=[f"class{i}" for i in range(k)],
-                       levels=tuple(levels), params=params, arch="zf5", width_mult=width_mult).to(device)
+                       levels=tuple(levels), params=params, arch=arch, width_mult=width_mult).to(device)
 
 
 def random_boxes(height: int, width: int, n: int, generator: torch.Generator, min_size: int = 20) -> torch.Tensor:

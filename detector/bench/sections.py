@@ -95,9 +95,11 @@ def _time(fn: Callable[[], Any], reps: int, dev: torch.device | None = None) -> 
 
 @torch.inference_mode()
 def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[int] = (1024, 512, 256),
-                   int8_svd_ranks: Sequence[int] = (512, 256)) -> tuple[str, dict[str, float]]:
+                   int8_svd_ranks: Sequence[int] = (512, 256),
+                   light_trunks: Sequence[str] = ("resnet18", "mobilenet_v3")) -> tuple[str, dict[str, float]]:
     """SPP-net detection per image (1 scale 688, proposals excluded) with its stage breakdown, for
-    each fc option (dense, SVD ranks, int8 alone and after the SVD), vs torchvision Faster R-CNN
+    each fc option (dense, SVD ranks, int8 alone and after the SVD) and the light trunks (random
+    weights, with the fastest fc option), vs torchvision Faster R-CNN
     models with random weights on the same images; and the fraction of windows that share their
     conv5 cells with an earlier window (scored once)."""
     import torchvision
@@ -122,10 +124,10 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
                     stages.setdefault(k, []).append(v)
         return times
 
-    def option(rank: int, int8: bool):
-        if not rank and not int8:
+    def option(rank: int, int8: bool, arch: str = "zf5"):
+        if not rank and not int8 and arch == "zf5":
             return det
-        d = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+        d = random_detector(width_mult=1.0, fc_dim=4096, seed=0, arch=arch)
         if rank:
             # timing does not depend on the weights: random rank-r factors of the shapes compress_svd
             # makes (a float64 SVD of the 4096x12800 fc6 would take about a minute per rank on 2 cores)
@@ -136,12 +138,16 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
         return d
 
     ratios: dict[str, float] = {}
-    options = [(0, False)] + [(r, False) for r in svd_ranks] + [(0, True)] + [(r, True) for r in int8_svd_ranks]
-    for rank, int8 in options:
-        s = _stats(run_spp(option(rank, int8)))
-        tag = "_".join(([f"svd{rank}"] if rank else []) + (["int8"] if int8 else [])) or "dense"
+    options = ([(0, False, "zf5")] + [(r, False, "zf5") for r in svd_ranks] + [(0, True, "zf5")]
+               + [(r, True, "zf5") for r in int8_svd_ranks]
+               + [(r, True, a) for a in light_trunks for r in int8_svd_ranks[-1:]])
+    trunk_names = {"zf5": "ZF-5", "resnet18": "ResNet-18 C4 trunk", "mobilenet_v3": "MobileNetV3-Large trunk"}
+    for rank, int8, arch in options:
+        s = _stats(run_spp(option(rank, int8, arch)))
+        tag = "_".join(([] if arch == "zf5" else [arch]) + ([f"svd{rank}"] if rank else [])
+                       + (["int8"] if int8 else [])) or "dense"
         what = " + ".join(([f"SVD rank {rank}"] if rank else []) + (["int8"] if int8 else [])) or "dense float32"
-        rows.append((f"SPP-net ZF-5, 1 scale (688), fc6/fc7 4096 {what}", s))
+        rows.append((f"SPP-net {trunk_names[arch]}, 1 scale (688), fc6/fc7 4096 {what}", s))
         ratios[f"detect_spp_{tag}_s_per_image"] = s["median"]
     ratios["detect_spp_s_per_image"] = ratios["detect_spp_dense_s_per_image"]
     spp = rows[0][1]
