@@ -26,7 +26,7 @@ __all__ = ["SECTIONS", "GPU_SECTIONS", "RUN_SECTIONS",
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory", "batch")  # the default run, in this order
+SECTIONS = ("spp", "rcnn", "detect", "selective_search", "memory", "batch", "peers")  # the default run, in this order
 GPU_SECTIONS = ("gpu",)  # needs CUDA; runs only when named
 RUN_SECTIONS = ("scale", "growth")  # read finished training runs (scale_runs, growth_runs); only when named
 
@@ -66,7 +66,8 @@ def update_section(path: str | Path, name: str, body: str) -> None:
 
 def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
                 inputs: str | None = None, device: str = "cuda",
-                scale_runs: Sequence[str] = (), growth_runs: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
+                scale_runs: Sequence[str] = (), growth_runs: Sequence[str] = (),
+                peers_voc: str | None = None, peers_images: int = 24) -> tuple[str, dict[str, float]]:
     """Run one section (a name of :data:`SECTIONS`, :data:`GPU_SECTIONS` or :data:`RUN_SECTIONS`).
 
     Args:
@@ -76,6 +77,8 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
         device: the device of the ``gpu`` section ("cuda", "cuda:N"; "cpu" is a smoke run).
         scale_runs: finished run folders of one config with different numbers of processes (``scale``).
         growth_runs: finished run folders of one config on training sets of different sizes (``growth``).
+        peers_voc, peers_images: VOC-layout root whose test split's first ``peers_images`` images the
+            ``peers`` section runs on (None: VOC-sized photos).
     Returns:
         ``(markdown, ratios)``.
     """
@@ -90,6 +93,10 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
         from detector.bench.growth import section_growth
 
         return section_growth(growth_runs)
+    if name == "peers":
+        from detector.bench.peers import section_peers
+
+        return section_peers(voc_root=peers_voc, n_images=peers_images)
     if name == "spp":
         from detector.bench.spp import section_spp
 
@@ -117,6 +124,8 @@ def run_benchmarks(
     device: str = "cuda",
     scale_runs: Sequence[str] = (),
     growth_runs: Sequence[str] = (),
+    peers_voc: str | None = None,
+    peers_images: int = 24,
     argv: Sequence[str] = ("python", "tools/benchmark.py"),
 ) -> Iterator[str]:
     """Run sections in order; yield each one's ``name: value`` lines as it finishes.
@@ -128,7 +137,8 @@ def run_benchmarks(
 
     Args:
         names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`, :data:`RUN_SECTIONS`).
-        runs, voc_root, inputs, device, scale_runs, growth_runs: see :func:`run_section`.
+        runs, voc_root, inputs, device, scale_runs, growth_runs, peers_voc, peers_images: see
+            :func:`run_section`.
         threads: torch intra-op threads (0 = torch default).
         argv: the command line, recorded in each block.
     """
@@ -141,7 +151,8 @@ def run_benchmarks(
     for name in names:
         log.info("section %s ...", name)
         md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device,
-                                 scale_runs=scale_runs, growth_runs=growth_runs)
+                                 scale_runs=scale_runs, growth_runs=growth_runs, peers_voc=peers_voc,
+                                 peers_images=peers_images)
         for k, v in ratios.items():
             yield f"{k}: {v:.6g}"
         if write:

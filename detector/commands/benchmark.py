@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-runs", nargs="+", default=[], metavar="DIR", help="scale section: finished runs")
     p.add_argument("--growth-runs", nargs="+", default=[], metavar="DIR",
                    help="growth section: finished runs of one config on training sets of different sizes")
+    p.add_argument("--peers-voc", metavar="ROOT", help="peers section: a VOC-layout data set whose test split's "
+                   "images it runs on (default: VOC-sized photos)")
+    p.add_argument("--peers-images", type=int, default=24, metavar="N",
+                   help="peers section: the first N images of that split (0 = all; default 24)")
     p.add_argument("--save-inputs", metavar="FILE", help="write the timing photos and proposals to FILE and exit")
     add_device_arg(p, "cuda", "gpu section's device (the other sections time the CPU)")
     args = p.parse_args(argv)
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
         if args.runs < 1:
             p.error("--runs must be >= 1")
+        if args.peers_images < 0:
+            p.error("--peers-images must be >= 0 (0 = the whole split)")
+        if "peers" in names and args.peers_voc and not (Path(args.peers_voc) / "ImageSets" / "Main" / "test.txt").is_file():
+            p.error(f"--peers-voc {args.peers_voc}: no ImageSets/Main/test.txt there (a VOC-layout data set)")
         device = resolve_device(args.device) if args.device == "auto" else args.device
         if "gpu" in names and device.startswith("cuda") and not torch.cuda.is_available():
             p.error("--only gpu: no CUDA device is visible to torch")
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in run_benchmarks(names, runs=args.runs, threads=args.threads, out=args.out,
                                    write=not args.no_write, voc_root=args.voc_root, inputs=args.inputs,
                                    device=device, scale_runs=args.scale_runs, growth_runs=args.growth_runs,
+                                   peers_voc=args.peers_voc, peers_images=args.peers_images,
                                    argv=command_line(argv)):
             print(line, flush=True)
 

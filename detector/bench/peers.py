@@ -1,0 +1,124 @@
+"""Benchmark section ``peers``: SPP-net against torchvision's fastest detector over a list of images,
+with proposals given (detection alone) and end to end (selective search included), as throughput
+over the whole list.
+
+Models: random-weight full-width ZF-5 with fc6/fc7 4096 (timing does not depend on weights), dense
+float32 and the fast fc option (SVD rank + int8, :mod:`detector.fc_precision`), against
+``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn`` (random weights, its default
+transform, min_size 800), whose own RPN is inside its time. End to end, SPP-net runs as the per-image
+loop (``detect(im)``: proposals, then the network) and as ``detect_batch(images, workers=1)``, which
+computes the next images' proposals in a worker process while the network runs.
+
+Shape shorthand: R proposals in one image.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detector.bench import inputs as TI
+from detector.bench.random_model import random_detector
+
+__all__ = ["section_peers", "peer_images"]
+
+
+def peer_images(voc_root: str | None, split: str = "test", n_images: int = 24) -> tuple[list[np.ndarray], str]:
+    """The images of the section: the first ``n_images`` of a VOC-layout split (0 = all), or
+    VOC-sized photos when no root is given. Returns (uint8 RGB arrays, a description)."""
+    if not voc_root:
+        photos = TI.voc_sized_photos(n_images or 12)
+        return [im for _, im in photos], f"{len(photos)} photos resized to 500x375 (`voc_sized_photos`)"
+    from proposals.imageio import read_image
+
+    root = Path(voc_root)
+    ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not ids_file.is_file():
+        raise FileNotFoundError(f"{ids_file}: no '{split}' split list under the VOC root {root}")
+    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    ids = ids[: n_images] if n_images else ids
+    images = []
+    for i in ids:
+        path = next((p for p in (root / "JPEGImages" / f"{i}{ext}" for ext in (".jpg", ".jpeg", ".png")) if p.is_file()),
+                    None)
+        if path is None:
+            raise FileNotFoundError(f"{root / 'JPEGImages'}: no image for id {i!r} of {ids_file}")
+        images.append(read_image(path))
+    sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
+    return images, f"the first {len(images)} images of {root.name}'s '{split}' split ({', '.join(sizes[:3])})"
+
+
+def _throughput(fn, n: int, runs: int) -> dict[str, float]:
+    """Images per second of ``fn()`` (which processes ``n`` images), median/min/max of ``runs``."""
+    v = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        v.append(n / (time.perf_counter() - t0))
+    return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+
+@torch.inference_mode()
+def section_peers(voc_root: str | None = None, split: str = "test", n_images: int = 24, runs: int = 1,
+                  svd_rank: int = 256) -> tuple[str, dict[str, float]]:
+    """Throughput (images per second) over the same images: SPP-net (dense and SVD ``svd_rank`` +
+    int8) and the torchvision peer, with given proposals and end to end (module docstring)."""
+    import torchvision
+
+    from detector.fc_precision import lower_fc_precision
+    from detector.head import LowRankLinear
+    from proposals import propose
+
+    images, what = peer_images(voc_root, split, n_images)
+    n = len(images)
+    dense = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+    fast = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+    # random rank-r factors of the shapes compress_svd makes (an SVD of random weights would take
+    # minutes and time the same)
+    fast.head.fc6 = LowRankLinear(fast.head.in_dim, fast.head.fc_dim, svd_rank).eval()
+    fast.head.fc7 = LowRankLinear(fast.head.fc_dim, fast.head.fc_dim, svd_rank).eval()
+    fast.head = lower_fc_precision(fast.head, "int8")
+    opts = dense.params.proposal_options
+    t0 = time.perf_counter()
+    boxes = [torch.from_numpy(np.asarray(propose(im, **opts), dtype=np.float32)).reshape(-1, 4) for im in images]
+    ss_ips = n / (time.perf_counter() - t0)
+    peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
+    tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]  # (3, H, W) each
+    for d in (dense, fast):
+        d.detect(images[0], proposals=boxes[0])  # warm-up
+    peer([tensors[0]])
+
+    def spp_given(d):
+        return lambda: [d.detect(im, proposals=b) for im, b in zip(images, boxes)]
+
+    rows = [
+        ("SPP-net ZF-5 1 scale, fc 4096 dense float32", "given", _throughput(spp_given(dense), n, runs)),
+        (f"SPP-net ZF-5 1 scale, fc 4096 SVD {svd_rank} + int8", "given", _throughput(spp_given(fast), n, runs)),
+        ("torchvision fasterrcnn_mobilenet_v3_large_fpn (its RPN inside)", "own RPN",
+         _throughput(lambda: [peer([t]) for t in tensors], n, runs)),
+        (f"SPP-net ZF-5 1 scale, SVD {svd_rank} + int8, loop `detect(im)`", "selective search, in turn",
+         _throughput(lambda: [fast.detect(im) for im in images], n, runs)),
+        (f"SPP-net ZF-5 1 scale, SVD {svd_rank} + int8, `detect_batch(images, workers=1)`",
+         "selective search, overlapped", _throughput(lambda: fast.detect_batch(images, workers=1), n, runs)),
+    ]
+    peer_ips = rows[2][2]["median"]
+    keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
+            "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s"]
+    ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
+    ratios["peers_selective_search_images_per_s"] = ss_ips
+    for k in keys[:2] + keys[3:]:
+        ratios[k.replace("_images_per_s", "_over_peer")] = ratios[k] / peer_ips
+    lines = ["| detector | proposals | images per second, median [min-max] | s per image | vs the peer |",
+             "|---|---|---|---|---|"]
+    for name, props, s in rows:
+        lines.append(f"| {name} | {props} | {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}] | "
+                     f"{1 / s['median']:.3f} | {s['median'] / peer_ips:.2f}x |")
+    md = (f"{what}; random weights everywhere, {torch.get_num_threads()} torch threads, {runs} run(s) over the "
+          f"list. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone: "
+          f"{ss_ips:.2f} images per second ({statistics.mean(len(b) for b in boxes):.0f} boxes per image). "
+          f"Throughput over the whole list (`n / seconds`), so an overlapped pipeline counts at its real rate.\n\n"
+          + "\n".join(lines))
+    return md, ratios
