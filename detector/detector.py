@@ -381,15 +381,17 @@ class SPPDetector(nn.Module):
     def _score_windows(self, pyr: Conv5Pyramid, boxes: torch.Tensor,
                        score_threshold: float | None) -> dict[str, torch.Tensor]:
         """Windows of one image -> detections (on the model's device), timing each stage."""
-        boxes = boxes.to(self.device)
         if boxes.shape[0] == 0:
             return {k: v.to(self.device) for k, v in _empty_detections().items()}
         with self._timed("pool"):
             # windows that pool the same conv5 cells at the same scale share one pooled vector, one
-            # fc pass and one score row (the scores are gathered back per window)
-            first, inverse = distinct_windows(pyr, boxes, self.proj)  # (U,), (R,)
-            inverse = inverse.to(self.device)
-            pooled = pool_regions(pyr, boxes[first.to(self.device)], self.levels, self.proj)  # (U, D)
+            # fc pass and one score row (the scores are gathered back per window). Scale choice and
+            # projection run on the CPU copy of the boxes (proposals come from the CPU), so a GPU
+            # model waits for no device-to-host copy here.
+            cpu_boxes = boxes.cpu()  # (R, 4)
+            first, inverse = distinct_windows(pyr, cpu_boxes, self.proj)  # (U,), (R,)
+            pooled = pool_regions(pyr, cpu_boxes[first], self.levels, self.proj)  # (U, D) on the model's device
+            boxes, inverse = boxes.to(self.device), inverse.to(self.device)
         self.last_counts["windows"] = self.last_counts.get("windows", 0) + boxes.shape[0]
         self.last_counts["distinct"] = self.last_counts.get("distinct", 0) + first.shape[0]
         with self._timed("fc"):

@@ -222,11 +222,15 @@ def detections_from_scores(
         cand_boxes = _clip(cand_boxes, image_size[0], image_size[1])
         ok = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])  # (M,)
         win, lab, cand_scores, cand_boxes = win[ok], lab[ok], cand_scores[ok], cand_boxes[ok]
-    if max_per_class > 0:
+    if max_per_class > 0 and cand_boxes.device.type == "cpu":
         keep = nms_top_per_label(cand_boxes, cand_scores, lab, float(nms_thresh), max_per_class)
         keep = keep[topk_per_class(lab[keep], max_per_class)]  # (N,) by decreasing score
     else:
+        # every label at once; on a GPU one batched_nms kernel (nms_top_per_label's rounds would
+        # each wait for the device), then the per-class top k
         keep = nms_per_label(cand_boxes, cand_scores, lab, float(nms_thresh))  # (N,) by decreasing score
+        if max_per_class > 0:
+            keep = keep[topk_per_class(lab[keep], max_per_class)]
     out = {
         "boxes": cand_boxes[keep].contiguous(),
         "scores": cand_scores[keep].contiguous(),
