@@ -408,8 +408,9 @@ class TestConfig:
     score: Literal["svm", "svm+softmax"] = "svm"
     svd_rank: Count = 0  # truncated-SVD rank of fc6/fc7 (0 = off)
     # arithmetic of fc6/fc7 at test time (detector/fc_precision.py): "float32" (the spec's), "int8"
-    # (dynamic quantisation, CPU only) or "float16" (CUDA only); elsewhere float32 with a warning
-    fc_precision: Literal["float32", "int8", "float16"] = "float32"
+    # (dynamic quantisation, CPU only), "float16" (CUDA only; elsewhere float32 with a warning), or
+    # "auto" (int8 on the CPU, float32 on a GPU)
+    fc_precision: Literal["float32", "int8", "float16", "auto"] = "float32"
     # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
     # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
     target_side: Annotated[float, at_least(0, "0 = features.target_side")] = 0.0

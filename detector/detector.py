@@ -73,9 +73,9 @@ class DetectParams:
             log-probability of the class under the fine-tuned (K+1)-way ``cls_score`` layer).
         svd_rank: truncated-SVD rank of fc6/fc7 the model runs with (0 = dense); applied by
             :meth:`SPPDetector.load`.
-        fc_precision: ``"float32"``, ``"int8"`` (CPU) or ``"float16"`` (CUDA): the arithmetic of
-            fc6/fc7 at test time (:mod:`detector.fc_precision`); applied by :meth:`SPPDetector.load`
-            after ``svd_rank``.
+        fc_precision: ``"float32"``, ``"int8"`` (CPU), ``"float16"`` (CUDA) or ``"auto"`` (int8 on
+            the CPU, float32 on a GPU): the arithmetic of fc6/fc7 at test time
+            (:mod:`detector.fc_precision`); applied by :meth:`SPPDetector.load` after ``svd_rank``.
         proposal_options: keyword arguments of :func:`proposals.selective_search` used when
             ``detect`` is called without proposals (the training run's settings).
     """
@@ -641,8 +641,9 @@ class SPPDetector(nn.Module):
             svd_rank: compress fc6/fc7 to this rank after loading (0 = dense); None = the rank
                 stored with the model (its training config's ``test.svd_rank``), so the library call
                 scores like ``tools/test_net.py``.
-            fc_precision: ``"float32"``, ``"int8"`` (CPU) or ``"float16"`` (CUDA) for fc6/fc7 after
-                the SVD (:mod:`detector.fc_precision`); None = the stored ``test.fc_precision``.
+            fc_precision: ``"float32"``, ``"int8"`` (CPU), ``"float16"`` (CUDA) or ``"auto"`` for
+                fc6/fc7 after the SVD (:mod:`detector.fc_precision`); None = the stored
+                ``test.fc_precision``.
         Raises:
             detector.checkpoint.CheckpointError: missing file, a file that would need to run code
                 to load, not an SPPDetector checkpoint, or one whose parts do not fit together

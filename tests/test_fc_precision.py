@@ -115,3 +115,13 @@ def test_config_refuses_an_unknown_precision(tmp_path):
     p.write_text("test:\n  fc_precision: int4\n")
     with pytest.raises(ConfigError, match="fc_precision"):
         load_config(p)
+
+
+def test_auto_is_int8_on_the_cpu_and_float32_on_a_gpu():
+    from detector.fc_precision import runnable_precision
+
+    assert runnable_precision("auto", torch.device("cpu")) == "int8"
+    assert runnable_precision("auto", torch.device("cuda", 0)) == "float32"
+    assert runnable_precision("float16", torch.device("cuda", 0)) == "float16"
+    det = random_detector(width_mult=0.125, fc_dim=32, num_classes=2, scales=(96,))
+    assert det.lower_fc("auto").fc_precision == "int8"
