@@ -218,3 +218,26 @@ def test_growth_section_gives_each_stage_peak_and_its_growth_per_1000_images(tmp
         section_growth([str(runs[0])])
     with pytest.raises(ScaleError, match="all have 10 training images"):
         section_growth([str(runs[0]), str(runs[0])])
+
+
+def test_peers_images_of_a_voc_split(tmp_path, capsys):
+    """The peers section reads the first N images of a VOC-layout test split, and the tool refuses a
+    root without one before any work (exit 2, the path named)."""
+    from PIL import Image
+
+    from detector.bench.peers import peer_images
+
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("a\nb\nc\n")
+    for i, name in enumerate("abc"):
+        Image.fromarray(np.full((40 + i, 50, 3), 10 * i, np.uint8)).save(tmp_path / "JPEGImages" / f"{name}.png")
+    images, what = peer_images(str(tmp_path), n_images=2)
+    assert [im.shape for im in images] == [(40, 50, 3), (41, 50, 3)] and "first 2 images" in what
+    assert len(peer_images(str(tmp_path), n_images=0)[0]) == 3
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        peer_images(str(tmp_path), split="val")
+    main = runpy.run_path(str(TOOLS / "benchmark.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "peers", "--peers-voc", str(tmp_path / "JPEGImages"), "--no-write"])
+    assert e.value.code == 2 and "no ImageSets/Main/test.txt" in capsys.readouterr().err
