@@ -325,54 +325,60 @@ def _resnet_c4_geometry() -> tuple[Layer, ...]:
     return (Layer(7, 2, 3), Layer(3, 2, 1)) + (s1,) * 3 + (s2,) + (s1,) * 3 + (s2,) + (s1,) * 5
 
 
-class ResNet50C4(nn.Module):
-    """torchvision ResNet-50 stem + layer1..layer3 (the "C4" trunk), stride 16, 1024 channels.
-
-    Parameter names equal torchvision's (``conv1``, ``bn1``, ``layer1``..``layer3``), so a torchvision
-    ``resnet50`` state_dict loads directly (``layer4.*`` and ``fc.*`` are ignored). BatchNorm layers
-    use their running statistics in ``eval()`` mode; call ``.eval()`` before extracting features.
-
-    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 1024, Hs, Ws].
-    RF centre of cell m: pixel ``16 m`` (0-based).
-    """
+class _ResNetC4(nn.Module):
+    """A torchvision ResNet's stem + layer1..layer3 (the "C4" trunk), stride 16, under torchvision's
+    parameter names (``conv1``, ``bn1``, ``layer1``..``layer3``), so its state_dict loads directly
+    (``layer4.*`` and ``fc.*`` are ignored). BatchNorm layers use their running statistics in
+    ``eval()`` mode; call ``.eval()`` before extracting features. Fine-tuning's tail is the last
+    blocks of layer3 after its first (stride-2) one, whose BatchNorms keep their running statistics
+    when the trunk is in ``eval()``, as detection fine-tuning usually freezes them."""
 
     stride = 16
-    out_channels = 1024
     input_format = "rgb_imagenet"
     proj_shrink = PROJ_SHRINK
-    geometry = _resnet_c4_geometry()
-    proj_offset0 = rf_geometry(geometry)[1]  # 0.0
 
-    def __init__(self) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        from torchvision.models import resnet50
-
-        net = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"ResNet50C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer3(self.layer2(self.layer1(x)))  # (N, 1024, Hs, Ws)
-
-    tail_units = 5  # the last 5 bottlenecks of layer3 (its first one has stride 2)
+        return self.layer3(self.layer2(self.layer1(x)))  # (N, C, Hs, Ws)
 
     def tail_modules(self, n: int) -> list[nn.Module]:
-        """The last ``n`` bottleneck blocks of layer3 (their BatchNorms keep running statistics
-        when the trunk is in ``eval()``, as detection fine-tuning usually freezes them)."""
+        """The last ``n`` blocks of layer3."""
         _check_tail(self, n)
-        return list(self.layer3[6 - n:])
+        return list(self.layer3[len(self.layer3) - n:])
 
     def forward_prefix(self, x: Tensor, n: int) -> Tensor:
         _check_tail(self, n)
         x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
-        return self.layer3[: 6 - n](x)
+        return self.layer3[: len(self.layer3) - n](x)
 
     def forward_tail(self, x: Tensor, n: int) -> Tensor:
         _check_tail(self, n)
-        return self.layer3[6 - n:](x)  # (N, 1024, Hs, Ws)
+        return self.layer3[len(self.layer3) - n:](x)  # (N, C, Hs, Ws)
+
+
+class ResNet50C4(_ResNetC4):
+    """torchvision ResNet-50 stem + layer1..layer3, stride 16, 1024 channels (:class:`_ResNetC4`).
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 1024, Hs, Ws].
+    RF centre of cell m: pixel ``16 m`` (0-based).
+    """
+
+    out_channels = 1024
+    geometry = _resnet_c4_geometry()
+    proj_offset0 = rf_geometry(geometry)[1]  # 0.0
+    tail_units = 5  # the last 5 bottlenecks of layer3 (its first one has stride 2)
+
+    def __init__(self) -> None:
+        from torchvision.models import resnet50
+
+        super().__init__(resnet50(weights=None))
 
 
 def _resnet18_c4_geometry() -> tuple[Layer, ...]:
@@ -383,55 +389,25 @@ def _resnet18_c4_geometry() -> tuple[Layer, ...]:
     return (Layer(7, 2, 3), Layer(3, 2, 1)) + (s1,) * 4 + (s2,) + (s1,) * 3 + (s2,) + (s1,) * 3
 
 
-class ResNet18C4(nn.Module):
-    """torchvision ResNet-18 stem + layer1..layer3, stride 16, 256 channels: a light trunk for CPU
-    inference (about 1/4 of ZF-5's multiply-adds at the same input; with levels 6,3,2,1 its pooled
-    width is ZF-5's 12800).
-
-    Parameter names equal torchvision's, so a torchvision ``resnet18`` state_dict loads directly
-    (``layer4.*`` and ``fc.*`` are ignored). BatchNorm layers use their running statistics in
-    ``eval()`` mode.
+class ResNet18C4(_ResNetC4):
+    """torchvision ResNet-18 stem + layer1..layer3, stride 16, 256 channels (:class:`_ResNetC4`).
+    Not cheaper than ZF-5 (17.7 vs 15.3 GMAC at 688x917, ``torch.utils.flop_counter``), but a modern
+    trunk whose ImageNet weights torchvision ships; with levels 6,3,2,1 its pooled width is ZF-5's
+    12800.
 
     Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 256, Hs, Ws].
     RF centre of cell m: pixel ``16 m`` (0-based), receptive field 211 px.
     """
 
-    stride = 16
     out_channels = 256
-    input_format = "rgb_imagenet"
-    proj_shrink = PROJ_SHRINK
     geometry = _resnet18_c4_geometry()
     proj_offset0 = rf_geometry(geometry)[1]  # 0.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torchvision.models import resnet18
-
-        net = resnet18(weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"ResNet18C4 expects Tensor[N, 3, H, W], got {tuple(x.shape)}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer3(self.layer2(self.layer1(x)))  # (N, 256, Hs, Ws)
-
     tail_units = 1  # the last basic block of layer3 (its first one has stride 2)
 
-    def tail_modules(self, n: int) -> list[nn.Module]:
-        """The last ``n`` basic blocks of layer3."""
-        _check_tail(self, n)
-        return list(self.layer3[2 - n:])
+    def __init__(self) -> None:
+        from torchvision.models import resnet18
 
-    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
-        _check_tail(self, n)
-        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
-        return self.layer3[: 2 - n](x)
-
-    def forward_tail(self, x: Tensor, n: int) -> Tensor:
-        _check_tail(self, n)
-        return self.layer3[2 - n:](x)  # (N, 256, Hs, Ws)
+        super().__init__(resnet18(weights=None))
 
 
 def _mobilenet_v3_c4_geometry() -> tuple[Layer, ...]:
@@ -445,7 +421,8 @@ def _mobilenet_v3_c4_geometry() -> tuple[Layer, ...]:
 
 class MobileNetV3C4(nn.Module):
     """torchvision MobileNetV3-Large ``features[:13]`` (the stem and the 12 blocks up to stride 16),
-    112 channels: the lightest trunk (pooled width 5600 with levels 6,3,2,1).
+    112 channels: the light trunk (1.9 GMAC at 688x917 against ZF-5's 15.3, ``torch.utils.flop_counter``;
+    pooled width 5600 with levels 6,3,2,1).
 
     Parameter names equal torchvision's (``features.N.*``), so a torchvision ``mobilenet_v3_large``
     state_dict loads directly (its later blocks and ``classifier.*`` are ignored). Its blocks'
