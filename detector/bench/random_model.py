@@ -58,7 +58,8 @@ def random_detector(
     k = num_classes
     svms = LinearSVMs(torch.randn(fc_dim, k, generator=g) * 1e-3, torch.zeros(k), 1.0)
     bbox = BoxRegressor(torch.randn(d + 1, 4 * k, generator=g) * 1e-4, 1.0)
-    params = dataclasses.replace(detect_params(Config()), scales=tuple(scales))  # the spec's test settings
+    # the spec's test settings, fc6/fc7 in float32 (the reference arithmetic; callers lower it)
+    params = dataclasses.replace(detect_params(Config()), scales=tuple(scales), fc_precision="float32")
     return SPPDetector(backbone=backbone, head=head, svms=svms, bbox=bbox, class_names=[f"class{i}" for i in range(k)],
                        levels=tuple(levels), params=params, arch=arch, width_mult=width_mult).to(device)
 

@@ -43,7 +43,7 @@ from detector.cli import add_device_arg, command_line, run_tool
 from detector.engine.run import resolve_device
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS),
@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="peers section: the first N images of that split (0 = all; default 24)")
     p.add_argument("--save-inputs", metavar="FILE", help="write the timing photos and proposals to FILE and exit")
     add_device_arg(p, "cuda", "gpu section's device (the other sections time the CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
