@@ -48,7 +48,7 @@ def peer_images(voc_root: str | None, split: str = "test", n_images: int = 24) -
             raise FileNotFoundError(f"{root / 'JPEGImages'}: no image for id {i!r} of {ids_file}")
         images.append(read_image(path))
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
-    return images, f"the first {len(images)} images of {root.name}'s '{split}' split ({', '.join(sizes[:3])})"
+    return images, f"The first {len(images)} images of {root.name}'s '{split}' split ({', '.join(sizes[:3])})"
 
 
 def _throughput(fn, n: int, runs: int) -> dict[str, float]:
