@@ -13,11 +13,25 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# Each pip step is tried up to three times and fails the target when the last try fails: CI once
+# lost a 73 MB wheel download six times in a row, and a step that failed quietly left a torch
+# without its libraries. pip's own notes about absent local index folders are filtered out.
+SHELL := /bin/bash
+PIP_TRIES := 3
+define pip_install
+for try in $$(seq $(PIP_TRIES)); do \
+	$(PY) -m pip install -q --retries 10 --timeout 60 $(1) 2>&1 | { grep -v "is ignored" || true; }; \
+	test $${PIPESTATUS[0]} -eq 0 && break; \
+	test $$try -lt $(PIP_TRIES) || { echo "make: pip install $(1) failed $(PIP_TRIES) times" >&2; exit 1; }; \
+	echo "make: pip install $(1) failed (try $$try of $(PIP_TRIES)); trying again in 20 s" >&2; sleep 20; \
+done
+endef
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+	@$(call pip_install,--upgrade pip)
+	@$(call pip_install,--resume-retries 20 $(TORCH_PINS))
+	@$(call pip_install,--resume-retries 20 -e '.[test]')
 	$(PY) -c "import torch, torchvision, cv2, sklearn, skimage, scipy, pycocotools, yaml, tqdm, matplotlib; cv2.ximgproc"
 	touch $(STAMP)
 
