@@ -64,7 +64,7 @@ def test_dependencies_are_bounded_ranges():
 
 def test_extras():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert {re.split(r"[<>=]", d)[0] for d in extras["test"]} == {"pytest", "hypothesis"}
+    assert {re.split(r"[<>=]", d)[0] for d in extras["test"]} == {"pytest", "pytest-xdist", "hypothesis"}
     assert "sppnet[test]" in extras["dev"] and any(d.startswith("ruff") for d in extras["dev"])
 
 
@@ -105,7 +105,9 @@ def test_version_has_one_source():
 def test_makefile_installs_from_pyproject():
     mk = (REPO / "Makefile").read_text()
     assert re.search(r"^\$\(STAMP\): pyproject\.toml$", mk, re.MULTILINE)
-    assert 'pip install -q -e ".[test]"' in mk and "torch==" in mk
+    assert "pip_install,--resume-retries 20 -e '.[test]')" in mk and "torch==" in mk
+    # every pip step is retried and its failure fails the target (not swallowed by a pipe)
+    assert "PIPESTATUS[0]" in mk and "exit 1" in mk
 
 
 def test_readme_stands_alone():
