@@ -37,9 +37,11 @@ def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
     fig = Figure(figsize=(6, 5), dpi=100)
     FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders with Agg
     ax = fig.subplots()
+    drawn = 0
     for c in result.classes:
         if c.rec.size and not np.isnan(c.rec).all():
             ax.plot(c.rec, np.nan_to_num(c.prec), label=f"{c.name} (AP {c.ap:.3f})")
+            drawn += 1
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
@@ -47,7 +49,7 @@ def plot_pr_curves(result: EvalResult, path: str | Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"PR curves ({'11-point' if result.metric == '07' else 'area'} mAP "
                  f"{result.mAP:.4f})")
-    if result.classes:
+    if drawn:  # a model with no detection at all has no curve to name
         ax.legend(loc="lower left", fontsize=8)
     path = Path(path)
     with atomic_path(path) as tmp:

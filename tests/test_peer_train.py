@@ -1,0 +1,132 @@
+"""The peer trainer (detector.peer_train): its schedule against hand-computed rates, its data
+order and flips against reference code, a tiny run scored through the project's evaluators, and a
+killed run resumed to the same weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from detector.boxes import hflip_boxes
+from detector.data.voc import load_voc_split
+from detector.eval.voc_ap import evaluate as voc_evaluate
+from detector.peer_train import RECIPES, _batch_ids, _detect, _sample, build_peer, lr_at, peer_transform, train_peer
+import detector.peer_train as PT
+
+FRCNN = "fasterrcnn_mobilenet_v3_large_fpn"
+
+
+def test_multistep_schedule_hand_computed():
+    r = replace(RECIPES[FRCNN], lr=0.02, warmup_iters=1000, warmup_factor=0.001, lr_steps=(16 / 26, 22 / 26))
+    # 51 iterations per epoch: warm-up min(1000, 50) = 50 iterations; 260 in all: steps at 160, 220
+    assert lr_at(r, 0, 260, 51) == pytest.approx(0.02 * 0.001)
+    assert lr_at(r, 25, 260, 51) == pytest.approx(0.02 * (0.001 + 0.999 * 25 / 50))
+    assert lr_at(r, 50, 260, 51) == pytest.approx(0.02)
+    assert lr_at(r, 159, 260, 51) == pytest.approx(0.02)
+    assert lr_at(r, 160, 260, 51) == pytest.approx(0.002)
+    assert lr_at(r, 220, 260, 51) == pytest.approx(0.0002)
+
+
+def test_cosine_schedule_hand_computed():
+    r = replace(RECIPES["ssdlite320_mobilenet_v3_large"], lr=0.1, warmup_iters=10)
+    assert lr_at(r, 5, 100, 1000) == pytest.approx(0.1 * (0.001 + 0.999 * 0.5) * (0.5 * (1 + 0.9876883405951378)))
+    assert lr_at(r, 50, 100, 1000) == pytest.approx(0.05)
+    assert lr_at(r, 100, 100, 1000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batches_cover_each_epoch_once_and_repeat_exactly():
+    got = [_batch_ids(10, 3, it, seed=4) for it in range(6)]  # 3 batches per epoch, 1 record dropped
+    for epoch in (got[:3], got[3:]):
+        flat = [i for b in epoch for i in b]
+        assert len(flat) == 9 and len(set(flat)) == 9
+    assert got == [_batch_ids(10, 3, it, seed=4) for it in range(6)]
+    assert got[:3] != got[3:]
+    small = _batch_ids(2, 5, 7, seed=0)
+    assert len(small) == 5 and set(small) == {0, 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    from detector.data.digits_build import make_digits_dataset
+
+    root = tmp_path_factory.mktemp("peer") / "digits"
+    make_digits_dataset(root, seed=3, n_trainval=4, n_test=2)
+    return root
+
+
+def test_flip_moves_boxes_like_the_reference(tiny_digits):
+    from proposals.imageio import read_image
+
+    records, _ = load_voc_split(tiny_digits, "trainval")
+    r = next(r for r in records if len(r.boxes))
+    raw = torch.from_numpy(read_image(r.path)).permute(2, 0, 1).float() / 255
+    flips = 0
+    for seed in range(8):
+        img, tgt = _sample(r, peer_transform("hflip", train=True), seed)
+        assert torch.equal(tgt["labels"], r.labels + 1)
+        if torch.allclose(img, raw.flip(-1)):
+            flips += 1
+            torch.testing.assert_close(tgt["boxes"], hflip_boxes(r.boxes, r.width))
+        else:
+            assert torch.allclose(img, raw)
+            torch.testing.assert_close(tgt["boxes"], r.boxes)
+        again, tgt2 = _sample(r, peer_transform("hflip", train=True), seed)
+        assert torch.equal(again, img) and torch.equal(tgt2["boxes"], tgt["boxes"])
+    assert 0 < flips < 8
+
+
+def _small(model=FRCNN):
+    return replace(RECIPES[model], batch_size=2, min_size=96, max_size=128) if model == FRCNN else \
+        replace(RECIPES[model], batch_size=2)
+
+
+def test_tiny_run_is_scored_by_the_devkit_evaluator(tiny_digits, tmp_path):
+    res = train_peer(tiny_digits, FRCNN, tmp_path / "run", budget_s=1, iterations=2, recipe=_small(),
+                     progress=False)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["iterations"] == 2 and res.iterations == 2
+    assert set(report["coco"]) == {"AP", "AP50", "AP75"} and report["mAP"] == pytest.approx(res.mAP)
+    assert (tmp_path / "run" / "pr_curves.png").stat().st_size > 0
+    # peer.pt is a plain weights file; the saved model's detections give eval.json's mAP
+    ck = torch.load(tmp_path / "run" / "peer.pt", weights_only=True)
+    net = build_peer(ck["model"], ck["num_classes"], _small())
+    net.load_state_dict(ck["state_dict"])
+    test, names = load_voc_split(tiny_digits, "test", ck["class_names"], raw_boxes=True)
+    dets, _ = _detect(net, test, progress=False)
+    assert voc_evaluate(test, names, dets).mAP == pytest.approx(report["mAP"], nan_ok=True)
+    assert "| fasterrcnn_mobilenet_v3_large_fpn |" in res.row()
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypatch):
+    kw = dict(budget_s=1, iterations=3, recipe=_small(), progress=False, save_every_s=0.0)
+    whole = train_peer(tiny_digits, FRCNN, tmp_path / "whole", **kw)
+    real_step, calls = PT._step, []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(PT, "_step", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
+    monkeypatch.setattr(PT, "_step", real_step)
+    resumed = train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
+    a = torch.load(tmp_path / "whole" / "peer.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "peer.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.mAP == pytest.approx(whole.mAP, nan_ok=True)
+
+
+def test_ssdlite_trains_with_its_crop_augmentation(tiny_digits, tmp_path):
+    res = train_peer(tiny_digits, "ssdlite320_mobilenet_v3_large", tmp_path / "ssd", budget_s=1, iterations=1,
+                     recipe=_small("ssdlite320_mobilenet_v3_large"), progress=False)
+    assert res.report["recipe"]["augmentation"] == "ssdlite" and res.iterations == 1
+
+
+def test_unknown_peer_is_refused(tiny_digits, tmp_path):
+    with pytest.raises(ValueError, match="unknown peer"):
+        train_peer(tiny_digits, "yolo", tmp_path, budget_s=1)
