@@ -59,6 +59,7 @@ from torch import Tensor, nn
 __all__ = [
     "Layer",
     "ZF5",
+    "ZF5BN",
     "VGG16Conv5",
     "ResNet50C4",
     "ResNet18C4",
@@ -74,7 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("zf5", "vgg16", "resnet50", "resnet18", "mobilenet_v3")
+ARCHS = ("zf5", "zf5_bn", "vgg16", "resnet50", "resnet18", "mobilenet_v3")
 PROJ_SHRINK = 6.5  # spec §3: window edges move 6.5 px inwards before rounding to a cell
 
 
@@ -250,6 +251,66 @@ class ZF5(nn.Module):
         """The last ``n`` convs with ReLU on a prefix map; the conv5 map in the default layout."""
         for conv in self.tail_modules(n):
             x = F.relu_(conv(x))
+        return x.contiguous()  # (N, C, Hs, Ws)
+
+
+class ZF5BN(ZF5):
+    """ZF-5 with BatchNorm after every conv in place of the two LRNs: the ``zf5_bn`` arch, a trunk
+    that learns faster from scratch. Every conv, pool, channel count and so the spec's geometry
+    (conv5 sizes, ``proj_offset0`` 20, stride 16) is ZF-5's; only the normalisation differs.
+
+    conv_k -> BatchNorm -> ReLU for k = 1..5, max pools 3/2 (ceil) after the first two.
+    Init: He fan-in normal weights (the spec's N(0, 0.01²) suits an LRN net, not a normalised one),
+    conv biases 0, BatchNorm weight 1 and bias 0. The BatchNorms use their running statistics in
+    ``eval()``, so detection (one image at a time) and fine-tuning a tail (the trunk stays in
+    ``eval()``) see the statistics of pre-training, as detectors usually freeze them.
+
+    Args:
+        width_mult: channel multiplier, as :class:`ZF5`.
+    Input: Tensor[N, 3, H, W] float, ``input_format = "bgr255_mean128"`` (as ZF-5).
+    Output: Tensor[N, C, Hs, Ws], post-ReLU.
+    """
+
+    def __init__(self, width_mult: float = 1.0):
+        super().__init__(width_mult)
+        del self.lrn
+        c1, c2, c3, c4, c5 = self.channels
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(c1), nn.BatchNorm2d(c2), nn.BatchNorm2d(c3)
+        self.bn4, self.bn5 = nn.BatchNorm2d(c4), nn.BatchNorm2d(c5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He fan-in init for the convs, biases 0; BatchNorm at identity (weight 1, bias 0)."""
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for bn in (getattr(self, f"bn{k}", None) for k in range(1, 6)):
+            if bn is not None:
+                bn.reset_parameters()
+
+    def _units(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        return [(self.conv3, self.bn3), (self.conv4, self.bn4), (self.conv5, self.bn5)]
+
+    def tail_modules(self, n: int) -> list[nn.Module]:
+        """The last ``n`` units, each ``Sequential(conv, bn)`` over the trunk's own modules."""
+        _check_tail(self, n)
+        return [nn.Sequential(conv, bn) for conv, bn in self._units()[3 - n:]]
+
+    def forward_prefix(self, x: Tensor, n: int) -> Tensor:
+        """conv1 .. the unit before the last ``n``: Tensor[N, 3, H, W] -> Tensor[N, C', Hs, Ws]."""
+        _check_tail(self, n)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = F.max_pool2d(F.relu_(self.bn1(self.conv1(x))), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(F.relu_(self.bn2(self.conv2(x))), 3, 2, ceil_mode=True)
+        for conv, bn in self._units()[: 3 - n]:
+            x = F.relu_(bn(conv(x)))
+        return x
+
+    def forward_tail(self, x: Tensor, n: int) -> Tensor:
+        """The last ``n`` conv + BatchNorm + ReLU units; the conv5 map in the default layout."""
+        _check_tail(self, n)
+        for conv, bn in self._units()[3 - n:]:
+            x = F.relu_(bn(conv(x)))
         return x.contiguous()  # (N, C, Hs, Ws)
 
 
@@ -502,11 +563,11 @@ _TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights", "resnet50": "ResNet50_Weights"
 # keys of a full torchvision model that the trunk does not use (silently ignored on load)
 _IGNORED_PREFIXES = {"vgg16": ("classifier.",), "resnet50": ("layer4.", "fc."), "resnet18": ("layer4.", "fc."),
                      "mobilenet_v3": tuple(f"features.{i}." for i in range(13, 17)) + ("classifier.",),
-                     "zf5": ("fc6.", "fc7.", "fc8.", "cls_score.")}  # fc layers: read by the fine-tuning stage
+                     "zf5": ("fc6.", "fc7.", "fc8.", "cls_score."), "zf5_bn": ("fc6.", "fc7.", "fc8.", "cls_score.")}  # fc layers: read by the fine-tuning stage
 
 
 def _arch_class(arch: str) -> type[nn.Module]:
-    table = {"zf5": ZF5, "vgg16": VGG16Conv5, "resnet50": ResNet50C4, "resnet18": ResNet18C4,
+    table = {"zf5": ZF5, "zf5_bn": ZF5BN, "vgg16": VGG16Conv5, "resnet50": ResNet50C4, "resnet18": ResNet18C4,
              "mobilenet_v3": MobileNetV3C4}
     if arch not in table:
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -682,9 +743,9 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", in
     """Build a trunk and load its weights.
 
     Args:
-        arch: "zf5" (spec §1), "vgg16" (conv5_3), "resnet50" or "resnet18" (through layer3), or
+        arch: "zf5" (spec §1), "zf5_bn" (ZF-5 with BatchNorm for LRN), "vgg16" (conv5_3), "resnet50" or "resnet18" (through layer3), or
             "mobilenet_v3" (MobileNetV3-Large to stride 16).
-        width_mult: channel multiplier, ZF-5 only (must be 1.0 for the torchvision trunks).
+        width_mult: channel multiplier, ZF-5 (and zf5_bn) only (must be 1.0 for the torchvision trunks).
         weights: "none" (random init: spec §1 for ZF-5, torchvision's for the others); "imagenet"
             (torchvision weights API: the torch.hub cache, or a download on a connected machine);
             or a path to a local file holding a state_dict or ``{"backbone": state_dict}``, read
@@ -701,12 +762,12 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", in
         WeightsError: weights that cannot be found, read or matched (the message names the file).
     """
     cls = _arch_class(arch)
-    if arch == "zf5":
-        model = ZF5(width_mult)
+    if arch in ("zf5", "zf5_bn"):
+        model = cls(width_mult)
     else:
         if width_mult != 1.0:
             raise ValueError(f"backbone {arch}: width_mult must be 1.0 (got {width_mult}); only zf5 "
-                             f"has CPU-sized variants")
+                             f"and zf5_bn have CPU-sized variants")
         model = cls()
     if weights == "none":
         model.input_format = resolve_input_format(arch, input_format, None, "weights 'none'")

@@ -55,15 +55,15 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # devkit order (VOCinit.m); foreground ids 0..19 follow it
 
 
-Arch = Literal["zf5", "vgg16", "resnet50", "resnet18", "mobilenet_v3"]  # detector.backbones.ARCHS
+Arch = Literal["zf5", "zf5_bn", "vgg16", "resnet50", "resnet18", "mobilenet_v3"]  # detector.backbones.ARCHS
 
 # Stride-16 conv units at the end of each trunk that finetune.conv_layers may tune: the
 # ``tail_units`` of the trunk classes in detector/backbones.py, repeated here so that loading a
 # config needs no torch (tests/test_config.py checks that the two agree).
-TAIL_UNITS: dict[str, int] = {"zf5": 3, "vgg16": 3, "resnet50": 5, "resnet18": 1, "mobilenet_v3": 5}
+TAIL_UNITS: dict[str, int] = {"zf5": 3, "zf5_bn": 3, "vgg16": 3, "resnet50": 5, "resnet18": 1, "mobilenet_v3": 5}
 # Smallest input side (px) that leaves each trunk a non-empty conv5 map
 # (detector.backbones.conv5_size; tests/test_config.py checks it). Scales and crop sizes under it fail.
-MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "vgg16": 16, "resnet50": 1, "resnet18": 1, "mobilenet_v3": 1}
+MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "zf5_bn": 31, "vgg16": 16, "resnet50": 1, "resnet18": 1, "mobilenet_v3": 1}
 
 
 class ConfigError(ValueError):
@@ -195,7 +195,8 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    # "zf5" (spec §1), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
+    # "zf5" (spec §1), "zf5_bn" (ZF-5's geometry with BatchNorm in place of LRN, for training from
+    # scratch), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
     # "mobilenet_v3" (MobileNetV3-Large to stride 16: 1.9 GMAC at 688x917 against ZF-5's 15.3, the
     # trunk for speed); resnet18 costs about ZF-5's (17.7 GMAC) but has torchvision ImageNet weights
     arch: Arch = "zf5"
@@ -212,12 +213,12 @@ class BackboneConfig:
 
     def problems(self) -> list[Relation]:
         out: list[Relation] = []
-        if self.arch != "zf5" and self.width_mult != 1.0:
+        if self.arch not in ("zf5", "zf5_bn") and self.width_mult != 1.0:
             out.append(("width_mult", self.width_mult,
-                        f"1.0 for arch {self.arch!r} (only zf5 has CPU-sized variants)", ()))
-        if self.arch == "zf5" and self.weights == "imagenet":  # detector.backbones._TORCHVISION_WEIGHTS
+                        f"1.0 for arch {self.arch!r} (only zf5 and zf5_bn have CPU-sized variants)", ()))
+        if self.arch in ("zf5", "zf5_bn") and self.weights == "imagenet":  # detector.backbones._TORCHVISION_WEIGHTS
             out.append(("weights", self.weights,
-                        "'none' or a state_dict file for arch 'zf5' (torchvision has no ImageNet ZF-5)", ()))
+                        f"'none' or a state_dict file for arch {self.arch!r} (torchvision has no ImageNet ZF-5)", ()))
         return out
 
 

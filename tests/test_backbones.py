@@ -13,6 +13,7 @@ from torch import nn
 from detector import backbones as B
 from detector.backbones import (
     ZF5,
+    WithinChannelLRN,
     ResNet50C4,
     VGG16Conv5,
     WeightsError,
@@ -128,7 +129,7 @@ def _positive(net: nn.Module) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("arch,height,width,cell", [("zf5", 32, 200, 4), ("vgg16", 16, 208, 6),
+@pytest.mark.parametrize("arch,height,width,cell", [("zf5", 32, 200, 4), ("zf5_bn", 32, 200, 4), ("vgg16", 16, 208, 6),
                                                     ("resnet50", 16, 288, 9), ("resnet18", 16, 240, 7),
                                                     ("mobilenet_v3", 16, 304, 9)])
 def test_receptive_field_matches_projection_constants(arch, height, width, cell, tv_nets):
@@ -139,7 +140,7 @@ def test_receptive_field_matches_projection_constants(arch, height, width, cell,
     image the LRN scales zeros, so ZF-5's field is the 139 px of its convolutions and pools.)
     """
     net = _positive(tv_nets[arch] if arch in tv_nets else
-                    build_backbone(arch, width_mult=0.25 if arch == "zf5" else 1.0).eval())
+                    build_backbone(arch, width_mult=0.25 if arch.startswith("zf5") else 1.0).eval())
     centre = net.stride * cell + net.proj_offset0
     half = (rf_size(net.geometry) - 1) / 2
     left, right = int(centre - half), int(centre + half)
@@ -153,6 +154,48 @@ def test_receptive_field_matches_projection_constants(arch, height, width, cell,
     assert out.shape[-1] == conv5_size(arch, width) and out.shape[-2] == conv5_size(arch, height)
     reached = (out[:, :, :, cell].abs().flatten(1).sum(1) > 0).tolist()
     assert reached == [False, True, True, False], (arch, cols, reached)
+
+
+def test_zf5_bn_keeps_the_spec_geometry_and_matches_a_slow_reference():
+    """zf5_bn: ZF-5's sizes, projection constants and channels; its forward against the layers
+    written out one by one (conv, BatchNorm in eval mode by its formula, ReLU, pools)."""
+    from detector.backbones import ZF5BN
+
+    net = build_backbone("zf5_bn", width_mult=0.25).eval()
+    assert isinstance(net, ZF5BN) and net.geometry == ZF5.geometry and net.proj_offset0 == 20.0
+    assert net.channels == (24, 64, 96, 96, 64) and net.stride == 16 and net.input_format == "bgr255_mean128"
+    assert not any(isinstance(m, WithinChannelLRN) for m in net.modules())
+    assert {s: conv5_size("zf5_bn", s) for s in SPEC_SIZES} == SPEC_SIZES
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k in range(1, 6):
+            bn = getattr(net, f"bn{k}")
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+        x = torch.randn(2, 3, 83, 101, generator=g) * 50
+
+        def unit(x, k):
+            conv, bn = getattr(net, f"conv{k}"), getattr(net, f"bn{k}")
+            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+            return torch.clamp(y * bn.weight[:, None, None] + bn.bias[:, None, None], min=0)
+
+        ref = F.max_pool2d(unit(x, 1), 3, 2, ceil_mode=True)
+        ref = F.max_pool2d(unit(ref, 2), 3, 2, ceil_mode=True)
+        for k in (3, 4, 5):
+            ref = unit(ref, k)
+        out = net(x)
+    assert out.shape == (2, 64, conv5_size("zf5", 83), conv5_size("zf5", 101))
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # float32 sums in another order
+    fresh = ZF5BN()
+    for k in range(1, 6):  # He fan-in init, biases 0, BatchNorm at identity
+        conv = getattr(fresh, f"conv{k}")
+        assert torch.all(conv.bias == 0)
+        std = (2.0 / conv.weight[0].numel()) ** 0.5
+        assert abs(conv.weight.std().item() - std) < 0.1 * std, k
+        assert torch.all(getattr(fresh, f"bn{k}").weight == 1)
 
 
 def test_light_trunks_geometry_and_sizes():

@@ -91,7 +91,7 @@ def test_merge_keys_and_repeated_overrides_are_allowed(tmp_path: Path):
 @pytest.mark.parametrize(
     "key, choices",
     [("data.format", "'voc', 'coco'"),
-     ("backbone.arch", "'zf5', 'vgg16', 'resnet50', 'resnet18', 'mobilenet_v3'"),
+     ("backbone.arch", "'zf5', 'zf5_bn', 'vgg16', 'resnet50', 'resnet18', 'mobilenet_v3'"),
      ("proposals.method", "'selective_search', 'edge_boxes', 'file'"),
      ("proposals.mode", "'fast\\+', 'fast', 'quality'"),
      ("pretrain.mode", "'single', 'multi', 'random', 'nospp'"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.backbones import ZF5, ResNet50C4, TrunkPrefix, VGG16Conv5
+from detector.backbones import ZF5, ZF5BN, ResNet50C4, TrunkPrefix, VGG16Conv5
 from detector.config import FinetuneConfig
 from detector.data.voc import ImageRecord
 from detector.finetune import CachedWindows, TunedTailWindows, finetune
@@ -23,10 +23,15 @@ from detector.train_items import TrainItem
 LEVELS = (1, 2)
 
 
-@pytest.mark.parametrize("cls,kw", [(ZF5, {"width_mult": 0.125}), (VGG16Conv5, {}), (ResNet50C4, {})])
+@pytest.mark.parametrize("cls,kw", [(ZF5, {"width_mult": 0.125}), (ZF5BN, {"width_mult": 0.125}), (VGG16Conv5, {}),
+                                    (ResNet50C4, {})])
 def test_prefix_then_tail_is_the_trunk(cls, kw):
     torch.manual_seed(0)
     trunk = cls(**kw).eval()
+    for m in trunk.modules():  # BatchNorms with statistics of their own, not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(1, 3, 80, 112)
     with torch.no_grad():
         ref = trunk(x)  # (1, C, Hs, Ws)
