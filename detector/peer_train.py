@@ -6,10 +6,10 @@ The peers are torchvision's own CPU-sized detectors, ``fasterrcnn_mobilenet_v3_l
 trainable, every backbone layer trained). Each keeps its reference recipe (torchvision's
 ``references/detection``: optimiser, warm-up, schedule, augmentation), scaled to the budget:
 
-* the schedule is laid over a number of iterations fixed after a timed probe of the first
-  ``probe_iters`` iterations (``iterations = budget / seconds per iteration``), so the learning rate
-  finishes its decay when the budget ends; the probe iterations are the run's first iterations
-  (the warm-up does not depend on the total), so ``iterations=N`` replays a run exactly;
+* the schedule (warm-up included) is laid over a number of iterations fixed by a timed probe of
+  ``probe_iters`` iterations on a throw-away copy of the model (``iterations = (budget - probe) /
+  seconds per iteration``), so the learning rate finishes its decay when the budget ends and
+  ``iterations=N`` replays a run exactly;
 * the batch is cut to what 2 CPU cores can take and the learning rate is scaled with it
   (:data:`RECIPES` says how for each peer).
 
@@ -59,6 +59,8 @@ class PeerRecipe:
         warmup_factor: the warm-up starts at ``lr * warmup_factor`` and rises linearly.
         warmup_iters: at most this many warm-up iterations, and at most one epoch minus one (as
             the references' ``min(1000, len(data_loader) - 1)``).
+        warmup_fraction: and at most this fraction of the run (the references warm up during the
+            first of 26 or 600 epochs; a budget of less than an epoch keeps that share).
         schedule: ``"multistep"`` (x0.1 at each fraction of the run in ``lr_steps``) or ``"cosine"``
             (to 0 over the run).
         lr_steps: fractions of the run where a multistep schedule divides the rate by 10.
@@ -74,6 +76,7 @@ class PeerRecipe:
     weight_decay: float
     warmup_factor: float = 0.001
     warmup_iters: int = 1000
+    warmup_fraction: float = 1.0
     schedule: Literal["multistep", "cosine"] = "multistep"
     lr_steps: tuple[float, ...] = ()
     augmentation: Literal["hflip", "ssdlite"] = "hflip"
@@ -85,14 +88,14 @@ class PeerRecipe:
 RECIPES: dict[str, PeerRecipe] = {
     "fasterrcnn_mobilenet_v3_large_fpn": PeerRecipe(
         model="fasterrcnn_mobilenet_v3_large_fpn", batch_size=4, lr=0.02, weight_decay=1e-4,
-        schedule="multistep", lr_steps=(16 / 26, 22 / 26), augmentation="hflip", min_size=480, max_size=800,
+        warmup_fraction=1 / 26, schedule="multistep", lr_steps=(16 / 26, 22 / 26), augmentation="hflip", min_size=480, max_size=800,
         why="reference: 26 epochs, lr 0.02 for 16 images (8 GPUs x 2), x0.1 at epochs 16 and 22, flips, "
             "warm-up 1000 iterations from 0.001; here 4 images at the same lr 0.02 (the rate the issue's "
             "first peer measurement trained with), steps at the same fractions of the budget, images "
             "resized to a 480 px short side (the data sets' own scale) instead of 800"),
     "ssdlite320_mobilenet_v3_large": PeerRecipe(
         model="ssdlite320_mobilenet_v3_large", batch_size=16, lr=0.0125, weight_decay=4e-5,
-        schedule="cosine", augmentation="ssdlite",
+        warmup_fraction=1 / 600, schedule="cosine", augmentation="ssdlite",
         why="reference: 600 epochs, lr 0.15 for 192 images (8 GPUs x 24), cosine, weight decay 4e-5, random "
             "IoU crop + flip, warm-up 1000 iterations from 0.001; here 16 images at lr 0.0125 (linear "
             "scaling), the cosine laid over the budget"),
@@ -103,7 +106,7 @@ PEERS = tuple(RECIPES)
 def lr_at(recipe: PeerRecipe, it: int, total: int, epoch_iters: int) -> float:
     """Learning rate of iteration ``it`` (0-based) of a ``total``-iteration run with ``epoch_iters``
     iterations per epoch: the warm-up factor times the schedule's factor times ``recipe.lr``."""
-    warm = min(recipe.warmup_iters, max(epoch_iters - 1, 0))
+    warm = min(recipe.warmup_iters, max(epoch_iters - 1, 0), max(int(recipe.warmup_fraction * total), 1))
     w = 1.0
     if it < warm:  # torch LinearLR(start_factor=f, total_iters=warm), as the references
         w = recipe.warmup_factor + (1 - recipe.warmup_factor) * it / warm
@@ -206,6 +209,35 @@ def _step(model, opt, records, ids, transform, seed_base: int, lr: float) -> flo
     return float(loss.detach())
 
 
+def _probe(net, opt, records, transform, recipe: PeerRecipe, seed: int, epoch_iters: int, probe_iters: int,
+           budget_s: float, progress: bool) -> tuple[float, int]:
+    """Time ``probe_iters`` training iterations (after one untimed) on copies of the model and
+    optimiser, which are then dropped. Returns (seconds the probe took, iterations that fill the
+    rest of ``budget_s``)."""
+    import copy
+
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    p_net, p_opt = copy.deepcopy(net).train(), copy.deepcopy(opt)
+    p_opt.param_groups[0]["params"] = [p for p in p_net.parameters() if p.requires_grad]
+    p_opt.state.clear()
+    times = []
+    for i in tqdm(range(probe_iters + 1), desc="timing iterations", unit="it", disable=not progress):
+        t0 = time.perf_counter()
+        ids = _batch_ids(len(records), recipe.batch_size, i, seed)
+        _step(p_net, p_opt, records, ids, transform, seed * 7919 + i * recipe.batch_size,
+              lr_at(recipe, i, 10 ** 9, epoch_iters))
+        if i:
+            times.append(time.perf_counter() - t0)
+    probe_s = time.perf_counter() - t_start
+    per_it = statistics.median(times) if times else probe_s
+    total = max(int((budget_s - probe_s) / per_it), 1)
+    log.info("%.2f s per iteration (median of %d): %d iterations fill the %.1f min budget after the %.0f s probe",
+             per_it, len(times), total, budget_s / 60, probe_s)
+    return probe_s, total
+
+
 @torch.inference_mode()
 def _detect(model, records: Sequence[ImageRecord], progress: bool) -> tuple[dict, list[float]]:
     from tqdm import tqdm
@@ -285,43 +317,38 @@ def train_peer(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
     state = load_keyed(out / "train_state.pt", key)
-    it, total, train_s, losses = 0, iterations, 0.0, []
+    it, total, train_s, probe_s, losses = 0, iterations, 0.0, 0.0, []
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        it, total, train_s, losses = state["it"], state["total"], state["train_s"], state["losses"]
+        it, total, train_s, probe_s, losses = (state["it"], state["total"], state["train_s"], state["probe_s"],
+                                               state["losses"])
         log.info("resuming %s at iteration %d of %s", out / "train_state.pt", it, total)
 
     def save() -> None:
         save_keyed(out / "train_state.pt", key, {"model": net.state_dict(), "opt": opt.state_dict(), "it": it,
-                                                 "total": total, "train_s": train_s, "losses": losses})
+                                                 "total": total, "train_s": train_s, "probe_s": probe_s,
+                                                 "losses": losses})
 
-    net.train()
     log.info("training %s from scratch on %d images of %s (%d classes), %s", model, len(records), data_root,
              len(names), f"{iterations} iterations" if iterations else f"a {budget_s / 60:.1f} min budget")
+    if total is None:
+        probe_s, total = _probe(net, opt, records, transform, recipe, seed, epoch_iters, probe_iters, budget_s,
+                                progress)
+        train_s = probe_s  # the probe is part of the budget's wall clock
+        save()
+    net.train()
     last_save = time.perf_counter()
     bar = tqdm(total=total, initial=it, desc=f"{model} train", unit="it", disable=not progress)
-    probe_t: list[float] = []
-    while total is None or it < total:
+    while it < total:
         t0 = time.perf_counter()
         ids = _batch_ids(len(records), recipe.batch_size, it, seed)
-        lr = lr_at(recipe, it, total or 10 ** 9, epoch_iters)
+        lr = lr_at(recipe, it, total, epoch_iters)
         losses.append(_step(net, opt, records, ids, transform, seed * 7919 + it * recipe.batch_size, lr))
-        dt = time.perf_counter() - t0
-        train_s += dt
+        train_s += time.perf_counter() - t0
         it += 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}")
-        if total is None:
-            if it > 1:
-                probe_t.append(dt)
-            if len(probe_t) >= probe_iters:
-                total = max(it, int(budget_s / statistics.median(probe_t)))
-                bar.total = total
-                log.info("%.2f s per iteration in the probe: %d iterations fill %.1f min", statistics.median(probe_t),
-                         total, budget_s / 60)
-                if recipe.lr_steps and int(recipe.lr_steps[0] * total) < it:
-                    log.warning("the budget is so short that the first lr step falls inside the probe")
         if time.perf_counter() - last_save > save_every_s:
             save()
             last_save = time.perf_counter()
@@ -339,7 +366,7 @@ def train_peer(
     timing = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
     report = {"model": model, "data_root": str(data_root), "train_split": train_split, "test_split": test_split,
               "train_images": len(records), "seed": seed, "budget_s": budget_s, "iterations": total,
-              "train_s": train_s, "test_wall_s": test_wall, "test_s_per_image": timing, "coco": coco,
+              "train_s": train_s, "probe_s": probe_s, "test_wall_s": test_wall, "test_s_per_image": timing, "coco": coco,
               "threads": torch.get_num_threads(), "recipe": asdict(recipe),
               "loss_first_last": [losses[0], losses[-1]] if losses else [], **result.to_dict()}
     write_json(out / "eval.json", report)

@@ -19,7 +19,8 @@ FRCNN = "fasterrcnn_mobilenet_v3_large_fpn"
 
 
 def test_multistep_schedule_hand_computed():
-    r = replace(RECIPES[FRCNN], lr=0.02, warmup_iters=1000, warmup_factor=0.001, lr_steps=(16 / 26, 22 / 26))
+    r = replace(RECIPES[FRCNN], lr=0.02, warmup_iters=1000, warmup_factor=0.001, lr_steps=(16 / 26, 22 / 26),
+                warmup_fraction=1.0)
     # 51 iterations per epoch: warm-up min(1000, 50) = 50 iterations; 260 in all: steps at 160, 220
     assert lr_at(r, 0, 260, 51) == pytest.approx(0.02 * 0.001)
     assert lr_at(r, 25, 260, 51) == pytest.approx(0.02 * (0.001 + 0.999 * 25 / 50))
@@ -27,10 +28,14 @@ def test_multistep_schedule_hand_computed():
     assert lr_at(r, 159, 260, 51) == pytest.approx(0.02)
     assert lr_at(r, 160, 260, 51) == pytest.approx(0.002)
     assert lr_at(r, 220, 260, 51) == pytest.approx(0.0002)
+    # the recipe's own warm-up share: 1/26 of a 260-iteration run is 10 iterations
+    r26 = replace(r, warmup_fraction=1 / 26)
+    assert lr_at(r26, 5, 260, 51) == pytest.approx(0.02 * (0.001 + 0.999 * 5 / 10))
+    assert lr_at(r26, 10, 260, 51) == pytest.approx(0.02)
 
 
 def test_cosine_schedule_hand_computed():
-    r = replace(RECIPES["ssdlite320_mobilenet_v3_large"], lr=0.1, warmup_iters=10)
+    r = replace(RECIPES["ssdlite320_mobilenet_v3_large"], lr=0.1, warmup_iters=10, warmup_fraction=1.0)
     assert lr_at(r, 5, 100, 1000) == pytest.approx(0.1 * (0.001 + 0.999 * 0.5) * (0.5 * (1 + 0.9876883405951378)))
     assert lr_at(r, 50, 100, 1000) == pytest.approx(0.05)
     assert lr_at(r, 100, 100, 1000) == pytest.approx(0.0, abs=1e-12)
@@ -125,6 +130,26 @@ def test_ssdlite_trains_with_its_crop_augmentation(tiny_digits, tmp_path):
     res = train_peer(tiny_digits, "ssdlite320_mobilenet_v3_large", tmp_path / "ssd", budget_s=1, iterations=1,
                      recipe=_small("ssdlite320_mobilenet_v3_large"), progress=False)
     assert res.report["recipe"]["augmentation"] == "ssdlite" and res.iterations == 1
+
+
+def test_the_probe_sizes_the_run_and_leaves_the_model_untouched(tiny_digits, tmp_path, monkeypatch):
+    """Without ``iterations``: the probe's copies train, the run starts from the untrained model, and
+    the count is (budget - probe seconds) / seconds per iteration. Replaying that count gives the
+    same weights."""
+    clock = iter(range(0, 10 ** 6, 2))  # every perf_counter() call advances 2 s
+    monkeypatch.setattr(PT.time, "perf_counter", lambda: float(next(clock)))
+    res = train_peer(tiny_digits, FRCNN, tmp_path / "probed", budget_s=20, probe_iters=2, recipe=_small(),
+                     progress=False)
+    # the probe's clock: start 0; step 0 untimed (t0 = 2); steps 1 and 2 from 4 to 6 and 8 to 10;
+    # end 12. So 2 s per iteration and (20 - 12) / 2 = 4 iterations.
+    assert res.report["probe_s"] == 12.0 and res.iterations == 4
+    monkeypatch.undo()
+    again = train_peer(tiny_digits, FRCNN, tmp_path / "replayed", budget_s=20, iterations=res.iterations,
+                       recipe=_small(), progress=False)
+    a = torch.load(tmp_path / "probed" / "peer.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "replayed" / "peer.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.iterations == res.iterations
 
 
 def test_unknown_peer_is_refused(tiny_digits, tmp_path):
