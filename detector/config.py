@@ -195,8 +195,9 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    # "zf5" (spec §1), "zf5_bn" (ZF-5's geometry with BatchNorm in place of LRN, for training from
-    # scratch), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
+    # "zf5" (spec §1), "zf5_bn" (ZF-5's geometry with BatchNorm in place of LRN, an option for
+    # training from scratch: digits held-out mAP 0.638 against zf5's 0.737 with the digits config's
+    # LRN recipe, tools/test_net.py --held-out; BENCHMARKS.md peers_train), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
     # "mobilenet_v3" (MobileNetV3-Large to stride 16: 1.9 GMAC at 688x917 against ZF-5's 15.3, the
     # trunk for speed); resnet18 costs about ZF-5's (17.7 GMAC) but has torchvision ImageNet weights
     arch: Arch = "zf5"
