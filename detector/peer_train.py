@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from detector.artifacts import digest, load_keyed, save_keyed, save_torch, write_json
+from detector.artifacts import digest, load_keyed, save_keyed, save_torch, tensor_digest, write_json
 from detector.data.records import DataError, ImageRecord
 from detector.data.voc import load_voc_split
 from detector.eval.coco import coco_evaluate
@@ -310,7 +310,11 @@ def train_peer(
     test_records, _ = load_voc_split(data_root, test_split, names, raw_boxes=True)
     transform = peer_transform(recipe.augmentation, train=True)
     epoch_iters = max(len(records) // recipe.batch_size, 1)
-    key = digest(asdict(recipe), [r.image_id for r in records], names, seed, budget_s, iterations, probe_iters)
+    # the training state is valid for these images, annotations and settings only: an edited
+    # annotation or a replaced image file starts the run over instead of resuming it
+    files = [(r.image_id, r.path.stat().st_size, r.path.stat().st_mtime_ns) for r in records]
+    key = digest(asdict(recipe), files, tensor_digest([[r.boxes, r.labels] for r in records]), names, seed,
+                 budget_s, iterations, probe_iters)
 
     torch.manual_seed(seed)
     net = build_peer(model, len(names) + 1, recipe)

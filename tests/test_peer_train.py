@@ -104,7 +104,7 @@ def test_tiny_run_is_scored_by_the_devkit_evaluator(tiny_digits, tmp_path):
     assert "| fasterrcnn_mobilenet_v3_large_fpn |" in res.row()
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypatch, caplog):
     kw = dict(budget_s=1, iterations=3, recipe=_small(), progress=False, save_every_s=0.0)
     whole = train_peer(tiny_digits, FRCNN, tmp_path / "whole", **kw)
     real_step, calls = PT._step, []
@@ -119,11 +119,44 @@ def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
     monkeypatch.setattr(PT, "_step", real_step)
-    resumed = train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
+    state = torch.load(tmp_path / "killed" / "train_state.pt", weights_only=True)
+    assert state["it"] == 2 and state["total"] == 3
+    with caplog.at_level("INFO", logger="detector"):
+        resumed = train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
+    assert "resuming" in caplog.text and "iteration 2 of 3" in caplog.text
     a = torch.load(tmp_path / "whole" / "peer.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "killed" / "peer.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.mAP == pytest.approx(whole.mAP, nan_ok=True)
+
+
+def test_a_changed_annotation_starts_the_run_over(tiny_digits, tmp_path, monkeypatch, caplog):
+    """A training state saved for other ground truth is not resumed."""
+    import shutil
+
+    data = tmp_path / "digits"
+    shutil.copytree(tiny_digits, data)
+    kw = dict(budget_s=1, iterations=2, recipe=_small(), progress=False, save_every_s=0.0)
+    real_step, calls = PT._step, []
+
+    def dies_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(PT, "_step", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_peer(data, FRCNN, tmp_path / "run", **kw)
+    monkeypatch.setattr(PT, "_step", real_step)
+    xml = sorted((data / "Annotations").glob("*.xml"))[0]
+    text = xml.read_text()
+    i = text.index("<xmin>") + len("<xmin>")
+    j = text.index("</xmin>")
+    xml.write_text(text[:i] + str(int(float(text[i:j])) + 1) + text[j:])  # one box moves by a pixel
+    with caplog.at_level("INFO", logger="detector"):
+        train_peer(data, FRCNN, tmp_path / "run", **kw)
+    assert "resuming" not in caplog.text
 
 
 def test_ssdlite_trains_with_its_crop_augmentation(tiny_digits, tmp_path):
