@@ -276,11 +276,11 @@ class ZF5BN(ZF5):
         del self.lrn
         c1, c2, c3, c4, c5 = self.channels
         self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(c1), nn.BatchNorm2d(c2), nn.BatchNorm2d(c3)
-        self.bn4, self.bn5 = nn.BatchNorm2d(c4), nn.BatchNorm2d(c5)
-        self.reset_parameters()
+        self.bn4, self.bn5 = nn.BatchNorm2d(c4), nn.BatchNorm2d(c5)  # fresh: already at identity
 
     def reset_parameters(self) -> None:
-        """He fan-in init for the convs, biases 0; BatchNorm at identity (weight 1, bias 0)."""
+        """He fan-in init for the convs, biases 0; BatchNorm at identity (weight 1, bias 0). ZF5's
+        constructor calls it before the BatchNorms exist, which then start at identity."""
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
             nn.init.zeros_(conv.bias)

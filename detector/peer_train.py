@@ -191,10 +191,18 @@ class PeerResult:
                 f"{self.coco['AP75']:.4f} | {self.train_s / 60:.1f} | {self.test_s_per_image['median']:.3f} |")
 
 
-def _step(model, opt, records, ids, transform, seed_base: int, lr: float) -> float:
+def _optimizer(net: torch.nn.Module, recipe: PeerRecipe) -> torch.optim.SGD:
+    """The references' SGD (momentum 0.9) over the trainable parameters."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+
+
+def _step(model, opt, records, transform, recipe: PeerRecipe, seed: int, it: int, lr: float) -> float:
+    """Training iteration ``it`` at learning rate ``lr``: its batch (:func:`_batch_ids`), each image
+    augmented under its own seed, one SGD step. Returns the loss."""
     images, targets = [], []
-    for j, i in enumerate(ids):
-        img, tgt = _sample(records[i], transform, seed_base + j)
+    for j, i in enumerate(_batch_ids(len(records), recipe.batch_size, it, seed)):
+        img, tgt = _sample(records[i], transform, seed * 7919 + it * recipe.batch_size + j)
         images.append(img)
         targets.append(tgt)
     for g in opt.param_groups:
@@ -209,7 +217,7 @@ def _step(model, opt, records, ids, transform, seed_base: int, lr: float) -> flo
     return float(loss.detach())
 
 
-def _probe(net, opt, records, transform, recipe: PeerRecipe, seed: int, epoch_iters: int, probe_iters: int,
+def _probe(net, records, transform, recipe: PeerRecipe, seed: int, epoch_iters: int, probe_iters: int,
            budget_s: float, progress: bool) -> tuple[float, int]:
     """Time ``probe_iters`` training iterations (after one untimed) on copies of the model and
     optimiser, which are then dropped. Returns (seconds the probe took, iterations that fill the
@@ -219,15 +227,12 @@ def _probe(net, opt, records, transform, recipe: PeerRecipe, seed: int, epoch_it
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    p_net, p_opt = copy.deepcopy(net).train(), copy.deepcopy(opt)
-    p_opt.param_groups[0]["params"] = [p for p in p_net.parameters() if p.requires_grad]
-    p_opt.state.clear()
+    p_net = copy.deepcopy(net).train()
+    p_opt = _optimizer(p_net, recipe)
     times = []
     for i in tqdm(range(probe_iters + 1), desc="timing iterations", unit="it", disable=not progress):
         t0 = time.perf_counter()
-        ids = _batch_ids(len(records), recipe.batch_size, i, seed)
-        _step(p_net, p_opt, records, ids, transform, seed * 7919 + i * recipe.batch_size,
-              lr_at(recipe, i, 10 ** 9, epoch_iters))
+        _step(p_net, p_opt, records, transform, recipe, seed, i, lr_at(recipe, i, 10 ** 9, epoch_iters))
         if i:
             times.append(time.perf_counter() - t0)
     probe_s = time.perf_counter() - t_start
@@ -312,14 +317,13 @@ def train_peer(
     epoch_iters = max(len(records) // recipe.batch_size, 1)
     # the training state is valid for these images, annotations and settings only: an edited
     # annotation or a replaced image file starts the run over instead of resuming it
-    files = [(r.image_id, r.path.stat().st_size, r.path.stat().st_mtime_ns) for r in records]
+    files = [(r.image_id, st.st_size, st.st_mtime_ns) for r in records for st in [r.path.stat()]]
     key = digest(asdict(recipe), files, tensor_digest([[r.boxes, r.labels] for r in records]), names, seed,
                  budget_s, iterations, probe_iters)
 
     torch.manual_seed(seed)
     net = build_peer(model, len(names) + 1, recipe)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+    opt = _optimizer(net, recipe)
     state = load_keyed(out / "train_state.pt", key)
     it, total, train_s, probe_s, losses = 0, iterations, 0.0, 0.0, []
     if state is not None:
@@ -337,7 +341,7 @@ def train_peer(
     log.info("training %s from scratch on %d images of %s (%d classes), %s", model, len(records), data_root,
              len(names), f"{iterations} iterations" if iterations else f"a {budget_s / 60:.1f} min budget")
     if total is None:
-        probe_s, total = _probe(net, opt, records, transform, recipe, seed, epoch_iters, probe_iters, budget_s,
+        probe_s, total = _probe(net, records, transform, recipe, seed, epoch_iters, probe_iters, budget_s,
                                 progress)
         train_s = probe_s  # the probe is part of the budget's wall clock
         save()
@@ -346,9 +350,8 @@ def train_peer(
     bar = tqdm(total=total, initial=it, desc=f"{model} train", unit="it", disable=not progress)
     while it < total:
         t0 = time.perf_counter()
-        ids = _batch_ids(len(records), recipe.batch_size, it, seed)
         lr = lr_at(recipe, it, total, epoch_iters)
-        losses.append(_step(net, opt, records, ids, transform, seed * 7919 + it * recipe.batch_size, lr))
+        losses.append(_step(net, opt, records, transform, recipe, seed, it, lr))
         train_s += time.perf_counter() - t0
         it += 1
         bar.update(1)

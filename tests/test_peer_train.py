@@ -104,21 +104,26 @@ def test_tiny_run_is_scored_by_the_devkit_evaluator(tiny_digits, tmp_path):
     assert "| fasterrcnn_mobilenet_v3_large_fpn |" in res.row()
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypatch, caplog):
-    kw = dict(budget_s=1, iterations=3, recipe=_small(), progress=False, save_every_s=0.0)
-    whole = train_peer(tiny_digits, FRCNN, tmp_path / "whole", **kw)
+def _killed_at(n: int, monkeypatch) -> None:
+    """Training iteration ``n`` (1-based) raises KeyboardInterrupt, as a kill at that point."""
     real_step, calls = PT._step, []
 
-    def dies_on_third(*a, **k):
+    def dies(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(PT, "_step", dies_on_third)
+    monkeypatch.setattr(PT, "_step", dies)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_digits, tmp_path, monkeypatch, caplog):
+    kw = dict(budget_s=1, iterations=3, recipe=_small(), progress=False, save_every_s=0.0)
+    whole = train_peer(tiny_digits, FRCNN, tmp_path / "whole", **kw)
+    _killed_at(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_peer(tiny_digits, FRCNN, tmp_path / "killed", **kw)
-    monkeypatch.setattr(PT, "_step", real_step)
+    monkeypatch.undo()
     state = torch.load(tmp_path / "killed" / "train_state.pt", weights_only=True)
     assert state["it"] == 2 and state["total"] == 3
     with caplog.at_level("INFO", logger="detector"):
@@ -137,18 +142,10 @@ def test_a_changed_annotation_starts_the_run_over(tiny_digits, tmp_path, monkeyp
     data = tmp_path / "digits"
     shutil.copytree(tiny_digits, data)
     kw = dict(budget_s=1, iterations=2, recipe=_small(), progress=False, save_every_s=0.0)
-    real_step, calls = PT._step, []
-
-    def dies_on_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(PT, "_step", dies_on_second)
+    _killed_at(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_peer(data, FRCNN, tmp_path / "run", **kw)
-    monkeypatch.setattr(PT, "_step", real_step)
+    monkeypatch.undo()
     xml = sorted((data / "Annotations").glob("*.xml"))[0]
     text = xml.read_text()
     i = text.index("<xmin>") + len("<xmin>")
