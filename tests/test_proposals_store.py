@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from proposals.store import (ProposalFileError, load_proposals, read_proposal_file, save_proposals)
+from proposals.store import (NpzProposals, ProposalFileError, load_proposals, read_npz, read_proposal_file,
+                             save_proposals)
 
 # R-CNN rows are (y1, x1, y2, x2), 1-based inclusive. By hand:
 #   (1, 1, 20, 10): rows 1..20, cols 1..10 -> x 0..10, y 0..20 -> xyxy (0, 0, 10, 20)
@@ -154,3 +155,54 @@ def test_bad_files(tmp_path):
     wrong.write_bytes(pickle.dumps({"ids": ["a"], "boxes": [np.zeros((3, 5))]}))
     with pytest.raises(ProposalFileError, match=r"shape \[R, 4\]"):
         read_proposal_file(wrong)
+
+
+def test_npz_proposals_reads_each_image_on_demand(tmp_path):
+    rng = np.random.default_rng(3)
+    props = {f"im{i}": (rng.random((int(rng.integers(0, 40)), 4)) * 300).astype(np.float32) for i in range(25)}
+    props["empty"] = np.zeros((0, 4), np.float32)
+    path = save_proposals(tmp_path / "p.npz", props, meta="key")
+    lazy, whole = NpzProposals(path), read_npz(path)
+    assert list(lazy) == list(whole) == list(props) and len(lazy) == len(props)
+    assert "im3" in lazy and "nope" not in lazy
+    for k, v in props.items():  # the same arrays as reading the whole file
+        got = lazy[k]
+        assert got.dtype == np.float32 and got.shape == v.shape
+        np.testing.assert_array_equal(got, whole[k])
+        np.testing.assert_array_equal(got, v)
+    assert not any(isinstance(v, np.ndarray) and v.ndim == 2 for v in vars(lazy).values())  # holds no boxes
+    with pytest.raises(KeyError):
+        lazy["nope"]
+    lazy["im1"][0, 0] = -5.0  # each read is the caller's own array
+    np.testing.assert_array_equal(lazy["im1"], props["im1"])
+    again = pickle.loads(pickle.dumps(lazy))  # workers get the path, not an open descriptor
+    np.testing.assert_array_equal(again["im7"], props["im7"])
+
+
+def test_npz_proposals_bad_files(tmp_path):
+    props = {"a": np.array([[0, 0, 5, 5], [1, 1, 2, 2]], np.float32), "b": np.array([[3, 3, 9, 9]], np.float32)}
+    packed = tmp_path / "packed.npz"  # a compressed file cannot be read per image: a clear error
+    np.savez_compressed(packed, ids=np.array(["a", "b"]), counts=np.array([2, 1]),
+                        boxes=np.concatenate(list(props.values())), format=np.array("sppnet-proposals-v1"))
+    with pytest.raises(ProposalFileError, match="compressed"):
+        NpzProposals(packed)
+    np.testing.assert_array_equal(read_npz(packed)["a"], props["a"])  # read whole, it still loads
+    nan = tmp_path / "nan.npz"  # a NaN box is named with its image when that image is read
+    bad = {"a": props["a"], "b": np.array([[np.nan, 0, 1, 1]], np.float32)}
+    np.savez(nan, ids=np.array(["a", "b"]), counts=np.array([2, 1]), boxes=np.concatenate(list(bad.values())),
+             format=np.array("sppnet-proposals-v1"))
+    lazy = NpzProposals(nan)
+    np.testing.assert_array_equal(lazy["a"], props["a"])
+    with pytest.raises(ProposalFileError, match="'b'.*NaN"):
+        lazy["b"]
+    odd = tmp_path / "odd.npz"  # counts that do not add up to the boxes
+    np.savez(odd, ids=np.array(["a", "b"]), counts=np.array([2, 2]), boxes=np.concatenate(list(props.values())),
+             format=np.array("sppnet-proposals-v1"))
+    with pytest.raises(ProposalFileError, match="do not agree"):
+        NpzProposals(odd)
+    path = save_proposals(tmp_path / "cut.npz", props)
+    lazy = NpzProposals(path)
+    np.testing.assert_array_equal(lazy["b"], props["b"])
+    os.truncate(path, path.read_bytes().index(props["b"].tobytes()))  # the file now ends where b's boxes began
+    with pytest.raises(ProposalFileError, match="read 0 of 16 bytes of image 'b'"):
+        lazy["b"]

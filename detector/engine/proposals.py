@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from detector.config import Config, ProposalConfig
 from detector.data.voc import ImageRecord
 from detector.engine.run import Stage
 from proposals.compute import compute_proposals_for_images, prepare_parts, proposals_key
-from proposals.store import ProposalFileError, load_proposals, read_npz, read_npz_meta
+from proposals.store import NpzProposals, ProposalFileError, load_proposals, read_npz_meta
 
 __all__ = ["ProposalsStage", "proposal_options"]
 
@@ -37,8 +37,11 @@ def proposal_options(pc: ProposalConfig) -> dict:
             "grid_stride": pc.grid_stride, "grid_aspect_ratios": tuple(pc.grid_aspect_ratios)}
 
 
-class ProposalsStage(Stage[dict]):
+class ProposalsStage(Stage[Mapping[str, np.ndarray]]):
     """Proposals of ``records`` (a split, in order): ``{image_id: ndarray float32 [R, 4] xyxy}``.
+
+    Computed proposals come back as an :class:`~proposals.store.NpzProposals` over the stage's file,
+    which reads an image's boxes when asked, so the stages after it hold no boxes of their own.
 
     Args:
         cfg: the config (``proposals`` section).
@@ -71,7 +74,7 @@ class ProposalsStage(Stage[dict]):
         """Where computed proposals are kept."""
         return self.out_dir / "proposals" / f"{self.split}-{self.key}.npz"
 
-    def load(self) -> dict | None:
+    def load(self) -> Mapping[str, np.ndarray] | None:
         if self.pc.method == "file":
             return None  # reading the file is the build
         if not self.path.is_file() or read_npz_meta(self.path) != proposals_key(self.items, proposal_options(self.pc)):
@@ -79,7 +82,7 @@ class ProposalsStage(Stage[dict]):
         problem = verify(self.path)
         if problem is None:
             try:
-                data = read_npz(self.path)
+                data = NpzProposals(self.path)
             except ProposalFileError as e:
                 problem = str(e)
         if problem is not None:
@@ -87,7 +90,7 @@ class ProposalsStage(Stage[dict]):
             return None
         return data if list(data) == [i for i, _ in self.items] else None
 
-    def build(self) -> dict:
+    def build(self) -> Mapping[str, np.ndarray]:
         if self.pc.method == "file":
             return load_proposals(self.file, [i for i, _ in self.items])
         info, opts = distributed.current(), proposal_options(self.pc)
@@ -100,14 +103,13 @@ class ProposalsStage(Stage[dict]):
             compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers, progress=info.main,
                                          shard=(info.rank, info.world))
             distributed.barrier("proposal shards written")
-        data = compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers,
-                                            progress=True) if info.main else None
+        if info.main:
+            compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers, progress=True)
         distributed.barrier("proposal file written")
+        data = self.load()  # every rank reads the file back, boxes on demand
         if data is None:
-            data = self.load()
-            if data is None:
-                raise RuntimeError(f"{self.path}: rank 0 wrote the proposal file, but this rank cannot read it "
-                                   f"(is output_dir on a filesystem every rank shares?)")
+            raise RuntimeError(f"{self.path}: rank 0 wrote the proposal file, but this rank cannot read it "
+                               f"(is output_dir on a filesystem every rank shares?)")
         return data
 
     def identity(self, value: dict) -> str:
@@ -116,6 +118,6 @@ class ProposalsStage(Stage[dict]):
         return digest(self.key, content_id(self.path))
 
 
-def mean_count(props: dict[str, np.ndarray]) -> float:
+def mean_count(props: Mapping[str, np.ndarray]) -> float:
     """Mean number of proposals per image."""
     return float(np.mean([len(b) for b in props.values()])) if props else 0.0
