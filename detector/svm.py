@@ -427,10 +427,15 @@ class HardNegativeMiner:
         obj = svm_objective(w, b, pos, cache.neg, self.C, self.pos_weight, self.bias)
         z_neg = cache.neg @ w + b  # (Q,)
         easy = z_neg < self.evict_thresh
+        capped = 0  # negatives the count cap drops beyond the spec's eviction by score
         if self.max_cache and int((~easy).sum()) > self.max_cache:  # keep the hardest max_cache
+            capped = int((~easy).sum()) - self.max_cache
             order = torch.argsort(z_neg.masked_fill(easy, float("-inf")), descending=True, stable=True)
             easy = torch.ones_like(easy)
             easy[order[: self.max_cache]] = False
+            log.warning("svm %s (image %d): %d cached negatives scoring above %.2f exceed svm.max_cache %d; "
+                        "the %d lowest-scoring of them are dropped (the spec evicts by score only)",
+                        name, self.num_images, self.max_cache + capped, self.evict_thresh, self.max_cache, capped)
         n_before = cache.neg.shape[0]
         cache.neg = cache.neg[~easy].contiguous()  # (Q', F)
         cache.neg_keys = cache.neg_keys[~easy]  # (Q',)
@@ -438,7 +443,7 @@ class HardNegativeMiner:
         cache.dirty = False
         cache.trained = True
         rec = {**obj, "num_pos": float(pos.shape[0]), "num_neg": float(n_before),
-               "evicted": float(int(easy.sum())), "image": float(self.num_images), "seconds": time.perf_counter() - t0}
+               "evicted": float(int(easy.sum())), "capped": float(capped), "image": float(self.num_images), "seconds": time.perf_counter() - t0}
         cache.history.append(rec)
         log.info("svm %s (image %d): %d pos, %d neg -> objective %.4f (pos %.4f, neg %.4f, reg %.4f), "
                  "evicted %d easy, %.2fs", name, self.num_images, pos.shape[0], n_before, obj["total"],

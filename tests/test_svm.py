@@ -245,3 +245,14 @@ def test_max_cache_keeps_the_hardest_negatives():
     kept = miner.negative_keys(0).tolist()
     scores = neg @ w + b  # the retrain's scores (W has not changed since)
     assert sorted(kept) == sorted(torch.argsort(scores, descending=True)[:5].tolist())
+    assert miner.history(0)[-1]["capped"] == 35.0  # 40 negatives, none evicted by score: 35 by the cap
+
+
+def test_max_cache_drop_is_logged(caplog):
+    g = torch.Generator().manual_seed(0)
+    miner = HardNegativeMiner(1, 3, **{**SPEC, "retrain_every": 10**6, "evict_thresh": -1e9}, max_cache=5,
+                              class_names=["cat"])
+    miner.add_positives(0, torch.randn(6, 3, generator=g) + 3.0)
+    with caplog.at_level("WARNING"):
+        miner.process_image(torch.randn(40, 3, generator=g) - 3.0, torch.ones(40, 1, dtype=torch.bool))
+    assert "svm cat (image 1): 40 cached negatives" in caplog.text and "svm.max_cache 5" in caplog.text
