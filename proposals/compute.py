@@ -28,14 +28,14 @@ import multiprocessing as mp
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from detector.artifacts import digest, remove_stale_temps, verify, write_text
 from proposals.imageio import ImageError, decode_image
 from proposals.selective_search import propose
-from proposals.store import ProposalFileError, read_npz, read_npz_meta, save_proposals
+from proposals.store import NpzProposals, ProposalFileError, merge_proposal_files, read_npz_meta, save_proposals
 
 __all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key", "start_proposal_pool"]
 
@@ -77,12 +77,13 @@ def _run_chunk(task: tuple) -> tuple[int, dict[str, np.ndarray], list[str]]:
     return index, result, problems
 
 
-def _read_checked(path: Path, ids: list[str], what: str) -> dict[str, np.ndarray] | None:
-    """The proposals in ``path`` when it passes its content check and holds exactly ``ids``."""
+def _read_checked(path: Path, ids: list[str], what: str) -> NpzProposals | None:
+    """The proposals in ``path`` (read on demand) when it passes its content check and holds
+    exactly ``ids``."""
     problem = verify(path)
     if problem is None:
         try:
-            data = read_npz(path)
+            data = NpzProposals(path)
         except ProposalFileError as e:
             problem = str(e)
     if problem is not None:
@@ -159,8 +160,11 @@ def compute_proposals_for_images(
     skip_bad_images: bool = False,
     chunk_size: int = 8,
     shard: tuple[int, int] | None = None,
-) -> dict[str, np.ndarray]:
+) -> Mapping[str, np.ndarray]:
     """Proposals for every image, saved to ``out`` (``.npz``), resumable.
+
+    The finished shards stay on disk and the final file is merged from them one at a time, so the
+    memory does not grow with the number of images; the result reads ``out`` on demand.
 
     In a job of several processes, rank 0 first prepares the parts folder (:func:`prepare_parts`),
     then every rank calls this with ``shard=(rank, world)`` and computes only the shards ``n`` with
@@ -178,7 +182,8 @@ def compute_proposals_for_images(
         chunk_size: images per shard (the unit of resumption).
         shard: ``(rank, world)``: compute this rank's shards only (see above).
     Returns:
-        dict id -> ndarray float32 [R, 4] xyxy, in ``items`` order (``{}`` with ``shard``).
+        mapping id -> ndarray float32 [R, 4] xyxy (:class:`~proposals.store.NpzProposals` over
+        ``out``), in ``items`` order (``{}`` with ``shard``).
     Raises:
         ValueError: duplicate ids or bad arguments. ImageError: a bad image (default).
     """
@@ -212,7 +217,7 @@ def compute_proposals_for_images(
                            f"(rank 0 calls prepare_parts first)")
 
     chunks = [[(str(a), Path(b)) for a, b in items[i:i + chunk_size]] for i in range(0, len(items), chunk_size)]
-    results: dict[int, dict[str, np.ndarray]] = {}
+    results: dict[int, int] = {}  # shard -> its number of images (the boxes stay in its file)
     todo = []
     for n, chunk in enumerate(chunks):
         if shard is not None and n % shard[1] != shard[0]:
@@ -221,26 +226,23 @@ def compute_proposals_for_images(
         if path.is_file():
             data = _read_checked(path, [i for i, _ in chunk], "shard")
             if data is not None:
-                results[n] = data
+                results[n] = len(data)
                 continue
         todo.append((n, chunk, path, dict(options), skip_bad_images))
     if results:
         log.info("resuming: %d of %d shards already done", len(results), len(chunks))
 
-    bar = tqdm(total=len(items), initial=sum(len(c) for c in results.values()), unit="img",
-               desc="proposals", disable=not progress)
+    bar = tqdm(total=len(items), initial=sum(results.values()), unit="img", desc="proposals",
+               disable=not progress)
     try:
         for n, data in _run_shards(todo, workers):
-            results[n] = data
+            results[n] = len(data)
             bar.update(len(data))
     finally:
         bar.close()
     if shard is not None:
         return {}
 
-    final: dict[str, np.ndarray] = {}
-    for n in range(len(chunks)):
-        final.update(results[n])
-    save_proposals(out, final, meta=key)
+    merge_proposal_files(out, [parts / f"chunk_{n:06d}.npz" for n in range(len(chunks))], meta=key)
     shutil.rmtree(parts, ignore_errors=True)
-    return final
+    return NpzProposals(out)

@@ -49,6 +49,7 @@ __all__ = [
     "read_npz",
     "NpzProposals",
     "save_proposals",
+    "merge_proposal_files",
     "read_npz_meta",
     "NPZ_FORMAT",
 ]
@@ -401,6 +402,50 @@ def save_proposals(path: str | Path, proposals: Mapping[str, np.ndarray], meta: 
     with atomic_path(p) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=np.array(ids, dtype=str), counts=counts, boxes=boxes.astype(np.float32),
                  format=np.array(NPZ_FORMAT), meta=np.array(str(meta)))
+        f.flush()
+        os.fsync(f.fileno())
+    return p
+
+
+def merge_proposal_files(path: str | Path, parts: Iterable[str | Path], meta: str = "") -> Path:
+    """Concatenate proposal ``.npz`` files (:func:`save_proposals`), in order, into one, atomically.
+
+    The same file as :func:`save_proposals` of the parts' merged mapping, written one part's boxes
+    at a time: the memory is one part's, not the whole list's.
+
+    Args:
+        path: output ``.npz``.
+        parts: the files to merge; their ids must not repeat.
+        meta: free text stored as ``meta``.
+    Raises:
+        ProposalFileError: an unreadable part, or an id in two parts.
+    """
+    p, parts = Path(path), [Path(q) for q in parts]
+    ids: list[str] = []
+    counts: list[np.ndarray] = []
+    for q in parts:
+        lazy = NpzProposals(q)
+        ids += list(lazy)
+        counts.append(lazy._counts)
+    if len(set(ids)) != len(ids):
+        raise ProposalFileError(f"{p}: the parts repeat image ids")
+    count = np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, np.int64)  # (N,)
+    from detector.artifacts import atomic_path
+
+    with atomic_path(p) as tmp, open(tmp, "wb") as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, arr in (("ids", np.array(ids, dtype=str)), ("counts", count)):
+                with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, arr, allow_pickle=False)
+            with zf.open("boxes.npy", "w", force_zip64=True) as m:
+                np.lib.format.write_array_header_1_0(m, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                         "fortran_order": False, "shape": (int(count.sum()), 4)})
+                for q in parts:  # (sum R, 4), one part at a time
+                    with np.load(q, allow_pickle=False) as z:
+                        m.write(np.ascontiguousarray(z["boxes"], dtype="<f4").tobytes())
+            for name, arr in (("format", np.array(NPZ_FORMAT)), ("meta", np.array(str(meta)))):
+                with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, arr, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
     return p

@@ -206,3 +206,27 @@ def test_npz_proposals_bad_files(tmp_path):
     os.truncate(path, path.read_bytes().index(props["b"].tobytes()))  # the file now ends where b's boxes began
     with pytest.raises(ProposalFileError, match="read 0 of 16 bytes of image 'b'"):
         lazy["b"]
+
+
+def test_merge_proposal_files_equals_saving_the_merged_mapping(tmp_path):
+    from proposals.store import merge_proposal_files, read_npz_meta
+
+    rng = np.random.default_rng(5)
+    parts, merged = [], {}
+    for k in range(4):  # the last part is empty of boxes: one image with none
+        part = {f"p{k}_{i}": (rng.random((int(rng.integers(0 if k == 3 else 1, 30)), 4)) * 50).astype(np.float32)
+                for i in range(3 if k < 3 else 1)}
+        merged.update(part)
+        parts.append(save_proposals(tmp_path / f"part{k}.npz", part))
+    out = merge_proposal_files(tmp_path / "all.npz", parts, meta="the key")
+    ref = save_proposals(tmp_path / "ref.npz", merged, meta="the key")
+    got, want = read_npz(out), read_npz(ref)
+    assert list(got) == list(want) == list(merged)
+    for k in merged:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert read_npz_meta(out) == "the key"
+    lazy = NpzProposals(out)
+    np.testing.assert_array_equal(lazy["p2_1"], merged["p2_1"])
+    with pytest.raises(ProposalFileError, match="repeat"):
+        merge_proposal_files(tmp_path / "twice.npz", [parts[0], parts[0]])
+    assert not (tmp_path / "twice.npz").exists()
