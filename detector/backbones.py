@@ -76,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ARCHS = ("zf5", "zf5_bn", "vgg16", "resnet50", "resnet18", "mobilenet_v3")
+WIDTH_ARCHS = ("zf5", "zf5_bn", "resnet18")  # the trunks with a width_mult (detector.config checks it too)
 PROJ_SHRINK = 6.5  # spec §3: window edges move 6.5 px inwards before rounding to a cell
 
 
@@ -456,7 +457,11 @@ class ResNet18C4(_ResNetC4):
     trunk whose ImageNet weights torchvision ships; with levels 6,3,2,1 its pooled width is ZF-5's
     12800.
 
-    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 256, Hs, Ws].
+    ``width_mult`` < 1 gives the same network at CPU width for training from scratch (0.25: 16/32/64
+    channels, 64 at conv5 like ZF-5 x0.25): the same layers, strides and paddings, so the same
+    projection constants; torchvision has no weights for it.
+
+    Input: Tensor[N, 3, H, W], ``input_format = "rgb_imagenet"``. Output: Tensor[N, 256 w, Hs, Ws].
     RF centre of cell m: pixel ``16 m`` (0-based), receptive field 211 px.
     """
 
@@ -464,11 +469,43 @@ class ResNet18C4(_ResNetC4):
     geometry = _resnet18_c4_geometry()
     proj_offset0 = rf_geometry(geometry)[1]  # 0.0
     tail_units = 1  # the last basic block of layer3 (its first one has stride 2)
+    base_channels = (64, 128, 256)
 
-    def __init__(self) -> None:
+    def __init__(self, width_mult: float = 1.0) -> None:
         from torchvision.models import resnet18
 
-        super().__init__(resnet18(weights=None))
+        if not (width_mult > 0 and math.isfinite(width_mult)):
+            raise ValueError(f"ResNet18C4: width_mult must be a positive number, got {width_mult!r}")
+        super().__init__(resnet18(weights=None) if width_mult == 1.0 else _narrow_resnet18_c4(width_mult))
+        self.width_mult = float(width_mult)
+        self.out_channels = self.layer3[-1].bn2.num_features
+
+
+def _narrow_resnet18_c4(width_mult: float) -> nn.Module:
+    """torchvision's ResNet-18 stem and layer1..layer3 with ``width_mult`` times the channels, built
+    from its ``BasicBlock`` and initialised as ``torchvision.models.ResNet`` initialises them (He
+    fan-out for convolutions, BatchNorm at identity)."""
+    from types import SimpleNamespace
+
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    c1, c2, c3 = (max(1, int(round(c * width_mult))) for c in ResNet18C4.base_channels)
+
+    def layer(cin: int, cout: int, stride: int) -> nn.Sequential:
+        down = None if stride == 1 and cin == cout else nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout))
+
+    net = SimpleNamespace(conv1=nn.Conv2d(3, c1, 7, 2, 3, bias=False), bn1=nn.BatchNorm2d(c1), relu=nn.ReLU(inplace=True),
+                          maxpool=nn.MaxPool2d(3, 2, 1), layer1=layer(c1, c1, 1), layer2=layer(c1, c2, 2),
+                          layer3=layer(c2, c3, 2))
+    for part in (net.conv1, net.bn1, net.layer1, net.layer2, net.layer3):
+        for m in part.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+    return net
 
 
 def _mobilenet_v3_c4_geometry() -> tuple[Layer, ...]:
@@ -745,7 +782,8 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", in
     Args:
         arch: "zf5" (spec §1), "zf5_bn" (ZF-5 with BatchNorm for LRN), "vgg16" (conv5_3), "resnet50" or "resnet18" (through layer3), or
             "mobilenet_v3" (MobileNetV3-Large to stride 16).
-        width_mult: channel multiplier, ZF-5 (and zf5_bn) only (must be 1.0 for the torchvision trunks).
+        width_mult: channel multiplier of zf5, zf5_bn and resnet18 (:data:`WIDTH_ARCHS`); 1.0 for the
+            other trunks and for ImageNet weights.
         weights: "none" (random init: spec §1 for ZF-5, torchvision's for the others); "imagenet"
             (torchvision weights API: the torch.hub cache, or a download on a connected machine);
             or a path to a local file holding a state_dict or ``{"backbone": state_dict}``, read
@@ -762,13 +800,15 @@ def build_backbone(arch: str, width_mult: float = 1.0, weights: str = "none", in
         WeightsError: weights that cannot be found, read or matched (the message names the file).
     """
     cls = _arch_class(arch)
-    if arch in ("zf5", "zf5_bn"):
+    if arch in WIDTH_ARCHS:
         model = cls(width_mult)
     else:
         if width_mult != 1.0:
-            raise ValueError(f"backbone {arch}: width_mult must be 1.0 (got {width_mult}); only zf5 "
-                             f"and zf5_bn have CPU-sized variants")
+            raise ValueError(f"backbone {arch}: width_mult must be 1.0 (got {width_mult}); only "
+                             f"{', '.join(WIDTH_ARCHS)} have CPU-sized variants")
         model = cls()
+    if width_mult != 1.0 and weights == "imagenet":
+        raise ValueError(f"backbone {arch}: torchvision's ImageNet weights are for width_mult 1.0 (got {width_mult})")
     if weights == "none":
         model.input_format = resolve_input_format(arch, input_format, None, "weights 'none'")
         return model

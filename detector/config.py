@@ -63,6 +63,8 @@ Arch = Literal["zf5", "zf5_bn", "vgg16", "resnet50", "resnet18", "mobilenet_v3"]
 TAIL_UNITS: dict[str, int] = {"zf5": 3, "zf5_bn": 3, "vgg16": 3, "resnet50": 5, "resnet18": 1, "mobilenet_v3": 5}
 # Smallest input side (px) that leaves each trunk a non-empty conv5 map
 # (detector.backbones.conv5_size; tests/test_config.py checks it). Scales and crop sizes under it fail.
+# The trunks with a width multiplier (detector.backbones.WIDTH_ARCHS; tests/test_config.py checks it).
+WIDTH_ARCHS: tuple[str, ...] = ("zf5", "zf5_bn", "resnet18")
 MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "zf5_bn": 31, "vgg16": 16, "resnet50": 1, "resnet18": 1, "mobilenet_v3": 1}
 
 
@@ -201,7 +203,9 @@ class BackboneConfig:
     # "mobilenet_v3" (MobileNetV3-Large to stride 16: 1.9 GMAC at 688x917 against ZF-5's 15.3, the
     # trunk for speed); resnet18 costs about ZF-5's (17.7 GMAC) but has torchvision ImageNet weights
     arch: Arch = "zf5"
-    width_mult: PosFloat = 1.0  # channel multiplier for ZF-5 (1.0 = the paper's 96/256/384/384/256)
+    # channel multiplier of zf5 / zf5_bn (1.0 = the paper's 96/256/384/384/256) and resnet18 (1.0 =
+    # torchvision's 64/128/256; 0.25 = 16/32/64, a CPU-width ResNet for training from scratch)
+    width_mult: PosFloat = 1.0
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local
     # state_dict file loaded with weights_only=True.
@@ -214,9 +218,12 @@ class BackboneConfig:
 
     def problems(self) -> list[Relation]:
         out: list[Relation] = []
-        if self.arch not in ("zf5", "zf5_bn") and self.width_mult != 1.0:
+        if self.arch not in WIDTH_ARCHS and self.width_mult != 1.0:
             out.append(("width_mult", self.width_mult,
-                        f"1.0 for arch {self.arch!r} (only zf5 and zf5_bn have CPU-sized variants)", ()))
+                        f"1.0 for arch {self.arch!r} (only {', '.join(WIDTH_ARCHS)} have CPU-sized variants)", ()))
+        if self.arch in WIDTH_ARCHS and self.width_mult != 1.0 and self.weights == "imagenet":
+            out.append(("width_mult", self.width_mult,
+                        "1.0 with weights 'imagenet' (torchvision's weights are for the full width)", ("weights",)))
         if self.arch in ("zf5", "zf5_bn") and self.weights == "imagenet":  # detector.backbones._TORCHVISION_WEIGHTS
             out.append(("weights", self.weights,
                         f"'none' or a state_dict file for arch {self.arch!r} (torchvision has no ImageNet ZF-5)", ()))

@@ -131,7 +131,7 @@ def _positive(net: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("arch,height,width,cell", [("zf5", 32, 200, 4), ("zf5_bn", 32, 200, 4), ("vgg16", 16, 208, 6),
                                                     ("resnet50", 16, 288, 9), ("resnet18", 16, 240, 7),
-                                                    ("mobilenet_v3", 16, 304, 9)])
+                                                    ("resnet18_x0.25", 16, 240, 7), ("mobilenet_v3", 16, 304, 9)])
 def test_receptive_field_matches_projection_constants(arch, height, width, cell, tv_nets):
     """Impulses just inside and just outside the predicted receptive field of conv5 column ``cell``.
 
@@ -139,8 +139,9 @@ def test_receptive_field_matches_projection_constants(arch, height, width, cell,
     ``rf_size``; both edges are checked, so centre and size are the trunk's real ones. (On a zero
     image the LRN scales zeros, so ZF-5's field is the 139 px of its convolutions and pools.)
     """
+    arch, _, width_mult = arch.partition("_x")  # "resnet18_x0.25": the CPU-width ResNet-18
     net = _positive(tv_nets[arch] if arch in tv_nets else
-                    build_backbone(arch, width_mult=0.25 if arch.startswith("zf5") else 1.0).eval())
+                    build_backbone(arch, width_mult=float(width_mult or (0.25 if arch.startswith("zf5") else 1.0))).eval())
     centre = net.stride * cell + net.proj_offset0
     half = (rf_size(net.geometry) - 1) / 2
     left, right = int(centre - half), int(centre + half)
@@ -346,3 +347,34 @@ def test_imagenet_weights_through_torchvision_cache(tmp_path, monkeypatch):
     net = build_backbone("resnet50", weights="imagenet")
     for k, v in net.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def test_cpu_width_resnet18_is_torchvisions_network_narrowed():
+    """resnet18 at width_mult 0.25: torchvision's layers with a quarter of the channels (the same
+    parameter names, kernels, strides and paddings, so the same projection constants), torchvision's
+    initialisation, and the prefix/tail split of fine-tuning."""
+    full, narrow = build_backbone("resnet18"), build_backbone("resnet18", width_mult=0.25)
+    assert narrow.out_channels == 64 and narrow.width_mult == 0.25 and full.out_channels == 256
+    assert narrow.geometry == full.geometry and narrow.proj_offset0 == full.proj_offset0 == 0.0
+    fs, ns = full.state_dict(), narrow.state_dict()
+    assert list(fs) == list(ns)  # torchvision's names, in its order
+    for k, v in fs.items():
+        if v.ndim == 4:  # convolutions: a quarter of the channels, the same kernels
+            assert ns[k].shape == (v.shape[0] // 4, v.shape[1] // 4 if v.shape[1] > 3 else 3, *v.shape[2:]), k
+    for (name, m), (_, n) in zip(full.named_modules(), narrow.named_modules()):
+        if isinstance(m, nn.Conv2d):
+            assert (m.kernel_size, m.stride, m.padding) == (n.kernel_size, n.stride, n.padding), name
+            std = (2.0 / (n.out_channels * n.kernel_size[0] * n.kernel_size[1])) ** 0.5  # He, fan-out
+            assert abs(n.weight.std().item() - std) < 0.25 * std, name
+        elif isinstance(m, nn.BatchNorm2d):
+            assert torch.all(n.weight == 1) and torch.all(n.bias == 0), name
+    narrow.eval()
+    with torch.no_grad():
+        for h, w in ((33, 47), (100, 171)):
+            assert narrow(torch.zeros(1, 3, h, w)).shape == (1, 64, conv5_size("resnet18", h), conv5_size("resnet18", w))
+        x = torch.rand(1, 3, 64, 80)
+        torch.testing.assert_close(narrow.forward_tail(narrow.forward_prefix(x, 1), 1), narrow(x))
+    with pytest.raises(ValueError, match="width_mult must be 1.0"):
+        build_backbone("mobilenet_v3", width_mult=0.5)
+    with pytest.raises(ValueError, match="ImageNet weights are for width_mult 1.0"):
+        build_backbone("resnet18", width_mult=0.25, weights="imagenet")

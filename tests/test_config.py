@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from detector.config import (
-    MIN_INPUT_SIDE, PACKAGED_CONFIGS, TAIL_UNITS, Config, ConfigError, check_config, config_from_dict, load_config,
+    MIN_INPUT_SIDE, PACKAGED_CONFIGS, TAIL_UNITS, WIDTH_ARCHS, Config, ConfigError, check_config, config_from_dict, load_config,
     packaged_configs, resolve_config_path, save_config,
 )
 
@@ -157,6 +157,8 @@ BAD_VALUES = [
     ("backbone.width_mult=.nan", "backbone.width_mult must be a finite number, got nan"),
     (["backbone.arch=vgg16", "backbone.width_mult=0.5"], "backbone.width_mult must be 1.0 for arch 'vgg16'"),
     (["backbone.arch=resnet50", "backbone.width_mult=2"], "backbone.width_mult must be 1.0 for arch 'resnet50'"),
+    (["backbone.arch=resnet18", "backbone.width_mult=0.25", "backbone.weights=imagenet"],
+     "backbone.width_mult must be 1.0 with weights 'imagenet'"),
     ("backbone.weights=", "backbone.weights must be non-empty"),
     ("backbone.weights=imagenet", "backbone.weights must be 'none' or a state_dict file for arch 'zf5'"),
     # pretrain
@@ -352,6 +354,7 @@ def test_trunk_tables_match_the_backbones():
 
     archs = typing.get_args(typing.get_type_hints(BackboneConfig)["arch"])
     assert set(TAIL_UNITS) == set(MIN_INPUT_SIDE) == set(archs)
+    assert WIDTH_ARCHS == backbones.WIDTH_ARCHS
     for arch in archs:
         assert TAIL_UNITS[arch] == backbones._arch_class(arch).tail_units, arch
         side = MIN_INPUT_SIDE[arch]
