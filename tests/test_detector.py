@@ -226,3 +226,19 @@ def test_windows_that_pool_the_same_cells_are_scored_once(det, photos):
     torch.testing.assert_close(out["scores"], ref["scores"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["boxes"], ref["boxes"], rtol=1e-5, atol=1e-4)
     assert len(out["scores"]) > 0
+
+
+def test_cpu_width_resnet18_detector_saves_and_loads(tmp_path):
+    """A detector on the CPU-width ResNet-18 comes back from its checkpoint with the same width and
+    the same detections."""
+    from detector.detector import SPPDetector
+
+    det = random_detector(width_mult=0.25, fc_dim=16, num_classes=2, scales=(96,), arch="resnet18")
+    det.save(tmp_path / "m.pt")
+    back = SPPDetector.load(tmp_path / "m.pt")
+    assert back.backbone.out_channels == 64 and back.width_mult == 0.25 and back.arch == "resnet18"
+    img = (torch.rand(90, 120, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    boxes = torch.tensor([[0.0, 0.0, 60.0, 50.0], [30.0, 20.0, 110.0, 88.0], [5.0, 40.0, 45.0, 85.0]])
+    a, b = det.detect(img, proposals=boxes), back.detect(img, proposals=boxes)
+    for k in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=0, atol=0)

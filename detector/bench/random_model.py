@@ -30,7 +30,7 @@ def random_detector(
     device: str | torch.device = "cpu",
     arch: str = "zf5",
 ) -> "SPPDetector":
-    """A random-weight SPPDetector (ZF-5 unless ``arch`` says otherwise; width_mult is ZF-5's) for
+    """A random-weight SPPDetector (ZF-5 unless ``arch`` says otherwise; width_mult for the trunks that take it) for
     timing only (timing does not depend on weights).
 
     Backbone with the spec §1 init, fc6/fc7 of width ``fc_dim`` and SPP ``levels`` (default: the
