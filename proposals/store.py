@@ -243,6 +243,25 @@ def read_detectron2_pkl(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- .npz
+def _read_npz_arrays(p: Path, with_boxes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``ids``, ``counts`` and (``with_boxes``) ``boxes`` of a project ``.npz``, its members and
+    format checked."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = set(z.files)
+            if not {"ids", "counts", "boxes"} <= files:
+                raise ProposalFileError(f"{p}: not a proposal .npz (needs ids, counts, boxes; has {sorted(files)})")
+            fmt = str(z["format"]) if "format" in files else NPZ_FORMAT
+            ids, counts, boxes = z["ids"], z["counts"], (z["boxes"] if with_boxes else None)
+    except ProposalFileError:
+        raise
+    except Exception as e:
+        raise ProposalFileError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if fmt != NPZ_FORMAT:
+        raise ProposalFileError(f"{p}: unknown format {fmt!r} (expected {NPZ_FORMAT!r})")
+    return ids, counts, boxes
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read a proposal file written by :func:`save_proposals`.
 
@@ -252,20 +271,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         ProposalFileError: unreadable file or a different layout.
     """
     p = Path(path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            files = set(z.files)
-            if not {"ids", "counts", "boxes"} <= files:
-                raise ProposalFileError(f"{p}: not a proposal .npz (needs ids, counts, boxes; "
-                                        f"has {sorted(files)})")
-            fmt = str(z["format"]) if "format" in files else NPZ_FORMAT
-            ids, counts, boxes = z["ids"], z["counts"], z["boxes"]
-    except ProposalFileError:
-        raise
-    except Exception as e:
-        raise ProposalFileError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
-    if fmt != NPZ_FORMAT:
-        raise ProposalFileError(f"{p}: unknown format {fmt!r} (expected {NPZ_FORMAT!r})")
+    ids, counts, boxes = _read_npz_arrays(p, with_boxes=True)
     boxes = _check_boxes(boxes, str(p))
     if len(ids) != len(counts) or int(counts.sum()) != len(boxes):
         raise ProposalFileError(f"{p}: ids ({len(ids)}), counts (sum {int(counts.sum())}) and "
@@ -293,20 +299,14 @@ class NpzProposals(Mapping[str, np.ndarray]):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         p = self.path
+        ids, counts, _ = _read_npz_arrays(p, with_boxes=False)
+        counts = np.asarray(counts, dtype=np.int64)
         try:
-            with np.load(p, allow_pickle=False) as z:
-                files = set(z.files)
-                if not {"ids", "counts", "boxes"} <= files:
-                    raise ProposalFileError(f"{p}: not a proposal .npz (needs ids, counts, boxes; has {sorted(files)})")
-                fmt = str(z["format"]) if "format" in files else NPZ_FORMAT
-                ids, counts = z["ids"], np.asarray(z["counts"], dtype=np.int64)
             self._data_offset, shape, dtype = _stored_array(p, "boxes.npy")
         except ProposalFileError:
             raise
         except Exception as e:
             raise ProposalFileError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
-        if fmt != NPZ_FORMAT:
-            raise ProposalFileError(f"{p}: unknown format {fmt!r} (expected {NPZ_FORMAT!r})")
         if dtype != np.dtype("<f4") or len(shape) != 2 or shape[1] != 4:
             raise ProposalFileError(f"{p}: boxes must be float32 [sum R, 4], got {dtype} {shape}")
         if len(ids) != len(counts) or int(counts.sum()) != shape[0] or (counts < 0).any():
