@@ -204,7 +204,10 @@ class BackboneConfig:
     # trunk for speed); resnet18 costs about ZF-5's (17.7 GMAC) but has torchvision ImageNet weights
     arch: Arch = "zf5"
     # channel multiplier of zf5 / zf5_bn (1.0 = the paper's 96/256/384/384/256) and resnet18 (1.0 =
-    # torchvision's 64/128/256; 0.25 = 16/32/64, a CPU-width ResNet for training from scratch)
+    # torchvision's 64/128/256; 0.25 = 16/32/64, a CPU-width ResNet for training from scratch). With
+    # the digits config (finetune.conv_layers 1) resnet18 at 0.25 pre-trains to held-out top-1 error
+    # 0.298 (zf5 0.188) but its fine-tuned head never leaves all-background (validation error 0.25
+    # throughout): held-out mAP 0.0024 against zf5's 0.737 (BENCHMARKS.md peers_train); no config uses it
     width_mult: PosFloat = 1.0
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local
