@@ -288,8 +288,9 @@ class NpzProposals(Mapping[str, np.ndarray]):
     xyxy that reads each image's boxes from the file when asked (one ``pread``), in file order.
 
     Only ``ids`` and ``counts`` are held ([N] each), so the memory does not grow with the boxes.
-    Each read is checked like :func:`read_npz` checks the whole file (shape, NaN/inf). The file
-    descriptor is opened on first use in each process, so the mapping can be pickled to workers.
+    Each read is checked like :func:`read_npz` checks the whole file (shape, NaN/inf). The file is
+    held open; a copy pickled to another process opens it again there and refuses a file that was
+    replaced or changed since it was indexed (its inode, size and time).
 
     Raises:
         ProposalFileError: unreadable file, another layout, or ``boxes`` stored compressed (use
@@ -320,6 +321,8 @@ class NpzProposals(Mapping[str, np.ndarray]):
         self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
         self._fd: int | None = None
         self._pid = -1
+        self._stat = self._signature(os.stat(p))
+        self._open()  # now, so that a file replaced later is not read with this one's offsets
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_pid": -1}
@@ -337,10 +340,23 @@ class NpzProposals(Mapping[str, np.ndarray]):
     def __contains__(self, key: object) -> bool:
         return key in self._index
 
+    @staticmethod
+    def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _open(self) -> None:
+        """Open the file in this process; refuse a file that is no longer the one indexed."""
+        fd = os.open(self.path, os.O_RDONLY)
+        if self._signature(os.fstat(fd)) != self._stat:
+            os.close(fd)
+            raise ProposalFileError(f"{self.path}: the file changed after it was read (another run wrote it?); "
+                                    f"load it again")
+        self._fd, self._pid = fd, os.getpid()
+
     def __getitem__(self, key: str) -> np.ndarray:
         k = self._index[key]  # KeyError for an unknown id, as a dict
         if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            self._open()
         out = np.empty((int(self._counts[k]), 4), dtype="<f4")  # (R, 4)
         want = out.nbytes
         got = os.preadv(self._fd, [memoryview(out).cast("B")], self._data_offset + int(self._starts[k]) * 16) if want else 0

@@ -177,6 +177,13 @@ def test_npz_proposals_reads_each_image_on_demand(tmp_path):
     np.testing.assert_array_equal(lazy["im1"], props["im1"])
     again = pickle.loads(pickle.dumps(lazy))  # workers get the path, not an open descriptor
     np.testing.assert_array_equal(again["im7"], props["im7"])
+    copy = pickle.loads(pickle.dumps(lazy))
+    props2 = {k: v + 1 for k, v in props.items()}
+    save_proposals(path, props2)  # another run replaces the file: the open mapping keeps its file
+    np.testing.assert_array_equal(lazy["im7"], props["im7"])
+    with pytest.raises(ProposalFileError, match="changed after it was read"):
+        copy["im7"]  # a copy that opens the path now would read the new file with the old offsets
+    np.testing.assert_array_equal(NpzProposals(path)["im7"], props2["im7"])
 
 
 def test_npz_proposals_bad_files(tmp_path):
