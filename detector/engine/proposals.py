@@ -103,13 +103,14 @@ class ProposalsStage(Stage[Mapping[str, np.ndarray]]):
             compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers, progress=info.main,
                                          shard=(info.rank, info.world))
             distributed.barrier("proposal shards written")
-        if info.main:
-            compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers, progress=True)
+        data = compute_proposals_for_images(self.items, self.path, opts, workers=self.pc.workers,
+                                            progress=True) if info.main else None  # reads the file on demand
         distributed.barrier("proposal file written")
-        data = self.load()  # every rank reads the file back, boxes on demand
         if data is None:
-            raise RuntimeError(f"{self.path}: rank 0 wrote the proposal file, but this rank cannot read it "
-                               f"(is output_dir on a filesystem every rank shares?)")
+            data = self.load()
+            if data is None:
+                raise RuntimeError(f"{self.path}: rank 0 wrote the proposal file, but this rank cannot read it "
+                                   f"(is output_dir on a filesystem every rank shares?)")
         return data
 
     def identity(self, value: dict) -> str:
