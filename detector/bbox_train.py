@@ -5,9 +5,10 @@ Shape shorthand:
     D: pooled conv5 width (C*B)   M: D + 1 (the bias column)
 
 Samples (spec §8): every window of a training image (GT boxes included) with IoU > ``min_iou`` to
-its best ground-truth box, assigned to that box's class, with that box as its target. Their pooled
-conv5 features are D floats each (51 KB for ZF-5), so the samples of a VOC-sized set do not fit in
-memory. They go to disk instead, one file per image:
+its best ground-truth box, assigned to that box's class, with that box as its target; optionally
+(``bbox_reg.jitter_per_gt``, a deviation) also boxes drawn around each GT box (:func:`jitter_gt`),
+kept by the same rule. Their pooled conv5 features are D floats each (51 KB for ZF-5), so the
+samples of a VOC-sized set do not fit in memory. They go to disk instead, one file per image:
 
 1. **Collect** (:func:`collect_samples`): each process pools the samples of its share of the images
    and writes ``<folder>/<image index>.npz`` atomically (``x<c>``, ``p<c>``, ``t<c>`` per class c:
@@ -46,7 +47,7 @@ from detector.train_items import candidates
 if TYPE_CHECKING:
     from detector.train_items import TrainItem
 
-__all__ = ["collect_samples", "fit_from_samples", "train_box_regressors"]
+__all__ = ["jitter_gt", "collect_samples", "fit_from_samples", "train_box_regressors"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,39 @@ def _read_counts(path: Path, num_classes: int) -> np.ndarray | None:
     return counts.astype(np.int64)
 
 
+def jitter_gt(gt: Tensor, n: int, sigma: float, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """``n`` boxes drawn around each ground-truth box, clipped to the image.
+
+    Each box moves its centre by ``sigma * w * N(0, 1)`` horizontally and ``sigma * h * N(0, 1)``
+    vertically and scales its width and height by ``exp(sigma * N(0, 1))`` (independent draws, in
+    the order GT box, sample, then (dx, dy, dw, dh)), the inverse of :func:`detector.bbox_reg.encode`
+    with Gaussian deltas. Samples whose IoU with a GT box is too low are left to the caller's filter.
+
+    Args:
+        gt (Tensor[G, 4]): xyxy ground-truth boxes, image pixels.
+        n: samples per box.
+        sigma: standard deviation of the deltas.
+        height, width: image size; boxes are clipped to ``[0, width] x [0, height]``.
+        generator: the source of the draws (seeded by the caller, so samples are reproducible).
+    Returns:
+        Tensor[G * n, 4] float32 xyxy: box g's samples are rows ``g * n`` to ``g * n + n - 1``.
+    """
+    gt = gt.to(torch.float32).reshape(-1, 4)  # (G, 4)
+    if n == 0 or gt.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    d = torch.randn((gt.shape[0], n, 4), generator=generator, dtype=torch.float32) * sigma  # (G, n, 4)
+    w = (gt[:, 2] - gt[:, 0])[:, None]  # (G, 1)
+    h = (gt[:, 3] - gt[:, 1])[:, None]
+    cx = (gt[:, 0] + gt[:, 2])[:, None] * 0.5 + d[..., 0] * w  # (G, n)
+    cy = (gt[:, 1] + gt[:, 3])[:, None] * 0.5 + d[..., 1] * h
+    hw = 0.5 * w * torch.exp(d[..., 2])  # (G, n)
+    hh = 0.5 * h * torch.exp(d[..., 3])
+    out = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=-1).reshape(-1, 4)  # (G*n, 4)
+    out[:, 0::2] = out[:, 0::2].clamp(0, width)
+    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    return out
+
+
 def collect_samples(
     items: Sequence["TrainItem"],
     load_pyramid: Callable[["TrainItem"], Conv5Pyramid],
@@ -82,6 +116,9 @@ def collect_samples(
     min_iou: float,
     folder: str | Path,
     progress: bool = True,
+    jitter: int = 0,
+    jitter_sigma: float = 0.1,
+    seed: int = 0,
 ) -> np.ndarray:
     """Pool every image's regression samples and write them to ``folder`` (one file per image).
 
@@ -94,6 +131,9 @@ def collect_samples(
         pool_scale: the spec §8 scale applied to the pooled features.
         min_iou: a window is a sample when its IoU with its best GT box is above this.
         folder: where the per-image files go (shared by the processes of a job).
+        jitter, jitter_sigma: ``jitter`` boxes per GT box from :func:`jitter_gt`, appended to the
+            image's windows and kept by the same IoU rule; image ``i`` draws them from a generator
+            seeded with ``(seed, i)``, so they do not depend on how images are split across processes.
     Returns:
         ndarray[len(items), K] int64: samples per image and class, on every rank.
     Raises:
@@ -116,6 +156,10 @@ def collect_samples(
         counts = np.zeros(num_classes, dtype=np.int64)
         if item.gt_boxes.shape[0]:
             cand = candidates(item)  # (G+R, 4)
+            if jitter:
+                g = torch.Generator().manual_seed(_image_seed(seed, i))
+                extra = jitter_gt(item.gt_boxes, jitter, jitter_sigma, item.record.height, item.record.width, g)
+                cand = torch.cat([cand, extra])  # (G+R+G*jitter, 4)
             best, arg = pairwise_iou(cand, item.gt_boxes).max(dim=1)  # (G+R,)
             keep = torch.nonzero(best > min_iou).flatten()
             if keep.numel():
@@ -138,6 +182,11 @@ def collect_samples(
     for part in distributed.all_gather(mine):
         mine.update(part)
     return np.stack([mine[i] for i in range(len(items))]) if items else np.zeros((0, num_classes), np.int64)
+
+
+def _image_seed(seed: int, i: int) -> int:
+    """A 63-bit seed for image ``i`` of a run seeded with ``seed`` (distinct pairs, distinct seeds)."""
+    return (seed * 1_000_003 + i) % (1 << 63)
 
 
 class _ClassSamples:
@@ -316,7 +365,8 @@ def train_box_regressors(
     """
     folder = Path(folder)
     counts = collect_samples(items, load_pyramid, levels, proj, num_classes, pool_scale, params.min_iou, folder,
-                             progress=progress)
+                             progress=progress, jitter=params.jitter_per_gt, jitter_sigma=params.jitter_sigma,
+                             seed=seed)
     if counts.sum() == 0:
         raise RuntimeError(f"no box-regression samples: no window overlaps a ground-truth box by IoU > "
                            f"{params.min_iou:.2f}")

@@ -6,6 +6,7 @@ The reference stacks each class's samples in image order, draws the same subset,
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from detector.bbox_reg import fit_box_regressors
-from detector.bbox_train import collect_samples, fit_from_samples, train_box_regressors
+from detector.bbox_train import _image_seed, collect_samples, fit_from_samples, jitter_gt, train_box_regressors
 from detector.boxes import pairwise_iou
 from detector.config import BBoxRegConfig
 from detector.data.records import ImageRecord
@@ -46,8 +47,12 @@ def _setup(n_items: int = 3, seed: int = 0):
 def _reference(items, load, params: BBoxRegConfig, seed: int, pool_scale: float):
     """Every sample stacked in memory, in image order, then the in-memory fit (the slow reference)."""
     X, P, T = ([[] for _ in range(K)] for _ in range(3))
-    for it in items:
+    for i, it in enumerate(items):
         cand = torch.cat([it.gt_boxes, it.proposals])
+        if params.jitter_per_gt:
+            g_i = torch.Generator().manual_seed(_image_seed(seed, i))
+            cand = torch.cat([cand, jitter_gt(it.gt_boxes, params.jitter_per_gt, params.jitter_sigma,
+                                              it.record.height, it.record.width, g_i)])
         for r in range(cand.shape[0]):  # window by window
             iou = pairwise_iou(cand[r:r + 1], it.gt_boxes)[0]
             best = int(iou.argmax())
@@ -84,6 +89,44 @@ def test_streamed_fit_equals_the_in_memory_fit(tmp_path, cap):
     torch.testing.assert_close(w[:, 0:4], wr[:, 0:4], rtol=1e-6, atol=1e-9)  # primal: chunked sums
     assert torch.equal(reg.weight[:, 8:12], torch.zeros(21, 4))  # no samples, no regressor
     assert not (tmp_path / "s").exists()  # the scratch samples are removed once fitted
+
+
+def test_jitter_gt_equals_a_reference_loop():
+    """Box by box with Python floats: centre + sigma*N*w, half-size * exp(sigma*N), clipped."""
+    gt = torch.tensor([[10.0, 20.0, 50.0, 100.0], [0.0, 0.0, 30.0, 30.0]])
+    n, sigma, H, W = 5, 0.3, 90, 60
+    out = jitter_gt(gt, n, sigma, H, W, torch.Generator().manual_seed(3))
+    d = torch.randn((2, n, 4), generator=torch.Generator().manual_seed(3)) * sigma  # the same draws
+    assert out.shape == (2 * n, 4) and out.dtype == torch.float32
+    for g in range(2):
+        x1, y1, x2, y2 = gt[g].tolist()
+        w, h = x2 - x1, y2 - y1
+        for s in range(n):
+            dx, dy, dw, dh = d[g, s].tolist()
+            cx, cy = (x1 + x2) / 2 + dx * w, (y1 + y2) / 2 + dy * h
+            hw, hh = w / 2 * math.exp(dw), h / 2 * math.exp(dh)
+            want = [min(max(cx - hw, 0), W), min(max(cy - hh, 0), H), min(max(cx + hw, 0), W), min(max(cy + hh, 0), H)]
+            torch.testing.assert_close(out[g * n + s], torch.tensor(want), rtol=1e-5, atol=1e-4)
+    assert bool((out[:, 0::2] <= W).all()) and bool((out[:, 1::2] <= H).all()) and bool((out >= 0).all())
+    assert (out[:, 3] == H).any() or (out[:, 1] == 0).any()  # sigma 0.3 on a box at the border: some clip
+    assert jitter_gt(gt, 0, sigma, H, W, torch.Generator()).shape == (0, 4)
+    assert jitter_gt(gt[:0], 4, sigma, H, W, torch.Generator()).shape == (0, 4)
+
+
+def test_jittered_samples_join_the_fit_like_proposals(tmp_path):
+    """jitter_per_gt adds samples kept by the same IoU rule; the streamed fit equals the reference
+    that appends the same jittered boxes to each image's windows."""
+    items, load = _setup()
+    params = BBoxRegConfig(lam=10.0, jitter_per_gt=6, jitter_sigma=0.15)
+    ref, samples = _reference(items, load, params, seed=5, pool_scale=2.0)
+    base = collect_samples(items, load, LEVELS, PROJ, K, 2.0, params.min_iou, tmp_path / "a", progress=False)
+    more = collect_samples(items, load, LEVELS, PROJ, K, 2.0, params.min_iou, tmp_path / "b", progress=False,
+                           jitter=6, jitter_sigma=0.15, seed=5)
+    assert (more[:, :2] > base[:, :2]).all() and (more[:, :2] <= base[:, :2] + 6).all()
+    assert samples[1][0].shape[0] == int(more[:, 1].sum())
+    reg = train_box_regressors(items, load, LEVELS, PROJ, K, 2.0, params, seed=5, folder=tmp_path / "s",
+                               progress=False)
+    torch.testing.assert_close(reg.weight.double(), ref.weight.double(), rtol=1e-6, atol=1e-9)
 
 
 def test_chunk_size_changes_only_rounding(tmp_path):

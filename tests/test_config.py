@@ -250,6 +250,8 @@ BAD_VALUES = [
     ("bbox_reg.min_iou=1", "bbox_reg.min_iou must be in [0, 1)"),
     ("bbox_reg.whiten_eps=0", "bbox_reg.whiten_eps must be > 0"),
     ("bbox_reg.max_per_class=-1", "bbox_reg.max_per_class must be >= 0"),
+    ("bbox_reg.jitter_per_gt=-2", "bbox_reg.jitter_per_gt must be >= 0"),
+    ("bbox_reg.jitter_sigma=0", "bbox_reg.jitter_sigma must be > 0"),
     # test
     ("test.nms=-1", "test.nms must be in [0, 1], got -1.0"),
     ("test.nms=2", "test.nms must be in [0, 1], got 2.0"),
