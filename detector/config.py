@@ -65,6 +65,8 @@ TAIL_UNITS: dict[str, int] = {"zf5": 3, "zf5_bn": 3, "vgg16": 3, "resnet50": 5, 
 # (detector.backbones.conv5_size; tests/test_config.py checks it). Scales and crop sizes under it fail.
 # The trunks with a width multiplier (detector.backbones.WIDTH_ARCHS; tests/test_config.py checks it).
 WIDTH_ARCHS: tuple[str, ...] = ("zf5", "zf5_bn", "resnet18")
+# The trunks with BatchNorm layers (detector.bn_stats.batchnorm_layers; tests/test_bn_stats.py checks it).
+BN_ARCHS: tuple[str, ...] = ("zf5_bn", "resnet50", "resnet18", "mobilenet_v3")
 MIN_INPUT_SIDE: dict[str, int] = {"zf5": 31, "zf5_bn": 31, "vgg16": 16, "resnet50": 1, "resnet18": 1, "mobilenet_v3": 1}
 
 
@@ -275,6 +277,11 @@ class PretrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     eval_min_side: PosInt = 48  # own-size evaluation: shorter sides under this (px) are enlarged to it
     workers: PosInt = 4  # threads decoding images of an ImageNet-layout data.root (train/, val/)
+    # Trunks with BatchNorm (BN_ARCHS): after pre-training, re-estimate the BatchNorm running
+    # statistics on this many whole training images at features.train_scales (stage "bnstats",
+    # detector/bn_stats.py); 0 = keep the crops' statistics. The crops' statistics do not fit whole
+    # images (digits, ResNet-18 x0.25: whole-image variance 0.41-0.64 of the crops' per layer).
+    bn_images: Count = 0
 
 
 @dataclass(frozen=True)
@@ -468,6 +475,14 @@ class Config:
         arch = self.backbone.arch
         out: list[Relation] = []
         n_tail = TAIL_UNITS[arch]
+        if self.pretrain.bn_images:
+            if arch not in BN_ARCHS:
+                out.append(("pretrain.bn_images", self.pretrain.bn_images,
+                            f"0 for backbone.arch {arch!r} (it has no BatchNorm layers; {', '.join(BN_ARCHS)} have)", ()))
+            elif not (self.pretrain.enabled and self.backbone.weights == "none"):
+                out.append(("pretrain.bn_images", self.pretrain.bn_images,
+                            "0 unless pretrain.enabled with backbone.weights 'none' (it re-estimates the statistics "
+                            "of a trunk pre-trained on crops)", ("pretrain.enabled", "backbone.weights")))
         if not 0 <= self.finetune.conv_layers <= n_tail:
             out.append(("finetune.conv_layers", self.finetune.conv_layers,
                         f"in 0..{n_tail} (the stride-16 conv units of backbone.arch {arch!r})", ()))

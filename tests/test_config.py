@@ -185,6 +185,7 @@ BAD_VALUES = [
     ("pretrain.eval_min_side=0", "pretrain.eval_min_side must be >= 1"),
     ("pretrain.eval_min_side=16", "pretrain.eval_min_side must be >= 31 px"),
     ("pretrain.workers=0", "pretrain.workers must be >= 1"),
+    ("pretrain.bn_images=-1", "pretrain.bn_images must be >= 0"),
     # features
     ("features.train_scales=[-100]", "features.train_scales[0] must be >= 1, got -100"),
     ("features.train_scales=[]", "features.train_scales must be non-empty"),

@@ -1,6 +1,6 @@
 """``train(cfg)``: the SPP-net detector's training flow, as a chain of keyed stages.
 
-    proposals -> pretrain -> cache -> finetune -> stats -> svm -> bbox -> model
+    proposals -> pretrain [-> bnstats] -> cache -> finetune -> stats -> svm -> bbox -> model
 
 =========  ====================================================================  ===================
 stage      what it makes (spec section)                                         where it lives
@@ -8,6 +8,8 @@ stage      what it makes (spec section)                                         
 proposals  windows of every training image (§9)                                 proposals/<split>-<key>.npz
 pretrain   the trunk's weights: as configured, or a multi-size SPP classifier    pretrain/classifier.pt
            trained on crops (§1, paper §3)
+bnstats    only with pretrain.bn_images: the trunk's BatchNorm statistics       pretrain/trunk_bn.pt
+           re-estimated on whole training images (detector.bn_stats)
 cache      conv5 maps of every training image at every training scale (§2)      conv5_cache/
 finetune   fc6/fc7 (+ optionally the trunk's last conv units) on windows (§6)   finetune/head.pt
 stats      fc7 and pool5 feature scales (mean L2 norm 20, §7-8)                 stats/stats.pt
@@ -43,6 +45,7 @@ from detector.detector import DetectParams, SPPDetector
 from detector.engine.data import TrainingData, training_data
 from detector.engine.pretrain import PretrainStage
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
+from detector.engine.recalibrate import BatchNormStage
 from detector.engine.run import Output, Run, Stage, StopAfter, peak_memory_mb
 from detector.feature_stats import feature_norm_scales
 from detector.finetune import CachedWindows, TunedTailWindows, finetune
@@ -56,7 +59,7 @@ __all__ = ["train", "TRAIN_STAGES", "detect_params"]
 
 log = logging.getLogger(__name__)
 
-TRAIN_STAGES = ("proposals", "pretrain", "cache", "finetune", "stats", "svm", "bbox", "model")
+TRAIN_STAGES = ("proposals", "pretrain", "bnstats", "cache", "finetune", "stats", "svm", "bbox", "model")
 
 
 def detect_params(cfg: Config) -> DetectParams:
@@ -457,6 +460,8 @@ def train(cfg: Config, stop_after: str | None = None, argv: Sequence[str] | None
                                          cfg.proposals.train_file))
         log.info("proposals: %.0f per image on average", mean_count(props.value))
         weights = run.stage(PretrainStage(cfg, data, run.out))
+        if cfg.pretrain.bn_images:
+            weights = run.stage(BatchNormStage(cfg, data, weights, run.out))
         items = (make_items(data.finetune, props.value, flips=cfg.data.use_flipped)
                  + make_items(data.held_out, props.value, flips=False) + make_items(data.train, props.value, flips=False))
         cache = run.stage(Conv5CacheStage(cfg, weights, items, run.out))
