@@ -62,22 +62,29 @@ class ArtifactError(RuntimeError):
     """A file that cannot be used: damaged, unreadable, or of the wrong kind; names the file."""
 
 
-def jsonable(x: Any) -> Any:
-    """Plain JSON-able form of config sections, paths, tuples and dicts (for keys and reports)."""
+# Metadata flag of a config field added after runs existed whose default keeps the old behaviour:
+# at that default the field is left out of stage keys (:func:`digest`), so those runs stay valid.
+KEYLESS_AT_DEFAULT = "keyless_at_default"
+
+
+def jsonable(x: Any, for_key: bool = False) -> Any:
+    """Plain JSON-able form of config sections, paths, tuples and dicts (for keys and reports).
+    With ``for_key``, fields flagged :data:`KEYLESS_AT_DEFAULT` are left out while at their default."""
     if hasattr(x, "__dataclass_fields__"):
-        return {k: jsonable(getattr(x, k)) for k in x.__dataclass_fields__}
+        return {k: jsonable(getattr(x, k), for_key) for k, f in x.__dataclass_fields__.items()
+                if not (for_key and f.metadata.get(KEYLESS_AT_DEFAULT) and getattr(x, k) == f.default)}
     if isinstance(x, Path):
         return str(x)
     if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
+        return [jsonable(v, for_key) for v in x]
     if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, for_key) for k, v in x.items()}
     return x
 
 
 def digest(*parts: Any) -> str:
     """Stable short hash (16 hex digits) of JSON-able parts: dataclasses, paths, lists, dicts."""
-    text = json.dumps(jsonable(list(parts)), sort_keys=True)
+    text = json.dumps(jsonable(list(parts), for_key=True), sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -118,6 +118,12 @@ DEVICE = Rule(lambda v: re.fullmatch(r"cpu|cuda|cuda:\d+|auto", v) is not None,
               "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available, else CPU)")
 
 PosInt = Annotated[int, at_least(1)]
+def added(default: Any) -> Any:
+    """A field added after runs existed, whose ``default`` keeps the old behaviour: at that default
+    it is left out of stage keys (detector.artifacts.KEYLESS_AT_DEFAULT), so the runs stay valid."""
+    return field(default=default, metadata={"keyless_at_default": True})
+
+
 Count = Annotated[int, at_least(0)]  # where 0 is special ("all", "off"), the field's comment says so
 Seed = Annotated[int, between(0, 2**32 - 1)]  # the range numpy's legacy seeding takes (detector.engine.run.setup_torch)
 PosFloat = Annotated[float, above(0)]
@@ -281,7 +287,7 @@ class PretrainConfig:
     # statistics on this many whole training images at features.train_scales (stage "bnstats",
     # detector/bn_stats.py); 0 = keep the crops' statistics. The crops' statistics do not fit whole
     # images (digits, ResNet-18 x0.25: whole-image variance 0.41-0.64 of the crops' per layer).
-    bn_images: Count = 0
+    bn_images: Count = added(0)
 
 
 @dataclass(frozen=True)
@@ -420,8 +426,8 @@ class BBoxRegConfig:
     # jitter_sigma x its width/height, log width/height by jitter_sigma, both Gaussian), kept like
     # the proposals when IoU > min_iou; 0 = none (spec §8: proposals and GT boxes only). Deviation
     # option for tight boxes where proposals rarely reach IoU 0.7 (BCCD recall@0.7 0.57).
-    jitter_per_gt: Count = 0
-    jitter_sigma: PosFloat = 0.1
+    jitter_per_gt: Count = added(0)
+    jitter_sigma: PosFloat = added(0.1)
 
 
 @dataclass(frozen=True)

@@ -460,3 +460,19 @@ def test_custom_config_is_neutral_and_its_imagenet_block_loads(tmp_path: Path):
     assert (net.backbone.arch, net.backbone.weights, net.pretrain.enabled) == ("resnet50", "imagenet", False)
     assert net.features.target_side == 208 and net.finetune == scratch.finetune and net.test == scratch.test
     assert load_config(p, ["backbone.arch=vgg16", "data.format=coco"]).backbone.arch == "vgg16"
+
+
+def test_fields_added_at_their_default_leave_stage_keys_unchanged():
+    """A field flagged with config.added() is left out of digests while at its default, so runs made
+    before it existed keep their keys; set to anything else it counts. Reports keep every field."""
+    from detector.artifacts import KEYLESS_AT_DEFAULT, digest, jsonable
+    from detector.config import BBoxRegConfig, PretrainConfig, added
+
+    assert added(0).metadata == {KEYLESS_AT_DEFAULT: True}
+    before = {k: v for k, v in jsonable(PretrainConfig()).items() if k != "bn_images"}  # the section as it was
+    assert digest(PretrainConfig()) == digest(before)
+    assert digest(PretrainConfig(bn_images=5)) != digest(before)
+    before = {k: v for k, v in jsonable(BBoxRegConfig()).items() if k not in ("jitter_per_gt", "jitter_sigma")}
+    assert digest(BBoxRegConfig()) == digest(before)
+    assert digest(BBoxRegConfig(jitter_per_gt=4)) != digest(before)
+    assert digest([Config()]) == digest([Config()]) and "bn_images" in jsonable(Config())["pretrain"]
