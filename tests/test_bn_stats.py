@@ -129,9 +129,21 @@ def test_stage_bnstats_feeds_the_cache_and_is_reused(tiny_run, tmp_path):
     fmaps, _ = cache.get(recs[0].image_id)
     for f, ref in zip(fmaps, image_pyramid(net, images[0], cfg.features.train_scales)):
         torch.testing.assert_close(f.float(), ref[0].half().float(), rtol=2e-3, atol=2e-3)  # float16 entries
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    again = subprocess.run(cmd[:-1] + ["bnstats"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.returncode == 0 and "stage bnstats: loaded" in again.stderr
     with pytest.raises(ConfigError, match="pretrain.bn_images must be 0 for backbone.arch 'zf5'"):
         load_config(cfg_path, sets + ["backbone.arch=zf5"])
     with pytest.raises(ConfigError, match="pretrain.bn_images must be 0 unless pretrain.enabled"):
         load_config(cfg_path, sets + ["pretrain.enabled=false"])
+
+
+def test_bn_images_does_not_touch_the_pretrained_classifier():
+    """The statistics are re-estimated after pre-training: the classifier's key ignores bn_images, so
+    turning it on reuses the pre-trained trunk."""
+    from detector.config import Config, PretrainConfig
+    from detector.engine.pretrain import classifier_key
+
+    ids = {"train": ["a"], "heldout": ["b"]}
+    off, on = Config(pretrain=PretrainConfig(enabled=True)), Config(pretrain=PretrainConfig(enabled=True, bn_images=50))
+    assert classifier_key(off, ids) == classifier_key(on, ids)
+    assert classifier_key(off, ids) != classifier_key(Config(pretrain=PretrainConfig(enabled=True, epochs=3)), ids)

@@ -129,9 +129,10 @@ def classifier_crops(cfg: Config, data: TrainingData | None = None, store: Path 
 
 
 def classifier_key(cfg: Config, ids: dict) -> str:
-    """Everything that changes a pre-trained classifier: the pretrain and backbone settings, the
-    data, the image ids and the seed."""
-    return digest("classifier", cfg.pretrain, cfg.backbone, cfg.data.root, ids, cfg.seed, cfg.data.val_split,
+    """Everything that changes a pre-trained classifier: the pretrain and backbone settings (not
+    ``pretrain.bn_images``, which acts after it: stage ``bnstats``), the data, the image ids and the seed."""
+    pc = dataclasses.replace(cfg.pretrain, bn_images=0)
+    return digest("classifier", pc, cfg.backbone, cfg.data.root, ids, cfg.seed, cfg.data.val_split,
                   cfg.data.val_fraction)
 
 
