@@ -7,7 +7,7 @@ A trunk pre-trained as a classifier on object crops (64-96 px, centred on object
 running means and variances of those crops in its BatchNorm layers. The detector runs it, in eval
 mode, on whole images at 240-1440 px, whose activations have other statistics: for the digits
 config's CPU-width ResNet-18 the whole images' per-channel variance is 0.41-0.64 of the crops' (median
-per layer) and their means are 0.1-0.3 running standard deviations away. :func:`recalibrate_batchnorm`
+per layer) and their means are 0.12-0.34 running standard deviations away. :func:`recalibrate_batchnorm`
 replaces the running statistics with the cumulative average over one pass per image and scale, the
 passes the conv5 cache makes (:func:`detector.pyramid.trunk_pyramid`): the same as
 ``torch.optim.swa_utils.update_bn`` (running statistics reset, ``momentum=None``, train mode, no

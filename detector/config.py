@@ -206,16 +206,18 @@ class ProposalConfig:
 @dataclass(frozen=True)
 class BackboneConfig:
     # "zf5" (spec §1), "zf5_bn" (ZF-5's geometry with BatchNorm in place of LRN, an option for
-    # training from scratch: digits held-out mAP 0.638 against zf5's 0.737 with the digits config's
-    # LRN recipe, tools/test_net.py --held-out; BENCHMARKS.md peers_train), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
+    # training from scratch: with the digits config plus pretrain.bn_images 100, held-out mAP 0.710
+    # against zf5's 0.738 but COCO AP 0.440 / AP75 0.512 against 0.434 / 0.469; 0.638 without
+    # bn_images; tools/test_net.py --held-out, BENCHMARKS.md peers_train), "vgg16" (conv5_3), "resnet50" / "resnet18" (through layer3) or
     # "mobilenet_v3" (MobileNetV3-Large to stride 16: 1.9 GMAC at 688x917 against ZF-5's 15.3, the
     # trunk for speed); resnet18 costs about ZF-5's (17.7 GMAC) but has torchvision ImageNet weights
     arch: Arch = "zf5"
     # channel multiplier of zf5 / zf5_bn (1.0 = the paper's 96/256/384/384/256) and resnet18 (1.0 =
     # torchvision's 64/128/256; 0.25 = 16/32/64, a CPU-width ResNet for training from scratch). With
     # the digits config (finetune.conv_layers 1) resnet18 at 0.25 pre-trains to held-out top-1 error
-    # 0.298 (zf5 0.188) but its fine-tuned head never leaves all-background (validation error 0.25
-    # throughout): held-out mAP 0.0024 against zf5's 0.737 (BENCHMARKS.md peers_train); no config uses it
+    # 0.298 (zf5 0.188) but at the config's finetune.lr 0.02 its head stays all-background (held-out
+    # mAP 0.0024); its dense conv5 maps need a 10x lower rate (0.002: mAP 0.478, zf5 0.738;
+    # BENCHMARKS.md peers_train); no config uses it
     width_mult: PosFloat = 1.0
     # "none": random init (then pretrain.enabled should be true); "imagenet": torchvision's
     # weights API (local cache, or download on a connected machine); any other string: a local
