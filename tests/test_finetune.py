@@ -214,3 +214,50 @@ def test_tuned_tail_rows_place_each_rank_in_the_one_process_batch(monkeypatch):
             assert n == n1 == x1.shape[0] and torch.equal(r1, torch.arange(n1))
             torch.testing.assert_close(x, x1[rows], rtol=0, atol=1e-5)
             assert torch.equal(y, y1[rows])
+
+
+class _Windows:
+    """A WindowSource of fixed features: K = 3 classes + background, 1 foreground window in 4."""
+
+    def __init__(self, learnable: bool, d: int = 8, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.tensor([3, 3, 3, 0, 3, 3, 3, 1, 3, 3, 3, 2] * (n // 12 + 1))[:n]
+        self.x = torch.randn(n, d, generator=g)
+        if learnable:  # the label written into the features
+            self.x[:, :4] += 4.0 * F.one_hot(self.y, 4).float()
+
+    def trainable(self):
+        return []
+
+    def batches(self, start, iters):
+        for _ in range(start, iters):
+            yield self.x, self.y, self.x.shape[0], torch.arange(self.x.shape[0])
+
+    def validation(self):
+        return self.x, self.y
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_a_head_that_never_beats_all_background_is_warned_about(learnable, caplog):
+    """Validation error no better than the foreground share (every window called background) means
+    the head collapsed to the class prior: a warning names finetune.lr. A head that learns is quiet."""
+    from detector.finetune import warn_if_collapsed
+
+    params = FinetuneConfig(iters=60, lr=0.05, lr_steps=(), val_every=20, val_batches=1)
+    src = _Windows(learnable)
+    with caplog.at_level("WARNING", logger="detector.finetune"):
+        _, hist = finetune(FCHead(8, fc_dim=16, num_classes=3, dropout=0.0), src, params, progress=False)
+    fg_share = float((src.y != 3).float().mean())
+    warned = "fine-tuning did not learn" in caplog.text
+    assert warned == (not learnable), (hist["best_val_error"], fg_share)
+    if learnable:
+        assert hist["best_val_error"] < fg_share
+    else:
+        assert hist["best_val_error"] >= fg_share and "finetune.lr (now 0.05" in caplog.text
+    assert warn_if_collapsed(None, 0.25, 0.02) is False and warn_if_collapsed(0.1, 0.25, 0.02) is False
