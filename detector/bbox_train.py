@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from detector import distributed
 from detector.artifacts import atomic_path, verify
-from detector.bbox_reg import BoxRegressor, fit_bbox_regressor, ridge_solve_normal, whiten_targets
-from detector.boxes import pairwise_iou
+from detector.bbox_reg import BoxRegressor, decode, fit_bbox_regressor, ridge_solve_normal, whiten_targets
+from detector.boxes import clip_boxes, pairwise_iou
 from detector.config import BBoxRegConfig
 from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
 from detector.train_items import candidates
@@ -78,8 +78,9 @@ def jitter_gt(gt: Tensor, n: int, sigma: float, height: int, width: int, generat
 
     Each box moves its centre by ``sigma * w * N(0, 1)`` horizontally and ``sigma * h * N(0, 1)``
     vertically and scales its width and height by ``exp(sigma * N(0, 1))`` (independent draws, in
-    the order GT box, sample, then (dx, dy, dw, dh)), the inverse of :func:`detector.bbox_reg.encode`
-    with Gaussian deltas. Samples whose IoU with a GT box is too low are left to the caller's filter.
+    the order GT box, sample, then (dx, dy, dw, dh)): :func:`detector.bbox_reg.decode` of Gaussian
+    deltas, then :func:`detector.boxes.clip_boxes`. Samples whose IoU with a GT box is too low are
+    left to the caller's filter.
 
     Args:
         gt (Tensor[G, 4]): xyxy ground-truth boxes, image pixels.
@@ -94,16 +95,8 @@ def jitter_gt(gt: Tensor, n: int, sigma: float, height: int, width: int, generat
     if n == 0 or gt.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
     d = torch.randn((gt.shape[0], n, 4), generator=generator, dtype=torch.float32) * sigma  # (G, n, 4)
-    w = (gt[:, 2] - gt[:, 0])[:, None]  # (G, 1)
-    h = (gt[:, 3] - gt[:, 1])[:, None]
-    cx = (gt[:, 0] + gt[:, 2])[:, None] * 0.5 + d[..., 0] * w  # (G, n)
-    cy = (gt[:, 1] + gt[:, 3])[:, None] * 0.5 + d[..., 1] * h
-    hw = 0.5 * w * torch.exp(d[..., 2])  # (G, n)
-    hh = 0.5 * h * torch.exp(d[..., 3])
-    out = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=-1).reshape(-1, 4)  # (G*n, 4)
-    out[:, 0::2] = out[:, 0::2].clamp(0, width)
-    out[:, 1::2] = out[:, 1::2].clamp(0, height)
-    return out
+    boxes = decode(gt.repeat_interleave(n, dim=0), d.reshape(-1, 4))  # (G*n, 4)
+    return clip_boxes(boxes, height, width)
 
 
 def collect_samples(
