@@ -454,6 +454,11 @@ class TestConfig:
     # test.fc_precision=P): BCCD 0.815331 -> 0.815333 (+0.0002 points), digits 0.754442 -> 0.752773
     # (-0.17 points), both within the 0.3-point budget. Save and export keep float32 layers.
     fc_precision: Literal["float32", "int8", "float16", "auto"] = "auto"
+    # Arithmetic of the trunk's convolutions at test time (detector/conv_precision.py): "float32"
+    # (the spec's) or "bfloat16" (autocast; on a CPU only where it is native, AVX512-BF16 or AMX,
+    # elsewhere float32 with a warning). Deviation option for speed at full width; its mAP change
+    # and speed are in BENCHMARKS.md (detect; fc6/fc7 int8 and shared windows).
+    conv_precision: Literal["float32", "bfloat16"] = added("float32")
     # Window side (px) the per-window scale choice aims at when testing; 0 = features.target_side,
     # the training value the checkpoint holds. A test-time knob: changing it needs no retraining.
     target_side: Annotated[float, at_least(0, "0 = features.target_side")] = 0.0

@@ -30,6 +30,7 @@ from torch import nn
 
 from detector.bbox_reg import BoxRegressor
 from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
+from detector.conv_precision import CONV_PRECISIONS, conv_dtype
 from detector.fc_precision import FC_PRECISIONS
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
@@ -76,6 +77,8 @@ class DetectParams:
         fc_precision: ``"float32"``, ``"int8"`` (CPU), ``"float16"`` (CUDA) or ``"auto"`` (int8 on
             the CPU, float32 on a GPU): the arithmetic of fc6/fc7 at test time
             (:mod:`detector.fc_precision`); applied by :meth:`SPPDetector.load` after ``svd_rank``.
+        conv_precision: ``"float32"`` or ``"bfloat16"`` (where the device has native bfloat16): the
+            arithmetic of the trunk's convolutions at test time (:mod:`detector.conv_precision`).
         proposal_options: keyword arguments of :func:`proposals.selective_search` used when
             ``detect`` is called without proposals (the training run's settings).
     """
@@ -89,6 +92,7 @@ class DetectParams:
     score: Literal["svm", "svm+softmax"]
     svd_rank: int
     fc_precision: str = "float32"  # absent from checkpoints written before it existed
+    conv_precision: str = "float32"  # as fc_precision
     proposal_options: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,9 @@ class DetectParams:
             problems.append(f"svd_rank must be >= 0 (0 = dense), got {self.svd_rank}")
         if self.fc_precision not in FC_PRECISIONS:
             problems.append(f"fc_precision must be one of {', '.join(FC_PRECISIONS)}, got {self.fc_precision!r}")
+        if self.conv_precision not in CONV_PRECISIONS:
+            problems.append(f"conv_precision must be one of {', '.join(CONV_PRECISIONS)}, "
+                            f"got {self.conv_precision!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -172,6 +179,7 @@ class SPPDetector(nn.Module):
         self.meta = dict(meta or {})
         self.svd_rank = 0  # the rank fc6/fc7 run at now (compress_fc)
         self.fc_precision = "float32"  # the precision fc6/fc7 run at now (lower_fc)
+        self.conv_precision = "float32"  # the precision the trunk runs at now (lower_conv)
         self.params = params  # checked by the setter
         self.last_timings: dict[str, float] = {}
         # windows scored by the last call, and how many of them pooled distinct conv5 cells
@@ -226,7 +234,8 @@ class SPPDetector(nn.Module):
         """
         scales = tuple(scales or self.params.scales)
         h, w = image.shape[:2]
-        fmaps = image_pyramid(self.backbone, image, scales, max_size=self.params.max_size, device=self.device)
+        fmaps = image_pyramid(self.backbone, image, scales, max_size=self.params.max_size, device=self.device,
+                              conv_dtype=conv_dtype(self.conv_precision))
         return Conv5Pyramid(
             fmaps=[f[0] for f in fmaps],  # S x (C, Hs, Ws)
             scaled_sizes=[resized_size(h, w, s, self.params.max_size) for s in scales],
@@ -362,18 +371,20 @@ class SPPDetector(nn.Module):
         """
         n, (h, w) = x.shape[0], image_size
         sizes = pyramid_sizes(h, w, self.params.scales, self.params.max_size)
-        fmaps = trunk_pyramid(self.backbone, x, sizes)  # S x (N, C, Hs, Ws)
+        dtype = conv_dtype(self.conv_precision)
+        fmaps = trunk_pyramid(self.backbone, x, sizes, conv_dtype=dtype)  # S x (N, C, Hs, Ws)
         if n > 1:
-            key = (h, w, n, str(self.device), str(x.dtype), torch.get_num_threads(), tuple(sizes))
+            key = (h, w, n, str(self.device), str(x.dtype), str(dtype), torch.get_num_threads(), tuple(sizes))
             exact = self._batch_exact.get(key)
             if exact is None:
-                first = trunk_pyramid(self.backbone, x[:1], sizes)  # S x (1, C, Hs, Ws)
+                first = trunk_pyramid(self.backbone, x[:1], sizes, conv_dtype=dtype)  # S x (1, C, Hs, Ws)
                 exact = self._batch_exact[key] = all(torch.equal(f[:1], g) for f, g in zip(fmaps, first))
                 if not exact:
                     log.info("trunk: a batch of %d images of %dx%d differs from single-image passes in the "
                              "last bits (another conv kernel); running them one at a time", n, w, h)
             if not exact:
-                per = [trunk_pyramid(self.backbone, x[i:i + 1], sizes) for i in range(n)]  # N x S x (1, C, Hs, Ws)
+                per = [trunk_pyramid(self.backbone, x[i:i + 1], sizes, conv_dtype=dtype)
+                       for i in range(n)]  # N x S x (1, C, Hs, Ws)
                 fmaps = [torch.cat([p[s] for p in per]) for s in range(len(sizes))]  # S x (N, C, Hs, Ws)
         return [Conv5Pyramid(fmaps=[f[i] for f in fmaps], scaled_sizes=list(sizes), image_size=(h, w))
                 for i in range(n)]  # S x (C, Hs, Ws) each
@@ -615,6 +626,16 @@ class SPPDetector(nn.Module):
             self.fc_precision = run
         return self
 
+    def lower_conv(self, precision: str) -> "SPPDetector":
+        """Run the trunk at ``precision`` (:mod:`detector.conv_precision`; "float32" = as trained).
+        bfloat16 needs native hardware support: elsewhere the trunk stays float32 with a warning,
+        and ``conv_precision`` says what runs. The weights are untouched. Returns self."""
+        from detector.conv_precision import runnable_conv_precision
+
+        self.conv_precision = runnable_conv_precision(precision, self.device)
+        self._batch_exact.clear()
+        return self
+
     # ------------------------------------------------------------------ checkpoint
 
     def save(self, path: str | Path) -> Path:
@@ -631,6 +652,7 @@ class SPPDetector(nn.Module):
         scales: Sequence[int] | None = None,
         svd_rank: int | None = None,
         fc_precision: str | None = None,
+        conv_precision: str | None = None,
     ) -> "SPPDetector":
         """Load a checkpoint (``torch.load(weights_only=True)``: loading can never run code).
 
@@ -644,6 +666,8 @@ class SPPDetector(nn.Module):
             fc_precision: ``"float32"``, ``"int8"`` (CPU), ``"float16"`` (CUDA) or ``"auto"`` for
                 fc6/fc7 after the SVD (:mod:`detector.fc_precision`); None = the stored
                 ``test.fc_precision``.
+            conv_precision: ``"float32"`` or ``"bfloat16"`` for the trunk
+                (:mod:`detector.conv_precision`); None = the stored ``test.conv_precision``.
         Raises:
             detector.checkpoint.CheckpointError: missing file, a file that would need to run code
                 to load, not an SPPDetector checkpoint, or one whose parts do not fit together
@@ -655,14 +679,16 @@ class SPPDetector(nn.Module):
         det = load_detector(path, device=resolve_device(device) if isinstance(device, str) else device)
         if scales:
             det.params = dataclasses.replace(det.params, scales=tuple(scales))
-        if svd_rank is not None or fc_precision is not None:
+        asked = {"svd_rank": None if svd_rank is None else int(svd_rank), "fc_precision": fc_precision,
+                 "conv_precision": conv_precision}
+        given = {k: v for k, v in asked.items() if v is not None}
+        if given:
             try:
-                det.params = dataclasses.replace(
-                    det.params, svd_rank=det.params.svd_rank if svd_rank is None else int(svd_rank),
-                    fc_precision=det.params.fc_precision if fc_precision is None else fc_precision)
+                det.params = dataclasses.replace(det.params, **given)
             except ValueError as e:
                 raise ValueError(f"SPPDetector.load({path}): {e}") from None
-        return det.compress_fc(det.params.svd_rank).lower_fc(det.params.fc_precision)
+        p = det.params
+        return det.compress_fc(p.svd_rank).lower_fc(p.fc_precision).lower_conv(p.conv_precision)
 
 
 @dataclass

@@ -225,7 +225,7 @@ def export_detector(det: SPPDetector, out: str | Path, fmt: str = "torchscript",
     Returns:
         the path written.
     Raises:
-        ExportError: an unknown format, fc6/fc7 at a lowered precision, levels roi_pool cannot pool
+        ExportError: an unknown format, fc6/fc7 or the trunk at a lowered precision, levels roi_pool cannot pool
             exactly, or an exporter that
             refuses the program (its first message line is quoted).
     """
@@ -234,6 +234,9 @@ def export_detector(det: SPPDetector, out: str | Path, fmt: str = "torchscript",
     if det.fc_precision != "float32":
         raise ExportError(f"fc6/fc7 run at {det.fc_precision}; export the float32 model "
                           "(SPPDetector.load(path, fc_precision='float32'))")
+    if det.conv_precision != "float32":
+        raise ExportError(f"the trunk runs at {det.conv_precision}; export the float32 model "
+                          "(SPPDetector.load(path, conv_precision='float32'))")
     det = copy.deepcopy(det).cpu().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def hwc_layout(x: Tensor) -> Tensor:
 
 
 def image_pyramid(backbone: nn.Module, image: np.ndarray, scales: Sequence[int], max_size: int = 0,
-                  device: str | torch.device = "cpu") -> list[Tensor]:
+                  device: str | torch.device = "cpu", conv_dtype: torch.dtype | None = None) -> list[Tensor]:
     """conv5 maps of one image at every scale: one forward pass per scale, no gradients.
 
     The backbone is used as it is (call ``.eval()`` first for trunks with BatchNorm).
@@ -152,6 +152,7 @@ def image_pyramid(backbone: nn.Module, image: np.ndarray, scales: Sequence[int],
         scales: shorter sides, e.g. (480, 576, 688, 864, 1200).
         max_size: optional cap on the resized longer side (0 = none).
         device: where the forward passes run.
+        conv_dtype: as for :func:`trunk_pyramid`.
     Returns:
         list of S Tensor[1, C, Hs, Ws] (the backbone's dtype, on ``device``), in scale order; the
         resized image sizes are :func:`pyramid_sizes`.
@@ -160,11 +161,11 @@ def image_pyramid(backbone: nn.Module, image: np.ndarray, scales: Sequence[int],
         raise ValueError("image_pyramid: scales is empty")
     x = preprocess(image, backbone.input_format)  # (3, H, W)
     h, w = x.shape[1:]
-    return trunk_pyramid(backbone, x.unsqueeze(0), pyramid_sizes(h, w, scales, max_size), device)
+    return trunk_pyramid(backbone, x.unsqueeze(0), pyramid_sizes(h, w, scales, max_size), device, conv_dtype)
 
 
 def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int]],
-                  device: str | torch.device | None = None) -> list[Tensor]:
+                  device: str | torch.device | None = None, conv_dtype: torch.dtype | None = None) -> list[Tensor]:
     """conv5 maps of N pre-processed images of one size at every resized size, one forward pass of
     the batch per size, no gradients.
 
@@ -174,6 +175,9 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
             memory layout: one image runs in :func:`hwc_layout`, a batch contiguous.
         sizes: (h_s, w_s) per scale (:func:`pyramid_sizes`); a size equal to (H, W) is not resized.
         device: where the passes run (default: x's device).
+        conv_dtype: run the trunk under ``torch.autocast`` in this dtype (``torch.bfloat16``:
+            :mod:`detector.conv_precision`) and return its maps as the backbone's dtype; None = the
+            backbone's own arithmetic.
     Returns:
         list of S Tensor[N, C, Hs, Ws] (the backbone's dtype), in ``sizes`` order. Each image's maps
         equal its own N = 1 pass wherever the convolution kernels PyTorch picks do not depend on N
@@ -187,9 +191,9 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
     x = x.to(device=device or x.device, dtype=dtype)  # (N, 3, H, W)
     x = hwc_layout(x) if x.shape[0] == 1 else x.contiguous()  # (N, 3, H, W)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=conv_dtype or dtype, enabled=conv_dtype is not None):
         for hs, ws in sizes:
             xs = x if (hs, ws) == (h, w) else F.interpolate(
                 x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)  # (N, 3, hs, ws)
-            out.append(backbone(xs))  # (N, C, Hs, Ws)
+            out.append(backbone(xs).to(dtype))  # (N, C, Hs, Ws)
     return out

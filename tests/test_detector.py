@@ -124,9 +124,10 @@ def test_trunk_batch_check(det, photos, monkeypatch, off):
     real = D.trunk_pyramid
     calls = []
 
-    def trunk(backbone, x, sizes, device=None):
+    def trunk(backbone, x, sizes, device=None, conv_dtype=None):
         calls.append(x.shape[0])
-        per = [real(backbone, x[i:i + 1], sizes, device) for i in range(x.shape[0])]  # batch-invariant by construction
+        per = [real(backbone, x[i:i + 1], sizes, device, conv_dtype)
+               for i in range(x.shape[0])]  # batch-invariant by construction
         out = [torch.cat([p[s] for p in per]) for s in range(len(sizes))]  # S x (N, C, Hs, Ws)
         return [f + off if x.shape[0] > 1 else f for f in out]  # off > 0: a batch off in the last bits
 

@@ -3,7 +3,8 @@ with proposals given (detection alone) and end to end (selective search included
 over the whole list.
 
 Models: random-weight full-width ZF-5 with fc6/fc7 4096 (timing does not depend on weights), dense
-float32 and the fast fc option (SVD rank + int8, :mod:`detector.fc_precision`), against
+float32, the fast fc option (SVD rank + int8, :mod:`detector.fc_precision`) and that option with the
+trunk in bfloat16 (:mod:`detector.conv_precision`, where the CPU has it natively), against
 ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn`` (random weights, its default
 transform, min_size 800), whose own RPN is inside its time. End to end, SPP-net runs as the per-image
 loop (``detect(im)``: proposals, then the network) and as ``detect_batch(images, workers=1)``, which
@@ -64,8 +65,8 @@ def _throughput(fn, n: int, runs: int) -> dict[str, float]:
 @torch.inference_mode()
 def section_peers(voc_root: str | None = None, split: str = "test", n_images: int = 24, runs: int = 1,
                   svd_rank: int = 256) -> tuple[str, dict[str, float]]:
-    """Throughput (images per second) over the same images: SPP-net (dense and SVD ``svd_rank`` +
-    int8) and the torchvision peer, with given proposals and end to end (module docstring)."""
+    """Throughput (images per second) over the same images: SPP-net (dense, SVD ``svd_rank`` + int8,
+    and that with a bfloat16 trunk) and the torchvision peer, with given proposals and end to end (module docstring)."""
     import torchvision
 
     from detector.fc_precision import lower_fc_precision
@@ -81,13 +82,16 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     fast.head.fc6 = LowRankLinear(fast.head.in_dim, fast.head.fc_dim, svd_rank).eval()
     fast.head.fc7 = LowRankLinear(fast.head.fc_dim, fast.head.fc_dim, svd_rank).eval()
     fast.head = lower_fc_precision(fast.head, "int8")
+    fastest = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+    fastest.head = fast.head
+    fastest.lower_conv("bfloat16")  # float32 with a warning where bfloat16 is not native
     opts = dense.params.proposal_options
     t0 = time.perf_counter()
     boxes = [torch.from_numpy(np.asarray(propose(im, **opts), dtype=np.float32)).reshape(-1, 4) for im in images]
     ss_ips = n / (time.perf_counter() - t0)
     peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
     tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]  # (3, H, W) each
-    for d in (dense, fast):
+    for d in (dense, fast, fastest):
         d.detect(images[0], proposals=boxes[0])  # warm-up
     peer([tensors[0]])
 
@@ -103,10 +107,16 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
          _throughput(lambda: [fast.detect(im) for im in images], n, runs)),
         (f"SPP-net ZF-5 1 scale, SVD {svd_rank} + int8, `detect_batch(images, workers=1)`",
          "selective search, overlapped", _throughput(lambda: fast.detect_batch(images, workers=1), n, runs)),
+        (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, fc 4096 SVD {svd_rank} + int8", "given",
+         _throughput(spp_given(fastest), n, runs)),
+        (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, "
+         "`detect_batch(images, workers=1)`", "selective search, overlapped",
+         _throughput(lambda: fastest.detect_batch(images, workers=1), n, runs)),
     ]
     peer_ips = rows[2][2]["median"]
     keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
-            "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s"]
+            "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s",
+            "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_batch_end_to_end_images_per_s"]
     ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
     ratios["peers_selective_search_images_per_s"] = ss_ips
     for k in keys[:2] + keys[3:]:

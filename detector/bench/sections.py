@@ -98,7 +98,8 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
                    int8_svd_ranks: Sequence[int] = (512, 256),
                    light_trunks: Sequence[str] = ("resnet18", "mobilenet_v3")) -> tuple[str, dict[str, float]]:
     """SPP-net detection per image (1 scale 688, proposals excluded) with its stage breakdown, for
-    each fc option (dense, SVD ranks, int8 alone and after the SVD) and the light trunks (random
+    each fc option (dense, SVD ranks, int8 alone and after the SVD), the bfloat16 trunk (dense, and
+    with the fastest fc option, whose stage breakdown is given too) and the light trunks (random
     weights, with the fastest fc option), vs torchvision Faster R-CNN
     models with random weights on the same images; and the fraction of windows that share their
     conv5 cells with an earlier window (scored once)."""
@@ -110,22 +111,21 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
     photos, props, n_ss = _inputs(n_images, n_props)
     det = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
     rows: list[tuple[str, dict[str, float]]] = []
-    stages: dict[str, list[float]] = {}
+    stages: dict[str, dict[str, list[float]]] = {}  # option tag -> stage -> seconds per image
 
-    def run_spp(d) -> list[float]:
+    def run_spp(d, tag: str) -> list[float]:
         d.detect(photos[0][1], proposals=props[0])  # warm-up
         times = []
         for (_, im), b in zip(photos, props):
             t0 = time.perf_counter()
             d.detect(im, proposals=b)
             times.append(time.perf_counter() - t0)
-            if d is det:
-                for k, v in d.last_timings.items():
-                    stages.setdefault(k, []).append(v)
+            for k, v in d.last_timings.items():
+                stages.setdefault(tag, {}).setdefault(k, []).append(v)
         return times
 
-    def option(rank: int, int8: bool, arch: str = "zf5"):
-        if not rank and not int8 and arch == "zf5":
+    def option(rank: int, int8: bool, arch: str = "zf5", bf16: bool = False):
+        if not rank and not int8 and arch == "zf5" and not bf16:
             return det
         d = random_detector(width_mult=1.0, fc_dim=4096, seed=0, arch=arch)
         if rank:
@@ -135,20 +135,28 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
             d.head.fc7 = LowRankLinear(d.head.fc_dim, d.head.fc_dim, rank).eval()
         if int8:
             d.head = lower_fc_precision(d.head, "int8")
+        if bf16:
+            d.lower_conv("bfloat16")  # float32 with a warning where bfloat16 is not native
         return d
 
     ratios: dict[str, float] = {}
-    options = ([(0, False, "zf5")] + [(r, False, "zf5") for r in svd_ranks] + [(0, True, "zf5")]
-               + [(r, True, "zf5") for r in int8_svd_ranks]
-               + [(r, True, a) for a in light_trunks for r in int8_svd_ranks[-1:]])
+    fast = int8_svd_ranks[-1]
+    options = ([(0, False, "zf5", False)] + [(r, False, "zf5", False) for r in svd_ranks] + [(0, True, "zf5", False)]
+               + [(r, True, "zf5", False) for r in int8_svd_ranks]
+               + [(0, False, "zf5", True), (fast, True, "zf5", True)]
+               + [(fast, True, a, False) for a in light_trunks])
     trunk_names = {"zf5": "ZF-5", "resnet18": "ResNet-18 C4 trunk", "mobilenet_v3": "MobileNetV3-Large trunk"}
-    for rank, int8, arch in options:
-        s = _stats(run_spp(option(rank, int8, arch)))
+    conv_runs = {}
+    for rank, int8, arch, bf16 in options:
+        d = option(rank, int8, arch, bf16)
         tag = "_".join(([] if arch == "zf5" else [arch]) + ([f"svd{rank}"] if rank else [])
-                       + (["int8"] if int8 else [])) or "dense"
+                       + (["int8"] if int8 else []) + (["bf16conv"] if bf16 else [])) or "dense"
+        s = _stats(run_spp(d, tag))
         what = " + ".join(([f"SVD rank {rank}"] if rank else []) + (["int8"] if int8 else [])) or "dense float32"
-        rows.append((f"SPP-net {trunk_names[arch]}, 1 scale (688), fc6/fc7 4096 {what}", s))
+        trunk = trunk_names[arch] + (f", trunk {d.conv_precision}" if bf16 else "")
+        rows.append((f"SPP-net {trunk}, 1 scale (688), fc6/fc7 4096 {what}", s))
         ratios[f"detect_spp_{tag}_s_per_image"] = s["median"]
+        conv_runs[tag] = d.conv_precision
     ratios["detect_spp_s_per_image"] = ratios["detect_spp_dense_s_per_image"]
     spp = rows[0][1]
     # windows scored once: all proposals, and the selective-search ones alone (the rest are random
@@ -207,9 +215,12 @@ def section_detect(n_images: int = 3, n_props: int = 2000, svd_ranks: Sequence[i
         ratios[f"detect_{name}_over_spp"] = s["median"] / spp["median"]
     lines = ["| model | seconds per image, median [min-max] |", "|---|---|"]
     lines += [f"| {n} | {_fmt(s)} |" for n, s in rows]
-    lines += ["", "SPP-net stage breakdown (full-width ZF-5, 688, dense float32 fc), seconds per image:", "",
-              "| stage | median [min-max] |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(_stats(v), 4)} |" for k, v in stages.items() if k != "proposals"]
+    best = f"svd{fast}_int8_bf16conv"
+    lines += ["", f"SPP-net stage breakdown (full-width ZF-5, 688), seconds per image: dense float32, and SVD rank "
+              f"{fast} + int8 fc with the trunk at {conv_runs[best]}:", "",
+              "| stage | dense float32, median [min-max] | fastest option, median [min-max] |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(_stats(v), 4)} | {_fmt(_stats(stages[best][k]), 4)} |"
+              for k, v in stages["dense"].items() if k != "proposals"]
     lines += ["", f"Per-class NMS and top {kpc} of the first image's {cb.shape[0]} (window, class) candidates "
               f"({det.num_classes} classes, IoU {det.params.nms}; {n_tied} candidates tie with another of their class), "
               f"9 calls each; same detections in the same order with ties broken by index: "

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from detector import SPPDetector
 
-        # the program runs float32 fc6/fc7 (at the stored svd_rank) whatever test.fc_precision says
-        det = SPPDetector.load(args.checkpoint, device=args.device, fc_precision="float32")
+        # the program runs a float32 trunk and fc6/fc7 (at the stored svd_rank) whatever
+        # test.fc_precision and test.conv_precision say
+        det = SPPDetector.load(args.checkpoint, device=args.device, fc_precision="float32", conv_precision="float32")
         try:
             out = export_detector(det, args.out, args.format, score_threshold=args.threshold)
         except ExportError as e:

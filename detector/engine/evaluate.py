@@ -62,7 +62,8 @@ def build_detector(cfg: Config, checkpoint: str | Path, device: str | None = Non
         CheckpointError: the file cannot be loaded, or a setting does not fit this model (named).
     """
     det = SPPDetector.load(checkpoint, device=device or cfg.device, scales=cfg.features.test_scales,
-                           svd_rank=cfg.test.svd_rank, fc_precision=cfg.test.fc_precision)
+                           svd_rank=cfg.test.svd_rank, fc_precision=cfg.test.fc_precision,
+                           conv_precision=cfg.test.conv_precision)
     t = cfg.test
     try:
         det.params = dataclasses.replace(
@@ -97,8 +98,8 @@ class DetectStage(Stage[dict]):
 
     def settings(self) -> object:
         d = self.det
-        return [content_id(self.checkpoint), d.params.to_dict(), d.svd_rank, d.fc_precision, d.device.type, self.mode,
-                [r.image_id for r in self.records]]
+        return [content_id(self.checkpoint), d.params.to_dict(), d.svd_rank, d.fc_precision, d.conv_precision,
+                d.device.type, self.mode, [r.image_id for r in self.records]]
 
     @property
     def folder(self) -> Path:
@@ -357,7 +358,7 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
               "mean_proposals": mean_count({r.image_id: props[r.image_id] for r in records}),
               "mean_distinct_windows": statistics.mean([detected["n_distinct"][r.image_id] for r in records
                                                         if r.image_id in detected["n_distinct"]] or [0]),
-              "fc_precision": det.params.fc_precision,
+              "fc_precision": det.params.fc_precision, "conv_precision": det.conv_precision,
               "peak_memory_mb": peak_memory_mb(), "failed_images": detected["failed"],
               "image_warnings": detected["warnings"], "timing_s_per_image": timing,
               "coco": coco, "checkpoint": str(checkpoint), **result.to_dict()}

@@ -69,7 +69,7 @@ def detect_params(cfg: Config) -> DetectParams:
     return DetectParams(scales=tuple(cfg.features.test_scales), max_size=cfg.features.max_size,
                         target_side=t.target_side or cfg.features.target_side, nms=t.nms,
                         max_per_class=t.max_per_class, score_thresh=t.score_thresh, score=t.score,
-                        svd_rank=t.svd_rank, fc_precision=t.fc_precision,
+                        svd_rank=t.svd_rank, fc_precision=t.fc_precision, conv_precision=t.conv_precision,
                         proposal_options=proposal_options(cfg.proposals))
 
 
