@@ -30,7 +30,7 @@ from torch import nn
 
 from detector.bbox_reg import BoxRegressor
 from detector.boxes import as_boxes, clip_boxes, valid_boxes_mask
-from detector.conv_precision import CONV_PRECISIONS, conv_dtype
+from detector.conv_precision import CONV_PRECISIONS, conv_dtype, runnable_conv_precision
 from detector.fc_precision import FC_PRECISIONS
 from detector.head import FCHead
 from detector.postprocess import detections_from_scores
@@ -630,10 +630,7 @@ class SPPDetector(nn.Module):
         """Run the trunk at ``precision`` (:mod:`detector.conv_precision`; "float32" = as trained).
         bfloat16 needs native hardware support: elsewhere the trunk stays float32 with a warning,
         and ``conv_precision`` says what runs. The weights are untouched. Returns self."""
-        from detector.conv_precision import runnable_conv_precision
-
         self.conv_precision = runnable_conv_precision(precision, self.device)
-        self._batch_exact.clear()
         return self
 
     # ------------------------------------------------------------------ checkpoint
