@@ -109,6 +109,8 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
          "selective search, overlapped", _throughput(lambda: fast.detect_batch(images, workers=1), n, runs)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, fc 4096 SVD {svd_rank} + int8", "given",
          _throughput(spp_given(fastest), n, runs)),
+        (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, loop `detect(im)`",
+         "selective search, in turn", _throughput(lambda: [fastest.detect(im) for im in images], n, runs)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, "
          "`detect_batch(images, workers=1)`", "selective search, overlapped",
          _throughput(lambda: fastest.detect_batch(images, workers=1), n, runs)),
@@ -116,7 +118,8 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     peer_ips = rows[2][2]["median"]
     keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
             "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s",
-            "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_batch_end_to_end_images_per_s"]
+            "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_loop_end_to_end_images_per_s",
+            "peers_spp_fastbf16_batch_end_to_end_images_per_s"]
     ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
     ratios["peers_selective_search_images_per_s"] = ss_ips
     for k in keys[:2] + keys[3:]:

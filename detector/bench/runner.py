@@ -96,7 +96,7 @@ def run_section(name: str, *, runs: int = 7, voc_root: str | None = None,
     if name == "peers":
         from detector.bench.peers import section_peers
 
-        return section_peers(voc_root=peers_voc, n_images=peers_images)
+        return section_peers(voc_root=peers_voc, n_images=peers_images, runs=runs)
     if name == "spp":
         from detector.bench.spp import section_spp
 
