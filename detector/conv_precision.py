@@ -42,9 +42,7 @@ def native_bfloat16(device: torch.device) -> bool:
 def runnable_conv_precision(precision: str, device: torch.device) -> str:
     """The precision the trunk runs at on ``device`` when ``precision`` is asked for: bfloat16 only
     where it is native (:func:`native_bfloat16`), otherwise float32 with a warning saying so."""
-    if precision not in CONV_PRECISIONS:
-        raise ValueError(f"conv_precision must be one of {', '.join(CONV_PRECISIONS)}, got {precision!r}")
-    if precision == "bfloat16" and not native_bfloat16(device):
+    if _checked(precision) == "bfloat16" and not native_bfloat16(device):
         log.warning("conv_precision bfloat16: %s has no native bfloat16 arithmetic (it would be emulated, slower "
                     "than float32); the trunk stays float32", device)
         return "float32"
@@ -53,6 +51,10 @@ def runnable_conv_precision(precision: str, device: torch.device) -> str:
 
 def conv_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` for :func:`detector.pyramid.trunk_pyramid` (None = float32)."""
+    return torch.bfloat16 if _checked(precision) == "bfloat16" else None
+
+
+def _checked(precision: str) -> str:
     if precision not in CONV_PRECISIONS:
         raise ValueError(f"conv_precision must be one of {', '.join(CONV_PRECISIONS)}, got {precision!r}")
-    return torch.bfloat16 if precision == "bfloat16" else None
+    return precision
