@@ -80,21 +80,30 @@ def pool_regions(
     C = pyramid.fmaps[0].shape[0]
     B = sum(n * n for n in levels)
     device = pyramid.fmaps[0].device
-    out = torch.zeros((R, C * B), dtype=torch.float32, device=device)  # (R, D)
     if R == 0:
-        return out
+        return torch.zeros((R, C * B), dtype=torch.float32, device=device)
     boxes = boxes.to(torch.float32)
     if scale_index is None:
         scale_index = select_scales(boxes, pyramid.image_size, pyramid.short_sides(), target_side=proj.target_side)
     scale_index = scale_index.to(torch.int64).cpu()
-    for s in torch.unique(scale_index).tolist():
-        idx = torch.nonzero(scale_index == s).flatten()  # (R_s,)
+    scales = torch.unique(scale_index).tolist()
+
+    def pool(s: int, rows: torch.Tensor | None) -> torch.Tensor:
         fmap = pyramid.fmaps[s]
         windows = project_boxes(
-            boxes[idx], pyramid.image_size, pyramid.scaled_sizes[s], tuple(fmap.shape[-2:]),
-            proj.stride, proj.offset0, proj.shrink,
+            boxes if rows is None else boxes[rows], pyramid.image_size, pyramid.scaled_sizes[s],
+            tuple(fmap.shape[-2:]), proj.stride, proj.offset0, proj.shrink,
         )  # (R_s, 4) int64
-        out[idx.to(device)] = spp_pool(fmap.float(), windows.to(device), levels)  # (R_s, D)
+        return spp_pool(fmap.float(), windows.to(device), levels)  # (R_s, D) float32
+
+    if len(scales) == 1:
+        # every box at one scale (always so for 1-scale detection): the kernel's fresh output is the
+        # result, with no second [R, D] buffer and no scatter copy (about 100 MB for 2000 windows)
+        return pool(scales[0], None)
+    out = torch.empty((R, C * B), dtype=torch.float32, device=device)  # (R, D): every row is written below
+    for s in scales:
+        idx = torch.nonzero(scale_index == s).flatten()  # (R_s,)
+        out[idx.to(device)] = pool(s, idx)  # (R_s, D)
     return out
 
 

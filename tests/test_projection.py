@@ -138,3 +138,48 @@ def test_distinct_windows_share_their_pooled_vector():
     assert first.shape[0] < boxes.shape[0] and inverse[6] == 0  # the copy of box 0 is box 0's row
     e = distinct_windows(pyr, torch.zeros(0, 4), proj)
     assert e[0].shape == (0,) and e[1].shape == (0,)
+
+
+def test_pool_regions_equals_per_box_reference():
+    """pool_regions against the obvious loop (each box: its spec §5 scale, its projected window, one
+    spp_pool call) on a 2-scale pyramid, on a 1-scale one (whose fast path returns the kernel's
+    output directly), with scales forced, and with gradients reaching every scale's map."""
+    from detector.projection import project_boxes, select_scales
+    from detector.regions import Conv5Pyramid, ProjectionParams, pool_regions
+    from detector.spp import spp_pool
+
+    g = torch.Generator().manual_seed(1)
+    proj = ProjectionParams(16, 20.0, 2.0, 64.0)
+    xy = torch.rand(40, 2, generator=g) * 200
+    wh = 8 + torch.rand(40, 2, generator=g) * 150
+    boxes = torch.cat([xy, (xy + wh).clamp(max=318)], dim=1)  # (40, 4) inside 320 x 320
+    levels = (1, 2, 3)
+
+    def reference(pyr, scale_index=None):
+        s_idx = (select_scales(boxes, pyr.image_size, pyr.short_sides(), target_side=proj.target_side)
+                 if scale_index is None else scale_index)
+        rows = []
+        for b, s in zip(boxes, s_idx.tolist()):
+            fmap = pyr.fmaps[s]
+            win = project_boxes(b[None], pyr.image_size, pyr.scaled_sizes[s], tuple(fmap.shape[-2:]),
+                                proj.stride, proj.offset0, proj.shrink)
+            rows.append(spp_pool(fmap, win, levels))
+        return torch.cat(rows)
+
+    maps = [torch.randn(4, 20, 20, generator=g), torch.randn(4, 30, 30, generator=g)]
+    two = Conv5Pyramid(maps, [(320, 320), (480, 480)], (320, 320))
+    one = Conv5Pyramid(maps[:1], [(320, 320)], (320, 320))
+    chosen = select_scales(boxes, two.image_size, two.short_sides(), target_side=proj.target_side)
+    assert set(chosen.tolist()) == {0, 1}  # both scales exercised
+    assert torch.equal(pool_regions(two, boxes, levels, proj), reference(two))
+    assert torch.equal(pool_regions(one, boxes, levels, proj), reference(one))
+    forced = torch.arange(40) % 2
+    assert torch.equal(pool_regions(two, boxes, levels, proj, scale_index=forced), reference(two, forced))
+    assert pool_regions(two, boxes[:0], levels, proj).shape == (0, 4 * 14)
+
+    leaves = [m.clone().requires_grad_(True) for m in maps]
+    pool_regions(Conv5Pyramid(leaves, two.scaled_sizes, two.image_size), boxes, levels, proj).sum().backward()
+    assert all(m.grad is not None and float(m.grad.abs().sum()) > 0 for m in leaves)
+    one_leaf = maps[0].clone().requires_grad_(True)
+    pool_regions(Conv5Pyramid([one_leaf], one.scaled_sizes, one.image_size), boxes, levels, proj).sum().backward()
+    assert float(one_leaf.grad.sum()) == float(reference(one).numel())  # one argmax cell per output
