@@ -8,12 +8,15 @@ trunk in bfloat16 (:mod:`detector.conv_precision`, where the CPU has it natively
 ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn`` (random weights, its default
 transform, min_size 800), whose own RPN is inside its time. End to end, SPP-net runs as the per-image
 loop (``detect(im)``: proposals, then the network) and as ``detect_batch(images, workers=1)``, which
-computes the next images' proposals in a worker process while the network runs.
+computes the next images' proposals in a worker process while the network runs; and the loop with the
+bfloat16 trunk and selective search on a smaller copy of the image (``proposals.ss_side`` 240 instead
+of 320), the cheaper proposal setting.
 
 Shape shorthand: R proposals in one image.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -64,9 +67,10 @@ def _throughput(fn, n: int, runs: int) -> dict[str, float]:
 
 @torch.inference_mode()
 def section_peers(voc_root: str | None = None, split: str = "test", n_images: int = 24, runs: int = 1,
-                  svd_rank: int = 256) -> tuple[str, dict[str, float]]:
+                  svd_rank: int = 256, small_ss_side: int = 240) -> tuple[str, dict[str, float]]:
     """Throughput (images per second) over the same images: SPP-net (dense, SVD ``svd_rank`` + int8,
-    and that with a bfloat16 trunk) and the torchvision peer, with given proposals and end to end (module docstring)."""
+    and that with a bfloat16 trunk, end to end also with selective search on a ``small_ss_side`` px
+    copy) and the torchvision peer, with given proposals and end to end (module docstring)."""
     import torchvision
 
     from detector.fc_precision import lower_fc_precision
@@ -89,9 +93,19 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     t0 = time.perf_counter()
     boxes = [torch.from_numpy(np.asarray(propose(im, **opts), dtype=np.float32)).reshape(-1, 4) for im in images]
     ss_ips = n / (time.perf_counter() - t0)
+    # the same fastest model with selective search on a smaller copy of each image: on BCCD trainval
+    # recall@0.5 equal, recall@0.7 2.5 points lower, half the CPU time (BENCHMARKS.md, proposal variants)
+    small = random_detector(width_mult=1.0, fc_dim=4096, seed=0)
+    small.head = fast.head
+    small.lower_conv("bfloat16")
+    small.params = dataclasses.replace(small.params, proposal_options={**opts, "ss_side": small_ss_side})
+    t0 = time.perf_counter()
+    for im in images:
+        propose(im, **small.params.proposal_options)
+    ss_small_ips = n / (time.perf_counter() - t0)
     peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
     tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]  # (3, H, W) each
-    for d in (dense, fast, fastest):
+    for d in (dense, fast, fastest, small):
         d.detect(images[0], proposals=boxes[0])  # warm-up
     peer([tensors[0]])
 
@@ -114,14 +128,18 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, "
          "`detect_batch(images, workers=1)`", "selective search, overlapped",
          _throughput(lambda: fastest.detect_batch(images, workers=1), n, runs)),
+        (f"SPP-net ZF-5 1 scale, trunk {small.conv_precision}, SVD {svd_rank} + int8, loop `detect(im)`",
+         f"selective search on a {small_ss_side} px copy, in turn",
+         _throughput(lambda: [small.detect(im) for im in images], n, runs)),
     ]
     peer_ips = rows[2][2]["median"]
     keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
             "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s",
             "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_loop_end_to_end_images_per_s",
-            "peers_spp_fastbf16_batch_end_to_end_images_per_s"]
+            "peers_spp_fastbf16_batch_end_to_end_images_per_s", "peers_spp_fastbf16_small_ss_loop_end_to_end_images_per_s"]
     ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
     ratios["peers_selective_search_images_per_s"] = ss_ips
+    ratios["peers_selective_search_small_images_per_s"] = ss_small_ips
     for k in keys[:2] + keys[3:]:
         ratios[k.replace("_images_per_s", "_over_peer")] = ratios[k] / peer_ips
     lines = ["| detector | proposals | images per second, median [min-max] | s per image | vs the peer |",
@@ -131,7 +149,8 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
                      f"{1 / s['median']:.3f} | {s['median'] / peer_ips:.2f}x |")
     md = (f"{what}; random weights everywhere, {torch.get_num_threads()} torch threads, {runs} run(s) over the "
           f"list. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone: "
-          f"{ss_ips:.2f} images per second ({statistics.mean(len(b) for b in boxes):.0f} boxes per image). "
+          f"{ss_ips:.2f} images per second ({statistics.mean(len(b) for b in boxes):.0f} boxes per image); on a "
+          f"{small_ss_side} px copy (`proposals.ss_side`, default {opts.get('ss_side', '?')}): {ss_small_ips:.2f}. "
           f"Throughput over the whole list (`n / seconds`), so an overlapped pipeline counts at its real rate.\n\n"
           + "\n".join(lines))
     return md, ratios
