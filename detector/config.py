@@ -189,6 +189,9 @@ class ProposalConfig:
     edge_model: str = ""  # model.yml.gz for EdgeBoxes (required when method == "edge_boxes")
     workers: PosInt = 2  # parallel processes for computing proposals (1 = in the calling process)
     # "fast+" only (proposals.selective_search keyword arguments of the same names):
+    # ss_side 240 halves selective search's time at equal BCCD trainval recall@0.5 (0.976) but loses
+    # 2.5 points of recall@0.7, and swapped in at test time 4.8 points of held-out AP75 (BENCHMARKS.md,
+    # "Proposal variants" and the notes after `peers`), so 320 stays the default.
     ss_side: PosInt = 320  # px, longer side of the image copy selective search runs on (never upscaled)
     grid_min: PosFloat = 32.0  # px, smallest grid window side (at least min_size is used)
     grid_stride: PosFloat = 0.5  # grid spacing as a fraction of the window side
