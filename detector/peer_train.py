@@ -14,8 +14,9 @@ trainable, every backbone layer trained). Each keeps its reference recipe (torch
   (:data:`RECIPES` says how for each peer).
 
 A run writes ``peer.pt`` (the weights, ``torch.load(weights_only=True)``), ``eval.json`` (mAP, COCO
-AP/AP50/AP75, wall times, seconds per test image, the recipe) and ``pr_curves.png`` into its
-folder. Training state is saved every ``save_every_s`` seconds to ``train_state.pt``; a killed run
+AP/AP50/AP75, wall times, seconds per test image, the recipe), ``pr_curves.png`` and its test
+detections as devkit comp4 files in ``results/`` (what ``sppnet eval`` and ``sppnet errors`` read,
+as for the project's runs) into its folder. Training state is saved every ``save_every_s`` seconds to ``train_state.pt``; a killed run
 started again with the same arguments resumes from it and ends with the same weights as an
 uninterrupted one (data order and augmentation are seeded per iteration).
 
@@ -39,6 +40,7 @@ from detector.artifacts import digest, load_keyed, save_keyed, save_torch, tenso
 from detector.data.records import DataError, ImageRecord
 from detector.data.voc import load_voc_split
 from detector.eval.coco import coco_evaluate
+from detector.eval.comp4 import write_comp4
 from detector.eval.plots import plot_pr_curves
 from detector.eval.voc_ap import evaluate as voc_evaluate
 
@@ -370,6 +372,7 @@ def train_peer(
     result = voc_evaluate(test_records, names, dets, metric="07")
     coco = coco_evaluate(test_records, names, dets)
     plot_pr_curves(result, out / "pr_curves.png")
+    write_comp4(out / "results", test_split, names, dets)
     timing = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
     report = {"model": model, "data_root": str(data_root), "train_split": train_split, "test_split": test_split,
               "train_images": len(records), "seed": seed, "budget_s": budget_s, "iterations": total,

@@ -94,6 +94,11 @@ def test_tiny_run_is_scored_by_the_devkit_evaluator(tiny_digits, tmp_path):
     assert report["iterations"] == 2 and res.iterations == 2
     assert set(report["coco"]) == {"AP", "AP50", "AP75"} and report["mAP"] == pytest.approx(res.mAP)
     assert (tmp_path / "run" / "pr_curves.png").stat().st_size > 0
+    # the comp4 files it writes score to the same mAP (what `sppnet eval` / `sppnet errors` read)
+    test0, names0 = load_voc_split(tiny_digits, "test", None, raw_boxes=True)
+    from detector.eval import read_comp4
+    files = read_comp4(tmp_path / "run" / "results", "test", names0, image_ids=[r.image_id for r in test0])
+    assert voc_evaluate(test0, names0, files).mAP == pytest.approx(report["mAP"], nan_ok=True)
     # peer.pt is a plain weights file; the saved model's detections give eval.json's mAP
     ck = torch.load(tmp_path / "run" / "peer.pt", weights_only=True)
     net = build_peer(ck["model"], ck["num_classes"], _small())

@@ -8,10 +8,11 @@ Test-time windows come only from the proposal method run on each image (never fr
 annotations). Writes under ``<output_dir>/test_<split>/`` (``test_<split>_rcnn/`` with ``--mode
 rcnn``): the devkit comp4 result files (``results/``), ``eval.json`` (per-class AP, mAP, COCO
 AP/AP50/AP75, seconds per stage per image, peak memory), ``coco_gt.json`` and ``coco_dets.json``,
-``pr_curves.png``, ``test_log.txt``, ``resolved_config.yaml`` (with the command line),
+``pr_curves.png``, the false positives by cause (``errors.json``, ``errors.png``,
+``false_positives.png``: see ``sppnet errors``), ``test_log.txt``, ``resolved_config.yaml`` (with the command line),
 ``compare_rcnn.json`` with ``--compare-rcnn``, and the detection shards (``detect/``); computed
 proposals are cached in ``<output_dir>/proposals/``. Prints the timing table, the per-class table,
-the COCO figures and, last, the line ``mAP: 0.xxxxxx``. An interrupted run resumes from its
+the COCO figures, the false positives by cause and the AP each costs, and, last, the line ``mAP: 0.xxxxxx``. An interrupted run resumes from its
 shards, and a rerun with the same model and settings only re-scores.
 
 ``--held-out`` scores the training images that training held out from fine-tuning

@@ -6,7 +6,8 @@
 and per-stage seconds in shards of :data:`SHARD` images (``<out>/detect/<key>/``): a killed run
 resumes from the shards already written, and a rerun with the same model, settings and images
 reuses them. ``score`` writes the devkit comp4 files, ``eval.json`` (VOC AP per class, mAP, COCO
-AP/AP50/AP75, timing, peak memory) and ``pr_curves.png`` under ``<output_dir>/test_<split>/``, and
+AP/AP50/AP75, timing, peak memory), ``pr_curves.png`` and the error analysis (``errors.json``,
+``errors.png``, ``false_positives.png``: :mod:`detector.eval.errors`) under ``<output_dir>/test_<split>/``, and
 returns an :class:`EvalReport` whose :meth:`EvalReport.text` is what ``tools/test_net.py`` prints.
 
 ``held_out=True`` scores the training images that training held out from fine-tuning
@@ -43,6 +44,7 @@ from detector.engine.data import category_ids, test_records, training_data
 from detector.engine.proposals import ProposalsStage, mean_count, proposal_options
 from detector.engine.run import Output, Run, Stage, peak_memory_mb
 from detector.eval import EvalResult, coco_evaluate, plot_pr_curves, write_comp4
+from detector.eval.errors import ErrorReport, analyze_errors, false_positive_gallery, write_error_report
 from detector.eval import evaluate as voc_evaluate
 from proposals import propose
 from proposals.imageio import ImageError, decode_image, read_image
@@ -210,6 +212,8 @@ class EvalReport:
         out_dir: where the files went.
         report: the dict written as ``eval.json``.
         comparison: the R-CNN comparison text (``compare_rcnn`` > 0), else "".
+        errors: the false positives by cause and the AP each costs (``errors.json``,
+            ``errors.png``, ``false_positives.png``; :mod:`detector.eval.errors`).
     """
 
     split: str
@@ -220,6 +224,7 @@ class EvalReport:
     report: dict
     per_image: dict[str, list[float]] = field(repr=False, default_factory=dict)
     comparison: str = ""
+    errors: ErrorReport | None = field(repr=False, default=None)
 
     @property
     def mAP(self) -> float:
@@ -245,6 +250,8 @@ class EvalReport:
             "",
             self.result.table(),
             f"COCO (pycocotools): AP {self.coco['AP']:.4f}  AP50 {self.coco['AP50']:.4f}  AP75 {self.coco['AP75']:.4f}",
+            *([] if self.errors is None else ["", self.errors.text(),
+                                               "(errors.json, errors.png; false_positives.png: the worst ones)"]),
             f"outputs: {self.out_dir}",
             f"mAP: {self.result.mAP:.6f}",
         ]
@@ -348,6 +355,10 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
     result = voc_evaluate(records, class_names, dets, metric=metric)
     coco = coco_evaluate(records, class_names, dets, out_dir=out, category_ids=category_ids)
     plot_pr_curves(result, out / "pr_curves.png")
+    errors = analyze_errors(records, class_names, dets, metric=metric)
+    write_error_report(errors, out, {"split": name, "checkpoint": str(checkpoint)})
+    if all(Path(r.path).is_file() for r in records):
+        false_positive_gallery(records, class_names, errors, out / "false_positives.png")
     per_image: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
     for r in records:
         for k, v in detected["times"].get(r.image_id, {}).items():
@@ -364,4 +375,4 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
               "coco": coco, "checkpoint": str(checkpoint), **result.to_dict()}
     write_json(out / "eval.json", report)
     return EvalReport(split=name, result=result, coco=coco, timing=timing, out_dir=out, report=report,
-                      per_image=per_image)
+                      per_image=per_image, errors=errors)

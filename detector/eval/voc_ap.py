@@ -55,6 +55,8 @@ __all__ = [
     "detections_by_class",
     "per_class_detections",
     "eval_class",
+    "RankedOutcomes",
+    "rank_outcomes",
     "evaluate",
     "ap_11point",
     "ap_area",
@@ -287,29 +289,44 @@ class ClassEval:
     prec: np.ndarray = field(repr=False)
 
 
-def eval_class(
+@dataclass(frozen=True)
+class RankedOutcomes:
+    """How the devkit judged each detection of one class, in rank (decreasing score) order.
+
+    Attributes:
+        order (ndarray[N] int64): rank -> index of the detection in results-file order.
+        tp, fp (ndarray[N] float64): 1 where the ranked detection is a true / false positive
+            (a false positive reached no GT at ``iou_thresh``, or a GT already taken: a duplicate);
+            both 0 for a detection whose best GT is difficult (ignored).
+        ovmax (ndarray[N] float64): IoU (devkit ``+1``) with the best GT of the class in the
+            detection's image, difficult ones included; ``-inf`` where none intersects.
+        npos: non-difficult GT objects of the class; n_difficult: difficult ones.
+    """
+
+    order: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    ovmax: np.ndarray
+    npos: int
+    n_difficult: int
+
+
+def rank_outcomes(
     gt: Mapping[str, tuple[np.ndarray, np.ndarray]],
     dets: ClassDetections,
     *,
-    metric: str = "07",
     iou_thresh: float = 0.5,
     name: str = "",
-) -> ClassEval:
-    """``VOCevaldet`` for one class.
+) -> RankedOutcomes:
+    """``VOCevaldet``'s matching for one class: every detection judged TP, FP or ignored, by rank.
 
     Args:
-        gt: ``{image_id: (voc_boxes ndarray[G, 4], difficult ndarray[G] bool)}`` for EVERY image of
-            the split (:func:`class_ground_truth`).
-        dets: the class's detections in results-file order (VOC coordinates).
-        metric: ``"07"`` (11-point, VOC 2007 default) or ``"area"`` (VOC 2010+).
-        iou_thresh: minimum overlap, matched with ``>=`` (devkit ``minoverlap`` 0.5).
-        name: class name for messages and the result.
+        gt, dets, iou_thresh, name: as :func:`eval_class`.
+    Returns:
+        :class:`RankedOutcomes`.
     Raises:
-        ValueError: a detection on an image not in ``gt`` (named; the devkit: "unrecognized
-            image"), NaN scores, or an unknown metric.
+        ValueError: a detection on an image not in ``gt`` (named), or NaN scores.
     """
-    if metric not in ("07", "area"):
-        raise ValueError(f"metric must be '07' or 'area', got {metric!r}")
     unknown = sorted(set(dets.image_ids) - set(gt))
     if unknown:
         raise ValueError(
@@ -367,6 +384,35 @@ def eval_class(
     tp[free[first]] = 1
     fp = (~matched).astype(np.float64)  # no GT reached 0.5
     fp[free] = 1 - tp[free]  # duplicates; detections on difficult GTs are neither (ignored)
+    return RankedOutcomes(order=order, tp=tp, fp=fp, ovmax=ovmax, npos=npos, n_difficult=n_diff)
+
+
+def eval_class(
+    gt: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    dets: ClassDetections,
+    *,
+    metric: str = "07",
+    iou_thresh: float = 0.5,
+    name: str = "",
+) -> ClassEval:
+    """``VOCevaldet`` for one class.
+
+    Args:
+        gt: ``{image_id: (voc_boxes ndarray[G, 4], difficult ndarray[G] bool)}`` for EVERY image of
+            the split (:func:`class_ground_truth`).
+        dets: the class's detections in results-file order (VOC coordinates).
+        metric: ``"07"`` (11-point, VOC 2007 default) or ``"area"`` (VOC 2010+).
+        iou_thresh: minimum overlap, matched with ``>=`` (devkit ``minoverlap`` 0.5).
+        name: class name for messages and the result.
+    Raises:
+        ValueError: a detection on an image not in ``gt`` (named; the devkit: "unrecognized
+            image"), NaN scores, or an unknown metric.
+    """
+    if metric not in ("07", "area"):
+        raise ValueError(f"metric must be '07' or 'area', got {metric!r}")
+    m = rank_outcomes(gt, dets, iou_thresh=iou_thresh, name=name)
+    tp, fp, npos = m.tp, m.fp, m.npos
+    nd = len(tp)
     fp_c = np.cumsum(fp)
     tp_c = np.cumsum(tp)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -377,7 +423,7 @@ def eval_class(
     return ClassEval(
         name=name,
         n_gt=npos,
-        n_difficult=n_diff,
+        n_difficult=m.n_difficult,
         n_det=nd,
         tp=n_tp,
         fp=n_fp,

@@ -1,0 +1,385 @@
+"""Where a detector's false positives come from: every detection of a split judged as the devkit
+judges it, each false positive put down to one cause, and the AP each cause costs.
+
+Shape shorthand (used across the project):
+    N: detections of one class      G: ground-truth boxes of one image      K: foreground classes
+
+After Hoiem, Chodpathumwan and Dai, "Diagnosing error in object detectors" (ECCV 2012) and TIDE
+(Bolya et al., ECCV 2020). The devkit's matching (:func:`detector.eval.voc_ap.rank_outcomes`) says
+which detections are false positives; each one then gets the first cause that fits:
+
+* ``duplicate``: its best ground truth of the class (IoU >= 0.5) was taken by a higher-scored
+  detection;
+* ``localization``: its best IoU with an object of the class is in [0.1, 0.5);
+* ``confusion``: IoU >= 0.1 with an object of another class;
+* ``background``: IoU < 0.1 with every object; ``at_border`` counts those that reach within
+  ``border_px`` pixels of an image edge, where objects cut by the frame are often left unannotated.
+
+Counts are given over the ``n_gt`` best-scored detections of a class (``n_gt`` its non-difficult
+objects: the length of list at which a perfect detector reaches recall 1, Hoiem's "top-ranked"
+view) and over all of them. The AP a cause costs (``dAP``) is the class's AP with that cause's
+false positives taken out of the ranked list, minus its AP (TIDE's oracle, one cause at a time);
+with every false positive taken out, what is left is the AP that the misses allow. ``missed``:
+objects no detection finds at IoU 0.5.
+
+IoU with other classes and with the frame are computed on project xyxy boxes
+(``torchvision.ops.box_iou`` on them equals the devkit's ``+1`` IoU on the VOC boxes, see
+``detector.postprocess``), converted at the edge with ``boxes.voc_to_xyxy``.
+
+Why not ``tidecv``, the field's tool for this: its wheel requires ``opencv-python``, which
+installs a second ``cv2`` over the ``opencv-contrib-python-headless`` that selective search needs,
+plus pandas and seaborn; and it ranks with COCO's 101-point AP over IoU thresholds, not the VOC07
+11-point AP this project reports, so its dAPs would not add up to the figures beside them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from detector.artifacts import atomic_path, write_text
+from detector.boxes import valid_boxes_mask, voc_to_xyxy
+from detector.data.voc import ImageRecord
+from detector.eval.voc_ap import (
+    ClassDetections,
+    ap_11point,
+    ap_area,
+    class_ground_truth,
+    per_class_detections,
+    rank_outcomes,
+)
+
+__all__ = ["CAUSES", "FalsePositive", "ClassErrors", "ErrorReport", "analyze_errors", "plot_errors",
+           "false_positive_gallery", "write_error_report"]
+
+log = logging.getLogger(__name__)
+
+CAUSES = ("duplicate", "localization", "confusion", "background")
+BACKGROUND_IOU = 0.1  # Hoiem et al.'s and TIDE's threshold between "near an object" and background
+
+
+@dataclass(frozen=True)
+class FalsePositive:
+    """One false positive: where it is, how it scored and why it is wrong."""
+
+    image_id: str
+    box: tuple[float, float, float, float]  # project xyxy, original-image pixels
+    score: float
+    cause: str  # one of CAUSES
+    at_border: bool  # within border_px of an image edge
+
+
+@dataclass
+class ClassErrors:
+    """The error breakdown of one class.
+
+    Attributes:
+        name: class name.
+        n_gt: non-difficult objects (npos); n_det: detections.
+        ap: the class's AP (the run's metric).
+        top: counts over the ``min(n_gt, n_det)`` best-scored detections: ``true``, each cause of
+            :data:`CAUSES`, ``background_at_border`` and ``ignored`` (on difficult objects).
+        all: the same counts over every detection.
+        missed: objects found by no detection.
+        ap_without: the AP with the false positives of each cause removed, and with ``all`` removed.
+        worst: the highest-scored false positives (for :func:`false_positive_gallery`).
+    """
+
+    name: str
+    n_gt: int
+    n_det: int
+    ap: float
+    top: dict[str, int]
+    all: dict[str, int]
+    missed: int
+    ap_without: dict[str, float]
+    worst: list[FalsePositive] = field(default_factory=list)
+
+    def dap(self, cause: str) -> float:
+        """AP gained if the false positives of ``cause`` (or ``"all"``) were not there."""
+        return self.ap_without[cause] - self.ap
+
+
+@dataclass
+class ErrorReport:
+    """:func:`analyze_errors`' result: one :class:`ClassErrors` per class."""
+
+    metric: str
+    border_px: float
+    classes: list[ClassErrors]
+
+    def to_dict(self) -> dict:
+        """JSON-ready (NaN -> None)."""
+
+        def f(x: float) -> float | None:
+            return None if isinstance(x, float) and math.isnan(x) else x
+
+        return {"metric": self.metric, "border_px": self.border_px, "causes": list(CAUSES),
+                "classes": [{**{k: v for k, v in asdict(c).items() if k not in ("ap", "ap_without", "worst")},
+                             "ap": f(c.ap), "ap_without": {k: f(v) for k, v in c.ap_without.items()},
+                             "dap": {k: f(c.dap(k)) for k in c.ap_without},
+                             "worst": [asdict(w) for w in c.worst]} for c in self.classes]}
+
+    def text(self) -> str:
+        """Two tables: the best-scored detections by verdict, and the AP each cause costs."""
+        w = max([5] + [len(c.name) for c in self.classes])
+        head = (f"{'class':<{w}}  {'#gt':>5}  {'true':>5}  {'dupl':>5}  {'loc':>5}  {'conf':>5}  {'bkg':>5}  "
+                f"{'(edge)':>6}  {'missed':>6}")
+        lines = [f"the n_gt best-scored detections of each class (edge: background boxes within "
+                 f"{self.border_px:g} px of the frame); missed: objects no detection finds", head, "-" * len(head)]
+        for c in self.classes:
+            t = c.top
+            lines.append(f"{c.name:<{w}}  {c.n_gt:>5d}  {t['true']:>5d}  {t['duplicate']:>5d}  "
+                         f"{t['localization']:>5d}  {t['confusion']:>5d}  {t['background']:>5d}  "
+                         f"{t['background_at_border']:>6d}  {c.missed:>6d}")
+        head = (f"{'class':<{w}}  {'AP':>7}  {'+dupl':>7}  {'+loc':>7}  {'+conf':>7}  {'+bkg':>7}  "
+                f"{'+all FP':>7}")
+        lines += ["", f"AP ({self.metric}) and what it gains with each cause's false positives removed",
+                  head, "-" * len(head)]
+        for c in self.classes:
+            lines.append(f"{c.name:<{w}}  {c.ap:>7.4f}  " + "  ".join(
+                f"{c.dap(k):>+7.4f}" for k in (*CAUSES, "all")))
+        if self.classes:
+            mean = {k: float(np.mean([c.dap(k) for c in self.classes])) for k in (*CAUSES, "all")}
+            m_ap = float(np.mean([c.ap for c in self.classes]))
+            lines.append(f"{'mean':<{w}}  {m_ap:>7.4f}  " + "  ".join(f"{mean[k]:>+7.4f}" for k in (*CAUSES, "all")))
+        return "\n".join(lines)
+
+
+def _ap(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str) -> float:
+    """The devkit's AP of a ranked tp/fp list (as :func:`detector.eval.voc_ap.eval_class`)."""
+    tp_c, fp_c = np.cumsum(tp), np.cumsum(fp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = tp_c / float(npos)
+        prec = tp_c / (fp_c + tp_c)
+    return ap_11point(rec, prec) if metric == "07" else ap_area(rec, prec)
+
+
+def _at_border(boxes: torch.Tensor, height: int, width: int, px: float) -> torch.Tensor:
+    """Tensor[N] bool: xyxy boxes that come within ``px`` of the frame [0, W] x [0, H]."""
+    return ((boxes[:, 0] <= px) | (boxes[:, 1] <= px) | (boxes[:, 2] >= width - px)
+            | (boxes[:, 3] >= height - px))
+
+
+def _class_errors(records: Sequence[ImageRecord], label: int, name: str, dets: ClassDetections, metric: str,
+                  border_px: float, keep_worst: int) -> ClassErrors:
+    gt = class_ground_truth(records, label)
+    m = rank_outcomes(gt, dets, name=name)
+    nd = len(m.order)
+    cause = np.full(nd, "", dtype=object)  # (N,) in rank order; "" for true positives and ignored
+    at_border = np.zeros(nd, dtype=bool)
+    fp_ranks = np.flatnonzero(m.fp > 0)
+    by_id = {r.image_id: r for r in records}
+    # duplicates and loose boxes follow from the devkit's own best-IoU; the rest need the other classes
+    cause[fp_ranks[m.ovmax[fp_ranks] >= 0.5]] = "duplicate"
+    loose = (m.ovmax[fp_ranks] >= BACKGROUND_IOU) & (m.ovmax[fp_ranks] < 0.5)
+    cause[fp_ranks[loose]] = "localization"
+    rest = fp_ranks[cause[fp_ranks] == ""]
+    idx = m.order[rest]  # results-file indices of the remaining false positives
+    boxes = voc_to_xyxy(dets.voc_boxes[idx]).to(torch.float64).reshape(-1, 4)  # (n, 4)
+    images = [dets.image_ids[i] for i in idx]
+    for image_id in dict.fromkeys(images):
+        sel = [k for k, im in enumerate(images) if im == image_id]
+        rec = by_id[image_id]
+        b = boxes[sel]  # (n_i, 4)
+        other = (rec.labels != label) & valid_boxes_mask(rec.boxes.reshape(-1, 4))  # degenerate GT overlaps nothing
+        conf = torch.zeros(len(sel), dtype=torch.bool)
+        if bool(other.any()):
+            conf = box_iou(b, rec.boxes[other].to(torch.float64)).amax(dim=1) >= BACKGROUND_IOU  # (n_i,)
+        ranks = rest[sel]
+        cause[ranks] = np.where(conf.numpy(), "confusion", "background")
+        at_border[ranks] = (_at_border(b, rec.height, rec.width, border_px) & ~conf).numpy()
+
+    def counts(n: int) -> dict[str, int]:
+        c = cause[:n]
+        out = {"true": int(m.tp[:n].sum()), **{k: int((c == k).sum()) for k in CAUSES},
+               "background_at_border": int(at_border[:n].sum())}
+        out["ignored"] = n - out["true"] - sum(out[k] for k in CAUSES)
+        return out
+
+    ap = _ap(m.tp, m.fp, m.npos, metric)
+    ap_without = {}
+    for k in (*CAUSES, "all"):
+        keep = (cause != k) if k != "all" else (m.fp == 0)  # (N,)
+        ap_without[k] = _ap(m.tp[keep], m.fp[keep], m.npos, metric)
+    worst = []
+    for r in fp_ranks[:keep_worst]:
+        i = m.order[r]
+        box = voc_to_xyxy(dets.voc_boxes[i:i + 1])[0].tolist()
+        worst.append(FalsePositive(image_id=dets.image_ids[i], box=tuple(round(v, 2) for v in box),
+                                   score=float(dets.scores[i]), cause=str(cause[r]), at_border=bool(at_border[r])))
+    return ClassErrors(name=name, n_gt=m.npos, n_det=nd, ap=ap, top=counts(min(m.npos, nd)), all=counts(nd),
+                       missed=m.npos - int(m.tp.sum()), ap_without=ap_without, worst=worst)
+
+
+def analyze_errors(
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    detections: Mapping[str, Mapping[str, torch.Tensor]] | Mapping[str, ClassDetections],
+    *,
+    metric: str = "07",
+    border_px: float = 2.0,
+    keep_worst: int = 8,
+) -> ErrorReport:
+    """The false positives of every class by cause, and the AP each cause costs.
+
+    Args:
+        records: the split's ground truth (every image; ``raw_boxes=True`` as the devkit scores).
+        class_names: K names, ids as in ``records[i].labels``.
+        detections: per-image detector output or per-class lists, as
+            :func:`detector.eval.voc_ap.evaluate` takes them.
+        metric: "07" (11-point) or "area".
+        border_px: a background false positive "at the border" comes this close to an image edge.
+        keep_worst: false positives kept per class for the gallery, highest-scored first.
+    Returns:
+        :class:`ErrorReport`; its AP per class is :func:`detector.eval.voc_ap.evaluate`'s.
+    Raises:
+        ValueError: an unknown metric, a negative ``border_px``, or a detection on an image outside
+            the split (named).
+    """
+    if metric not in ("07", "area"):
+        raise ValueError(f"metric must be '07' or 'area', got {metric!r}")
+    if not (math.isfinite(border_px) and border_px >= 0):
+        raise ValueError(f"border_px must be a number >= 0, got {border_px!r}")
+    class_names = tuple(class_names)
+    per_class = per_class_detections(detections, class_names, strict=True)
+    classes = [_class_errors(records, k, n, per_class[k], metric, float(border_px), keep_worst)
+               for k, n in enumerate(class_names)]
+    return ErrorReport(metric=metric, border_px=float(border_px), classes=classes)
+
+
+_CAUSE_COLOURS = {"true": "#2ca02c", "duplicate": "#9467bd", "localization": "#ff7f0e", "confusion": "#8c564b",
+                  "background": "#d62728", "background_at_border": "#f4a6a6", "ignored": "#c7c7c7"}
+
+
+def plot_errors(report: ErrorReport, path: str | Path) -> Path:
+    """Two panels into one PNG, written atomically: each class's ``n_gt`` best-scored detections as
+    a stacked bar by verdict (background split into inside and at the border), and the AP each
+    cause costs per class.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [c.name for c in report.classes]
+    height = 1.9 + 0.4 * max(3, len(names))  # inches: 1 for the legends under the bars
+    fig = Figure(figsize=(12, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(names))
+    left = np.zeros(len(names))
+    parts = [("true", "true"), ("duplicate", "duplicate"), ("localization", "localization"),
+             ("confusion", "confusion"), ("background_inside", "background"),
+             ("background_at_border", f"background at the frame ({report.border_px:g} px)"),
+             ("ignored", "on difficult objects")]
+    for key, label in parts:
+        if key == "background_inside":
+            v = np.array([c.top["background"] - c.top["background_at_border"] for c in report.classes], float)
+            colour = _CAUSE_COLOURS["background"]
+        else:
+            v = np.array([c.top[key] for c in report.classes], float)
+            colour = _CAUSE_COLOURS[key]
+        share = v / np.maximum(1, [c.top["true"] + sum(c.top[k] for k in CAUSES) + c.top["ignored"]
+                                   for c in report.classes])
+        ax1.barh(y, share, left=left, color=colour, label=label)
+        left += share
+    ax1.set_yticks(y, [f"{c.name} ({c.n_gt})" for c in report.classes])
+    ax1.invert_yaxis()
+    ax1.set_xlim(0, 1)
+    ax1.set_title("the n_gt best-scored detections of each class", fontsize=10)
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+    width = 0.8 / (len(CAUSES) + 1)
+    for i, k in enumerate((*CAUSES, "all")):
+        colour = _CAUSE_COLOURS.get(k, "#1f77b4")
+        ax2.barh(y - 0.4 + (i + 0.5) * width, [c.dap(k) for c in report.classes], height=width, color=colour,
+                 label="all false positives" if k == "all" else k)
+    ax2.set_yticks(y, names)
+    ax2.invert_yaxis()
+    ax2.set_title(f"AP gained with these false positives removed ({report.metric})", fontsize=10)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+    ax2.grid(True, axis="x", alpha=0.3)
+    fig.subplots_adjust(left=0.14, right=0.98, top=1 - 0.35 / height, bottom=1.0 / height, wspace=0.35)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def false_positive_gallery(records: Sequence[ImageRecord], class_names: Sequence[str], report: ErrorReport,
+                           path: str | Path, *, crop_height: int = 140) -> Path | None:
+    """The highest-scored false positives of each class, one row per class, written as one PNG.
+
+    Each picture is the detection (its class's colour) and every object annotated there (green)
+    in a crop around it with half its size of context on each side, scaled to ``crop_height``,
+    with the score and the cause under it.
+
+    Returns:
+        ``path``, or None when no class has a false positive.
+    """
+    from PIL import Image
+
+    from detector.visualize import caption, draw_detections, tile
+    from proposals.imageio import read_image
+
+    by_id = {r.image_id: r for r in records}
+    read: dict[str, np.ndarray] = {}  # each image decoded once
+    cols = max([len(c.worst) for c in report.classes] + [0])
+    cells: list[np.ndarray] = []
+    for k, c in enumerate(report.classes):
+        row: list[np.ndarray] = []
+        for fp in c.worst:
+            rec = by_id[fp.image_id]
+            im = read.get(fp.image_id)
+            if im is None:
+                im = read[fp.image_id] = read_image(rec.path)
+            x1, y1, x2, y2 = fp.box
+            mx, my = max(8.0, 0.5 * (x2 - x1)), max(8.0, 0.5 * (y2 - y1))
+            cx1, cy1 = int(max(0, math.floor(x1 - mx))), int(max(0, math.floor(y1 - my)))
+            cx2, cy2 = int(min(im.shape[1], math.ceil(x2 + mx))), int(min(im.shape[0], math.ceil(y2 + my)))
+            if cx2 <= cx1 or cy2 <= cy1:
+                continue
+            # scale the crop first, then draw, so that lines and labels look alike in every cell
+            scale = min(crop_height / (cy2 - cy1), 1.5 * crop_height / (cx2 - cx1))
+            size = (max(1, round((cx2 - cx1) * scale)), max(1, round((cy2 - cy1) * scale)))
+            crop = np.array(Image.fromarray(im[cy1:cy2, cx1:cx2]).resize(size, Image.BILINEAR))
+            shift = torch.tensor([cx1, cy1, cx1, cy1], dtype=torch.float32)
+            box = (torch.tensor([fp.box], dtype=torch.float32) - shift) * scale  # (1, 4)
+            gt_ok = valid_boxes_mask(rec.boxes.reshape(-1, 4))  # annotations kept as written may be degenerate
+            ok = valid_boxes_mask(box)
+            pic = draw_detections(
+                crop,
+                {"boxes": box[ok], "scores": torch.tensor([fp.score])[ok], "labels": torch.tensor([k])[ok]},
+                class_names, ground_truth={"boxes": (rec.boxes.reshape(-1, 4)[gt_ok] - shift) * scale,
+                                           "labels": rec.labels[gt_ok]},
+                width=2, font_size=10)
+            cell_w = round(1.5 * crop_height)
+            if pic.shape[1] < cell_w:  # room for the caption under a narrow crop
+                pic = np.concatenate([pic, np.full((pic.shape[0], cell_w - pic.shape[1], 3), 255, np.uint8)], 1)
+            label = fp.cause + (", at the frame" if fp.at_border else "")
+            row.append(caption(pic, [f"{c.name} {fp.score:.2f}", label, fp.image_id[:24]], font_size=11))
+        if row:  # one row per class: pad it to the full width so the next class starts a row
+            cells += row + [np.full((1, 1, 3), 255, np.uint8)] * (cols - len(row))
+    if not cells:
+        return None
+    path = Path(path)
+    picture = tile(cells, columns=cols)
+    with atomic_path(path) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+    return path
+
+
+def write_error_report(report: ErrorReport, out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """``errors.json`` and ``errors.png`` into ``out_dir`` (atomically); returns both paths."""
+    out_dir = Path(out_dir)
+    js = out_dir / "errors.json"
+    write_text(js, json.dumps({**(extra or {}), **report.to_dict()}, indent=1) + "\n")
+    return js, plot_errors(report, out_dir / "errors.png")
