@@ -169,3 +169,47 @@ def test_sppnet_errors_on_comp4_files(tmp_path, capsys):
     # a missing results folder: one error line, exit code 2
     assert main(["--data-root", str(root), "--split", "test", "--results", str(tmp_path / "nothing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_causes_match_a_reference_loop():
+    """Every false positive's cause, recomputed one detection at a time with torchvision's box_iou."""
+    from torchvision.ops import box_iou
+
+    from detector.eval.voc_ap import per_class_detections
+
+    g = torch.Generator().manual_seed(4)
+    records = []
+    for i in range(10):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 120
+        wh = 10 + torch.rand(n, 2, generator=g) * 50
+        records.append(record(f"im{i}", torch.cat([xy, xy + wh], 1).tolist(),
+                              torch.randint(0, 3, (n,), generator=g).tolist(), size=(180, 190)))
+    names = ("a", "b", "c")
+    detections = jitter_detections(records, 3, noise=0.3, miss=0.1, dup=0.4, fp=4,
+                                   generator=torch.Generator().manual_seed(2))
+    rep = analyze_errors(records, names, detections, border_px=3, keep_worst=10 ** 6)
+    per_class = per_class_detections(detections, names, strict=True)
+    by_id = {r.image_id: r for r in records}
+    for k, c in enumerate(rep.classes):
+        assert len(c.worst) == sum(c.all[x] for x in CAUSES)  # every false positive kept, by score
+        for fp in c.worst:
+            rec = by_id[fp.image_id]
+            box = torch.tensor([fp.box], dtype=torch.float64)
+            same = rec.labels == k
+            iou_same = box_iou(box, rec.boxes[same].double())[0] if bool(same.any()) else torch.zeros(0)
+            iou_other = box_iou(box, rec.boxes[~same].double())[0] if bool((~same).any()) else torch.zeros(0)
+            best_same = float(iou_same.max()) if len(iou_same) else 0.0
+            if best_same >= 0.5 - 1e-6:
+                want = "duplicate"
+            elif best_same >= 0.1:
+                want = "localization"
+            elif len(iou_other) and float(iou_other.max()) >= 0.1:
+                want = "confusion"
+            else:
+                want = "background"
+            assert fp.cause == want, (fp, best_same)
+            x1, y1, x2, y2 = fp.box
+            edge = x1 <= 3 or y1 <= 3 or x2 >= rec.width - 3 or y2 >= rec.height - 3
+            assert fp.at_border == (want == "background" and edge)
+        assert len(per_class[k]) == c.n_det

@@ -22,9 +22,9 @@ false positives taken out of the ranked list, minus its AP (TIDE's oracle, one c
 with every false positive taken out, what is left is the AP that the misses allow. ``missed``:
 objects no detection finds at IoU 0.5.
 
-IoU with other classes and with the frame are computed on project xyxy boxes
-(``torchvision.ops.box_iou`` on them equals the devkit's ``+1`` IoU on the VOC boxes, see
-``detector.postprocess``), converted at the edge with ``boxes.voc_to_xyxy``.
+IoU with other classes and the frame are computed on project xyxy boxes, converted at the edge
+with ``boxes.voc_to_xyxy`` (plain IoU on them equals the devkit's ``+1`` IoU on the VOC boxes, see
+``detector.postprocess``), vectorised over a class's false positives.
 
 Why not ``tidecv``, the field's tool for this: its wheel requires ``opencv-python``, which
 installs a second ``cv2`` over the ``opencv-contrib-python-headless`` that selective search needs,
@@ -42,7 +42,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from detector.artifacts import atomic_path, write_text
 from detector.boxes import valid_boxes_mask, voc_to_xyxy
@@ -168,15 +167,62 @@ def _at_border(boxes: torch.Tensor, height: int, width: int, px: float) -> torch
             | (boxes[:, 3] >= height - px))
 
 
-def _class_errors(records: Sequence[ImageRecord], label: int, name: str, dets: ClassDetections, metric: str,
-                  border_px: float, keep_worst: int) -> ClassErrors:
+class _SplitGT:
+    """Every image's objects padded to one tensor, so that a class's false positives are compared
+    with the objects of their images in one vectorised step.
+
+    Attributes:
+        index: image id -> row.
+        boxes (Tensor[I, Gmax, 4] float64): project xyxy; padding and degenerate boxes are masked.
+        labels (Tensor[I, Gmax] int64): class ids, -1 for padding and degenerate boxes.
+        height, width (Tensor[I] float64): image sizes.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord]) -> None:
+        self.index = {r.image_id: i for i, r in enumerate(records)}
+        g_max = max([int(r.boxes.reshape(-1, 4).shape[0]) for r in records] + [1])
+        self.boxes = torch.zeros(len(records), g_max, 4, dtype=torch.float64)
+        self.labels = torch.full((len(records), g_max), -1, dtype=torch.int64)
+        for i, r in enumerate(records):
+            b = r.boxes.reshape(-1, 4).to(torch.float64)
+            ok = valid_boxes_mask(b)  # a degenerate box (kept as annotated) overlaps nothing
+            self.boxes[i, :b.shape[0]] = b
+            self.labels[i, :b.shape[0]] = torch.where(ok, r.labels, -1)
+        self.height = torch.tensor([float(r.height) for r in records], dtype=torch.float64)
+        self.width = torch.tensor([float(r.width) for r in records], dtype=torch.float64)
+
+    def other_class_iou(self, img: np.ndarray, boxes: torch.Tensor, label: int) -> np.ndarray:
+        """ndarray[n] float64: each box's largest IoU with an object of another class in its image
+        (0 where there is none); ``torchvision.ops.box_iou``'s arithmetic, vectorised over images.
+
+        Args:
+            img (ndarray[n] int64): image row of each box; boxes (Tensor[n, 4] float64): xyxy.
+        """
+        out = np.zeros(len(img))
+        step = max(1, (1 << 22) // self.boxes.shape[1])  # about 4M box pairs (~130 MB of float64) at a time
+        for s in range(0, len(img), step):
+            idx = torch.from_numpy(img[s:s + step])
+            g, lab = self.boxes[idx], self.labels[idx]  # (n, Gmax, 4), (n, Gmax)
+            b = boxes[s:s + step, None, :]  # (n, 1, 4)
+            lt = torch.maximum(b[..., :2], g[..., :2])  # (n, Gmax, 2)
+            rb = torch.minimum(b[..., 2:], g[..., 2:])
+            inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (n, Gmax)
+            area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (n, 1)
+            area_g = (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])  # (n, Gmax)
+            iou = inter / (area_b + area_g - inter)
+            iou = torch.where((lab >= 0) & (lab != label), iou, torch.zeros_like(iou)).nan_to_num(0.0)
+            out[s:s + step] = iou.amax(dim=1).numpy()
+        return out
+
+
+def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, name: str, dets: ClassDetections,
+                  metric: str, border_px: float, keep_worst: int) -> ClassErrors:
     gt = class_ground_truth(records, label)
     m = rank_outcomes(gt, dets, name=name)
     nd = len(m.order)
     cause = np.full(nd, "", dtype=object)  # (N,) in rank order; "" for true positives and ignored
     at_border = np.zeros(nd, dtype=bool)
     fp_ranks = np.flatnonzero(m.fp > 0)
-    by_id = {r.image_id: r for r in records}
     # duplicates and loose boxes follow from the devkit's own best-IoU; the rest need the other classes
     cause[fp_ranks[m.ovmax[fp_ranks] >= 0.5]] = "duplicate"
     loose = (m.ovmax[fp_ranks] >= BACKGROUND_IOU) & (m.ovmax[fp_ranks] < 0.5)
@@ -184,18 +230,11 @@ def _class_errors(records: Sequence[ImageRecord], label: int, name: str, dets: C
     rest = fp_ranks[cause[fp_ranks] == ""]
     idx = m.order[rest]  # results-file indices of the remaining false positives
     boxes = voc_to_xyxy(dets.voc_boxes[idx]).to(torch.float64).reshape(-1, 4)  # (n, 4)
-    images = [dets.image_ids[i] for i in idx]
-    for image_id in dict.fromkeys(images):
-        sel = [k for k, im in enumerate(images) if im == image_id]
-        rec = by_id[image_id]
-        b = boxes[sel]  # (n_i, 4)
-        other = (rec.labels != label) & valid_boxes_mask(rec.boxes.reshape(-1, 4))  # degenerate GT overlaps nothing
-        conf = torch.zeros(len(sel), dtype=torch.bool)
-        if bool(other.any()):
-            conf = box_iou(b, rec.boxes[other].to(torch.float64)).amax(dim=1) >= BACKGROUND_IOU  # (n_i,)
-        ranks = rest[sel]
-        cause[ranks] = np.where(conf.numpy(), "confusion", "background")
-        at_border[ranks] = (_at_border(b, rec.height, rec.width, border_px) & ~conf).numpy()
+    if len(idx):
+        img = np.fromiter((split.index[dets.image_ids[i]] for i in idx), np.int64, len(idx))  # (n,)
+        conf = split.other_class_iou(img, boxes, label) >= BACKGROUND_IOU  # (n,)
+        cause[rest] = np.where(conf, "confusion", "background")
+        at_border[rest] = _at_border(boxes, split.height[img], split.width[img], border_px).numpy() & ~conf
 
     def counts(n: int) -> dict[str, int]:
         c = cause[:n]
@@ -250,7 +289,8 @@ def analyze_errors(
         raise ValueError(f"border_px must be a number >= 0, got {border_px!r}")
     class_names = tuple(class_names)
     per_class = per_class_detections(detections, class_names, strict=True)
-    classes = [_class_errors(records, k, n, per_class[k], metric, float(border_px), keep_worst)
+    split = _SplitGT(records)
+    classes = [_class_errors(records, split, k, n, per_class[k], metric, float(border_px), keep_worst)
                for k, n in enumerate(class_names)]
     return ErrorReport(metric=metric, border_px=float(border_px), classes=classes)
 
