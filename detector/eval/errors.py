@@ -161,8 +161,9 @@ def _ap(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str) -> float:
     return ap_11point(rec, prec) if metric == "07" else ap_area(rec, prec)
 
 
-def _at_border(boxes: torch.Tensor, height: int, width: int, px: float) -> torch.Tensor:
-    """Tensor[N] bool: xyxy boxes that come within ``px`` of the frame [0, W] x [0, H]."""
+def _at_border(boxes: torch.Tensor, height: torch.Tensor | float, width: torch.Tensor | float, px: float
+               ) -> torch.Tensor:
+    """Tensor[N] bool: xyxy boxes that come within ``px`` of the frame [0, W] x [0, H] (sizes per box or one)."""
     return ((boxes[:, 0] <= px) | (boxes[:, 1] <= px) | (boxes[:, 2] >= width - px)
             | (boxes[:, 3] >= height - px))
 
