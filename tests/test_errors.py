@@ -166,6 +166,15 @@ def test_sppnet_errors_on_comp4_files(tmp_path, capsys):
     assert [c["ap"] for c in report["classes"]] == pytest.approx([c.ap for c in ref.classes], nan_ok=True)
     assert (tmp_path / "out" / "errors.png").stat().st_size > 0
     assert (tmp_path / "out" / "false_positives.png").stat().st_size > 0
+    # with the proposals: the missed objects no proposal reaches (here the objects themselves: none)
+    from proposals.store import save_proposals
+
+    save_proposals(tmp_path / "p.npz", {r.image_id: r.boxes.numpy() for r in records})
+    assert main(["--data-root", str(root), "--split", "test", "--results", str(tmp_path / "res"),
+                 "--out", str(tmp_path / "out2"), "--gallery", "0", "--proposals", str(tmp_path / "p.npz")]) == 0
+    report = json.loads((tmp_path / "out2" / "errors.json").read_text())
+    assert [c["missed_no_proposal"] for c in report["classes"]] == [0] * len(names)
+    assert not (tmp_path / "out2" / "false_positives.png").exists()
     # a missing results folder: one error line, exit code 2
     assert main(["--data-root", str(root), "--split", "test", "--results", str(tmp_path / "nothing")]) == 2
     assert "error:" in capsys.readouterr().err
@@ -213,3 +222,27 @@ def test_causes_match_a_reference_loop():
             edge = x1 <= 3 or y1 <= 3 or x2 >= rec.width - 3 or y2 >= rec.height - 3
             assert fp.at_border == (want == "background" and edge)
         assert len(per_class[k]) == c.n_det
+
+
+def test_missed_objects_without_a_proposal():
+    records, names, detections = hand_case()
+    far = np.array([[70.0, 70.0, 90.0, 90.0]])
+    props = {"m": far, "e": np.zeros((0, 4)), "f": far}
+    a, b = analyze_errors(records, names, detections, proposals=props).classes
+    # "a" misses its object in f (no proposal there reaches it); "b"'s object in m has none either
+    assert (a.missed, a.missed_no_proposal) == (1, 1) and (b.missed, b.missed_no_proposal) == (1, 1)
+    props["f"] = np.array([[70.0, 70.0, 90.0, 90.0], [11.0, 10.0, 30.0, 31.0]])  # IoU 0.95 with f's object
+    props["m"] = torch.tensor([[60.0, 60.0, 80.0, 70.0]])  # IoU 0.5 with "b"'s object: reached
+    a, b = analyze_errors(records, names, detections, proposals=props).classes
+    assert (a.missed, a.missed_no_proposal) == (1, 0) and (b.missed, b.missed_no_proposal) == (1, 0)
+    assert analyze_errors(records, names, detections).classes[0].missed_no_proposal is None
+    assert "(no proposal)" in analyze_errors(records, names, detections, proposals=props).text()
+
+
+def test_rank_outcomes_marks_the_objects_found():
+    from detector.eval.voc_ap import class_ground_truth, per_class_detections, rank_outcomes
+
+    records, names, detections = hand_case()
+    m = rank_outcomes(class_ground_truth(records, 0), per_class_detections(detections, names, strict=True)[0])
+    assert m.found.tolist() == [True, False]  # m's object, then f's (e has none)
+    assert m.tp.tolist() == [0, 1, 0, 0, 0, 0, 0] and m.npos == 2

@@ -6,7 +6,8 @@ Each false positive (the devkit's verdict at IoU 0.5) is put down to one cause: 
 found object, a loose box on an object of its class (IoU 0.1-0.5), confusion with an object of
 another class, or background (IoU < 0.1 with everything; counted apart where the box reaches
 the image's frame). Prints, per class, the verdicts of its n_gt best-scored detections, the objects
-no detection finds, and the AP each cause costs (the AP with that cause's false positives removed).
+no detection finds (with --proposals, how many of them no proposal reaches either), and the AP each
+cause costs (the AP with that cause's false positives removed).
 Writes errors.json, errors.png (the same as bars) and false_positives.png (the highest-scored false
 positives of each class, cropped, with the annotated objects in green) into --out (default: the
 results folder). ``sppnet test`` writes comp4 files into <output_dir>/test_<split>/results.
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="class names in id order (default: every name in the split, sorted)")
     ap.add_argument("--border-px", type=float, default=2.0,
                     help="a background false positive this close to an image edge counts as at the frame")
+    ap.add_argument("--proposals", type=Path, default=None,
+                    help="the proposal file the detector scored (.npz/.mat/.pkl): also count the missed objects "
+                         "no proposal reaches at IoU 0.5")
     ap.add_argument("--gallery", type=int, default=8,
                     help="false positives per class in false_positives.png (0: no picture)")
     ap.add_argument("--format", choices=FORMATS, default="voc", help="the data set's layout: voc or coco")
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         text = error_report_from_files(args.data_root, args.split, args.results, out=args.out,
                                        metric=args.metric, classes=args.classes, border_px=args.border_px,
-                                       gallery=args.gallery, format=args.format, argv=command_line(argv))
+                                       gallery=args.gallery, proposals=args.proposals,
+                                       format=args.format, argv=command_line(argv))
         print(text)
 
     return run_tool(body)

@@ -355,7 +355,8 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
     result = voc_evaluate(records, class_names, dets, metric=metric)
     coco = coco_evaluate(records, class_names, dets, out_dir=out, category_ids=category_ids)
     plot_pr_curves(result, out / "pr_curves.png")
-    errors = analyze_errors(records, class_names, dets, metric=metric)
+    errors = analyze_errors(records, class_names, dets, metric=metric,
+                            proposals={r.image_id: props[r.image_id] for r in records})
     write_error_report(errors, out, {"split": name, "checkpoint": str(checkpoint)})
     if all(Path(r.path).is_file() for r in records):
         false_positive_gallery(records, class_names, errors, out / "false_positives.png")

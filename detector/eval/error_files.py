@@ -28,6 +28,7 @@ def error_report_from_files(
     classes: Sequence[str] | None = None,
     border_px: float = 2.0,
     gallery: int = 8,
+    proposals: str | Path | None = None,
     format: Format = "voc",
     argv: Sequence[str] = (),
 ) -> str:
@@ -35,11 +36,15 @@ def error_report_from_files(
     and (with ``gallery`` > 0 and the images present) ``false_positives.png`` into ``out`` (default
     ``results``).
 
+    ``proposals``: the proposal file the detector scored (``.npz`` / ``.mat`` / ``.pkl``, every image
+    of the split; other images are allowed): the missed objects that no proposal reaches are counted.
+
     Returns:
         the printed report (:meth:`detector.eval.errors.ErrorReport.text` and the files written).
     Raises:
         VOCDataError / CocoDataError: the split cannot be read (named); ResultsFileError: ``results``
-        is not a folder, a malformed line, or a detection on an image outside the split.
+        is not a folder, a malformed line, or a detection on an image outside the split;
+        ProposalFileError: a proposal file that lacks an image of the split (named).
     """
     results = Path(results)
     records, classes = load_split(data_root, split, tuple(classes) if classes else None, format=format,
@@ -47,7 +52,13 @@ def error_report_from_files(
     if not results.is_dir():
         raise ResultsFileError(f"{results} is not a folder (of comp4 result files)")
     dets = read_comp4(results, split, classes, image_ids=[r.image_id for r in records])
-    report = analyze_errors(records, classes, dets, metric=metric, border_px=border_px, keep_worst=gallery)
+    props = None
+    if proposals is not None:
+        from proposals.store import load_proposals
+
+        props = load_proposals(proposals, [r.image_id for r in records], allow_extra=True)
+    report = analyze_errors(records, classes, dets, metric=metric, border_px=border_px, keep_worst=gallery,
+                            proposals=props)
     out_dir = Path(out) if out is not None else results
     written = list(write_error_report(report, out_dir, {"data_root": str(data_root), "split": split,
                                                         "results": str(results), "argv": list(argv)}))

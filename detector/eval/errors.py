@@ -20,7 +20,8 @@ objects: the length of list at which a perfect detector reaches recall 1, Hoiem'
 view) and over all of them. The AP a cause costs (``dAP``) is the class's AP with that cause's
 false positives taken out of the ranked list, minus its AP (TIDE's oracle, one cause at a time);
 with every false positive taken out, what is left is the AP that the misses allow. ``missed``:
-objects no detection finds at IoU 0.5.
+objects no detection finds at IoU 0.5; given the proposals, ``missed_no_proposal`` says how many
+of them no proposal reaches either (only better proposals find those).
 
 IoU with other classes and the frame are computed on project xyxy boxes, converted at the edge
 with ``boxes.voc_to_xyxy`` (plain IoU on them equals the devkit's ``+1`` IoU on the VOC boxes, see
@@ -38,10 +39,11 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
 from detector.artifacts import atomic_path, write_text
 from detector.boxes import valid_boxes_mask, voc_to_xyxy
@@ -87,6 +89,8 @@ class ClassErrors:
             :data:`CAUSES`, ``background_at_border`` and ``ignored`` (on difficult objects).
         all: the same counts over every detection.
         missed: objects found by no detection.
+        missed_no_proposal: of those, the ones no proposal reaches at IoU 0.5 (None when the
+            proposals were not given): misses that only better proposals can fix.
         ap_without: the AP with the false positives of each cause removed, and with ``all`` removed.
         worst: the highest-scored false positives (for :func:`false_positive_gallery`).
     """
@@ -100,6 +104,7 @@ class ClassErrors:
     missed: int
     ap_without: dict[str, float]
     worst: list[FalsePositive] = field(default_factory=list)
+    missed_no_proposal: int | None = None
 
     def dap(self, cause: str) -> float:
         """AP gained if the false positives of ``cause`` (or ``"all"``) were not there."""
@@ -129,15 +134,19 @@ class ErrorReport:
     def text(self) -> str:
         """Two tables: the best-scored detections by verdict, and the AP each cause costs."""
         w = max([5] + [len(c.name) for c in self.classes])
+        props = all(c.missed_no_proposal is not None for c in self.classes)
         head = (f"{'class':<{w}}  {'#gt':>5}  {'true':>5}  {'dupl':>5}  {'loc':>5}  {'conf':>5}  {'bkg':>5}  "
-                f"{'(edge)':>6}  {'missed':>6}")
+                f"{'(edge)':>6}  {'missed':>6}" + (f"  {'(no proposal)':>13}" if props else ""))
         lines = [f"the n_gt best-scored detections of each class (edge: background boxes within "
-                 f"{self.border_px:g} px of the frame); missed: objects no detection finds", head, "-" * len(head)]
+                 f"{self.border_px:g} px of the frame); missed: objects no detection finds"
+                 + ("; no proposal: of those, the ones no proposal reaches at IoU 0.5" if props else ""),
+                 head, "-" * len(head)]
         for c in self.classes:
             t = c.top
             lines.append(f"{c.name:<{w}}  {c.n_gt:>5d}  {t['true']:>5d}  {t['duplicate']:>5d}  "
                          f"{t['localization']:>5d}  {t['confusion']:>5d}  {t['background']:>5d}  "
-                         f"{t['background_at_border']:>6d}  {c.missed:>6d}")
+                         f"{t['background_at_border']:>6d}  {c.missed:>6d}"
+                         + (f"  {c.missed_no_proposal:>13d}" if props else ""))
         head = (f"{'class':<{w}}  {'AP':>7}  {'+dupl':>7}  {'+loc':>7}  {'+conf':>7}  {'+bkg':>7}  "
                 f"{'+all FP':>7}")
         lines += ["", f"AP ({self.metric}) and what it gains with each cause's false positives removed",
@@ -216,8 +225,29 @@ class _SplitGT:
         return out
 
 
+def _missed_without_proposal(gt: Mapping[str, tuple[np.ndarray, np.ndarray]], found: np.ndarray,
+                             proposals: Mapping[str, Any]) -> int:
+    """Non-difficult objects that no detection found and no proposal reaches at IoU 0.5."""
+    n, off = 0, 0
+    for image_id, (voc_boxes, difficult) in gt.items():
+        g = len(difficult)
+        missed = ~found[off:off + g] & ~difficult  # (G,)
+        off += g
+        if not missed.any():
+            continue
+        objects = voc_to_xyxy(voc_boxes[missed]).to(torch.float64).reshape(-1, 4)  # (g', 4)
+        props = torch.as_tensor(np.asarray(proposals.get(image_id, np.zeros((0, 4)))), dtype=torch.float64)
+        props = props.reshape(-1, 4)
+        if props.shape[0] == 0:
+            n += objects.shape[0]
+            continue
+        n += int((box_iou(objects, props).amax(dim=1) < 0.5).sum())
+    return n
+
+
 def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, name: str, dets: ClassDetections,
-                  metric: str, border_px: float, keep_worst: int) -> ClassErrors:
+                  metric: str, border_px: float, keep_worst: int, proposals: Mapping[str, Any] | None
+                  ) -> ClassErrors:
     gt = class_ground_truth(records, label)
     m = rank_outcomes(gt, dets, name=name)
     nd = len(m.order)
@@ -256,7 +286,9 @@ def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, n
         worst.append(FalsePositive(image_id=dets.image_ids[i], box=tuple(round(v, 2) for v in box),
                                    score=float(dets.scores[i]), cause=str(cause[r]), at_border=bool(at_border[r])))
     return ClassErrors(name=name, n_gt=m.npos, n_det=nd, ap=ap, top=counts(min(m.npos, nd)), all=counts(nd),
-                       missed=m.npos - int(m.tp.sum()), ap_without=ap_without, worst=worst)
+                       missed=m.npos - int(m.tp.sum()), ap_without=ap_without, worst=worst,
+                       missed_no_proposal=None if proposals is None else
+                       _missed_without_proposal(gt, m.found, proposals))
 
 
 def analyze_errors(
@@ -267,6 +299,7 @@ def analyze_errors(
     metric: str = "07",
     border_px: float = 2.0,
     keep_worst: int = 8,
+    proposals: Mapping[str, Any] | None = None,
 ) -> ErrorReport:
     """The false positives of every class by cause, and the AP each cause costs.
 
@@ -278,6 +311,9 @@ def analyze_errors(
         metric: "07" (11-point) or "area".
         border_px: a background false positive "at the border" comes this close to an image edge.
         keep_worst: false positives kept per class for the gallery, highest-scored first.
+        proposals: ``{image_id: boxes}`` (array or Tensor [R, 4] xyxy, original-image pixels), the
+            windows the detector scored: then each class also counts the missed objects that no
+            proposal reaches at IoU 0.5. None: not counted.
     Returns:
         :class:`ErrorReport`; its AP per class is :func:`detector.eval.voc_ap.evaluate`'s.
     Raises:
@@ -291,7 +327,7 @@ def analyze_errors(
     class_names = tuple(class_names)
     per_class = per_class_detections(detections, class_names, strict=True)
     split = _SplitGT(records)
-    classes = [_class_errors(records, split, k, n, per_class[k], metric, float(border_px), keep_worst)
+    classes = [_class_errors(records, split, k, n, per_class[k], metric, float(border_px), keep_worst, proposals)
                for k, n in enumerate(class_names)]
     return ErrorReport(metric=metric, border_px=float(border_px), classes=classes)
 

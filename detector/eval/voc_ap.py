@@ -301,6 +301,8 @@ class RankedOutcomes:
         ovmax (ndarray[N] float64): IoU (devkit ``+1``) with the best GT of the class in the
             detection's image, difficult ones included; ``-inf`` where none intersects.
         npos: non-difficult GT objects of the class; n_difficult: difficult ones.
+        found (ndarray[sum G] bool): each GT object (the images of ``gt`` in order, their objects
+            in order) taken by a true positive.
     """
 
     order: np.ndarray
@@ -309,6 +311,7 @@ class RankedOutcomes:
     ovmax: np.ndarray
     npos: int
     n_difficult: int
+    found: np.ndarray
 
 
 def rank_outcomes(
@@ -384,7 +387,9 @@ def rank_outcomes(
     tp[free[first]] = 1
     fp = (~matched).astype(np.float64)  # no GT reached 0.5
     fp[free] = 1 - tp[free]  # duplicates; detections on difficult GTs are neither (ignored)
-    return RankedOutcomes(order=order, tp=tp, fp=fp, ovmax=ovmax, npos=npos, n_difficult=n_diff)
+    found = np.zeros(int(offsets[-1]), dtype=bool)
+    found[gidx[tp > 0]] = True
+    return RankedOutcomes(order=order, tp=tp, fp=fp, ovmax=ovmax, npos=npos, n_difficult=n_diff, found=found)
 
 
 def eval_class(
