@@ -54,6 +54,7 @@ from detector.eval.voc_ap import (
     ap_area,
     class_ground_truth,
     per_class_detections,
+    pr_curve,
     rank_outcomes,
 )
 
@@ -163,10 +164,7 @@ class ErrorReport:
 
 def _ap(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str) -> float:
     """The devkit's AP of a ranked tp/fp list (as :func:`detector.eval.voc_ap.eval_class`)."""
-    tp_c, fp_c = np.cumsum(tp), np.cumsum(fp)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rec = tp_c / float(npos)
-        prec = tp_c / (fp_c + tp_c)
+    rec, prec = pr_curve(tp, fp, npos)
     return ap_11point(rec, prec) if metric == "07" else ap_area(rec, prec)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "eval_class",
     "RankedOutcomes",
     "rank_outcomes",
+    "pr_curve",
     "evaluate",
     "ap_11point",
     "ap_area",
@@ -392,6 +393,23 @@ def rank_outcomes(
     return RankedOutcomes(order=order, tp=tp, fp=fp, ovmax=ovmax, npos=npos, n_difficult=n_diff, found=found)
 
 
+def pr_curve(tp: np.ndarray, fp: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray]:
+    """The devkit's recall and precision after each ranked detection.
+
+    Args:
+        tp, fp (ndarray[N] float64): 1 where the ranked detection is a true / false positive (both 0:
+            ignored). npos: non-difficult objects.
+    Returns:
+        (rec, prec) (ndarray[N] float64 each).
+    """
+    fp_c = np.cumsum(fp)
+    tp_c = np.cumsum(tp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = tp_c / float(npos)  # npos = 0: 0/0 = NaN (MATLAB), so no 11-point level is reached
+        prec = tp_c / (fp_c + tp_c)  # 0/0 = NaN before the first TP/FP (MATLAB)
+    return rec, prec
+
+
 def eval_class(
     gt: Mapping[str, tuple[np.ndarray, np.ndarray]],
     dets: ClassDetections,
@@ -418,11 +436,7 @@ def eval_class(
     m = rank_outcomes(gt, dets, iou_thresh=iou_thresh, name=name)
     tp, fp, npos = m.tp, m.fp, m.npos
     nd = len(tp)
-    fp_c = np.cumsum(fp)
-    tp_c = np.cumsum(tp)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rec = tp_c / float(npos)  # npos = 0: 0/0 = NaN (MATLAB), so no 11-point level is reached
-        prec = tp_c / (fp_c + tp_c)  # 0/0 = NaN before the first TP/FP (MATLAB)
+    rec, prec = pr_curve(tp, fp, npos)
     ap = ap_11point(rec, prec) if metric == "07" else ap_area(rec, prec)
     n_tp, n_fp = int(tp.sum()), int(fp.sum())
     return ClassEval(
