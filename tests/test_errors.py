@@ -32,6 +32,19 @@ def dets(*rows) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([r[2] for r in rows], dtype=torch.int64)}
 
 
+def random_split(seed: int, images: int, max_objects: int, spread: float, extent: float, size) -> list[ImageRecord]:
+    """Images of 1..max_objects-1 random boxes of 3 classes (corners in [0, spread), sides 10..10+extent)."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(images):
+        n = int(torch.randint(1, max_objects, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * spread
+        wh = 10 + torch.rand(n, 2, generator=g) * extent
+        records.append(record(f"im{i}", torch.cat([xy, xy + wh], 1).tolist(),
+                              torch.randint(0, 3, (n,), generator=g).tolist(), size=size))
+    return records
+
+
 def hand_case():
     """Class "a" (0): one object in image m, one in f (never found); class "b" (1): one in m.
 
@@ -104,16 +117,10 @@ def test_border_distance_is_the_given_margin():
 
 
 def test_counts_add_up_and_ap_matches_the_devkit_on_a_jittered_split():
-    g = torch.Generator().manual_seed(0)
-    records = []
-    for i in range(12):
-        n = int(torch.randint(1, 6, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * 150
-        wh = 10 + torch.rand(n, 2, generator=g) * 40
-        records.append(record(f"im{i}", torch.cat([xy, xy + wh], 1).tolist(),
-                              torch.randint(0, 3, (n,), generator=g).tolist(), size=(200, 200)))
+    records = random_split(0, 12, 6, 150, 40, (200, 200))
     names = ("a", "b", "c")
-    detections = jitter_detections(records, 3, noise=0.15, miss=0.2, dup=0.3, fp=3, generator=torch.Generator().manual_seed(1))
+    detections = jitter_detections(records, 3, noise=0.15, miss=0.2, dup=0.3, fp=3,
+                                   generator=torch.Generator().manual_seed(1))
     rep = analyze_errors(records, names, detections)
     ref = evaluate(records, names, detections)
     for c, r in zip(rep.classes, ref.classes):
@@ -186,14 +193,7 @@ def test_causes_match_a_reference_loop():
 
     from detector.eval.voc_ap import per_class_detections
 
-    g = torch.Generator().manual_seed(4)
-    records = []
-    for i in range(10):
-        n = int(torch.randint(1, 7, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * 120
-        wh = 10 + torch.rand(n, 2, generator=g) * 50
-        records.append(record(f"im{i}", torch.cat([xy, xy + wh], 1).tolist(),
-                              torch.randint(0, 3, (n,), generator=g).tolist(), size=(180, 190)))
+    records = random_split(4, 10, 7, 120, 50, (180, 190))
     names = ("a", "b", "c")
     detections = jitter_detections(records, 3, noise=0.3, miss=0.1, dup=0.4, fp=4,
                                    generator=torch.Generator().manual_seed(2))
