@@ -14,7 +14,7 @@ import torch
 
 from detector.data.voc import ImageRecord
 from detector.eval import evaluate, jitter_detections, write_comp4
-from detector.eval.errors import CAUSES, analyze_errors, false_positive_gallery, plot_errors
+from detector.eval.errors import CAUSES, analyze_errors, false_positive_gallery, plot_confusion, plot_errors
 
 
 def record(image_id: str, boxes, labels, difficult=None, size=(100, 100), path=Path("none.png")) -> ImageRecord:
@@ -79,6 +79,11 @@ def test_each_false_positive_gets_its_cause():
         ("e", pytest.approx(0.95), "background", False), ("m", pytest.approx(0.8), "duplicate", False),
         ("m", pytest.approx(0.7), "localization", False)]
     assert a.worst[0].box == (20.0, 20.0, 30.0, 30.0)  # back in project xyxy
+    assert a.confused_with == {}  # the box on the "b" object is not among the 2 best-scored
+    # scored first, the box on m's "b" object is a confusion among the 2 best, attributed to "b"
+    first = analyze_errors(records, names, {**detections, "e": dets(), "m": dets(
+        ((60, 60, 80, 80), 0.99, 0), ((10, 10, 30, 30), 0.9, 0))})
+    assert first.classes[0].confused_with == {"b": 1} and first.classes[0].top["confusion"] == 1
     assert (b.n_gt, b.n_det, b.missed, b.ap) == (1, 0, 1, 0.0)
     assert b.all == {k: 0 for k in a.all}
 
@@ -141,6 +146,7 @@ def test_pictures_are_written(tmp_path):
     records = [ImageRecord(**{**r.__dict__, "path": img}) for r in records]
     rep = analyze_errors(records, names, detections)
     assert plot_errors(rep, tmp_path / "errors.png").stat().st_size > 0
+    assert plot_confusion(rep, tmp_path / "confusion.png").stat().st_size > 0
     pic = false_positive_gallery(records, names, rep, tmp_path / "fp.png", crop_height=60)
     with Image.open(pic) as im:
         assert im.width > 60 * 6  # one row of the 6 false positives of class "a"
@@ -172,6 +178,7 @@ def test_sppnet_errors_on_comp4_files(tmp_path, capsys):
     ref = evaluate(records, names, detections)
     assert [c["ap"] for c in report["classes"]] == pytest.approx([c.ap for c in ref.classes], nan_ok=True)
     assert (tmp_path / "out" / "errors.png").stat().st_size > 0
+    assert (tmp_path / "out" / "confusion.png").stat().st_size > 0
     assert (tmp_path / "out" / "false_positives.png").stat().st_size > 0
     # with the proposals: the missed objects no proposal reaches (here the objects themselves: none)
     from proposals.store import save_proposals
@@ -221,6 +228,8 @@ def test_causes_match_a_reference_loop():
             x1, y1, x2, y2 = fp.box
             edge = x1 <= 3 or y1 <= 3 or x2 >= rec.width - 3 or y2 >= rec.height - 3
             assert fp.at_border == (want == "background" and edge)
+        # the confusions among the best-scored, by the class of the object they sit on
+        assert sum(c.confused_with.values()) == c.top["confusion"]
         assert len(per_class[k]) == c.n_det
 
 

@@ -8,7 +8,8 @@ another class, or background (IoU < 0.1 with everything; counted apart where the
 the image's frame). Prints, per class, the verdicts of its n_gt best-scored detections, the objects
 no detection finds (with --proposals, how many of them no proposal reaches either), and the AP each
 cause costs (the AP with that cause's false positives removed).
-Writes errors.json, errors.png (the same as bars) and false_positives.png (the highest-scored false
+Writes errors.json, errors.png (the same as bars), confusion.png (which class each class's boxes sit
+on) and false_positives.png (the highest-scored false
 positives of each class, cropped, with the annotated objects in green) into --out (default: the
 results folder). ``sppnet test`` writes comp4 files into <output_dir>/test_<split>/results.
 """

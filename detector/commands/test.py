@@ -8,7 +8,7 @@ Test-time windows come only from the proposal method run on each image (never fr
 annotations). Writes under ``<output_dir>/test_<split>/`` (``test_<split>_rcnn/`` with ``--mode
 rcnn``): the devkit comp4 result files (``results/``), ``eval.json`` (per-class AP, mAP, COCO
 AP/AP50/AP75, seconds per stage per image, peak memory), ``coco_gt.json`` and ``coco_dets.json``,
-``pr_curves.png``, the false positives by cause (``errors.json``, ``errors.png``,
+``pr_curves.png``, the false positives by cause (``errors.json``, ``errors.png``, ``confusion.png``,
 ``false_positives.png``: see ``sppnet errors``), ``test_log.txt``, ``resolved_config.yaml`` (with the command line),
 ``compare_rcnn.json`` with ``--compare-rcnn``, and the detection shards (``detect/``); computed
 proposals are cached in ``<output_dir>/proposals/``. Prints the timing table, the per-class table,

@@ -7,7 +7,7 @@ and per-stage seconds in shards of :data:`SHARD` images (``<out>/detect/<key>/``
 resumes from the shards already written, and a rerun with the same model, settings and images
 reuses them. ``score`` writes the devkit comp4 files, ``eval.json`` (VOC AP per class, mAP, COCO
 AP/AP50/AP75, timing, peak memory), ``pr_curves.png`` and the error analysis (``errors.json``,
-``errors.png``, ``false_positives.png``: :mod:`detector.eval.errors`) under ``<output_dir>/test_<split>/``, and
+``errors.png``, ``confusion.png``, ``false_positives.png``: :mod:`detector.eval.errors`) under ``<output_dir>/test_<split>/``, and
 returns an :class:`EvalReport` whose :meth:`EvalReport.text` is what ``tools/test_net.py`` prints.
 
 ``held_out=True`` scores the training images that training held out from fine-tuning
@@ -213,7 +213,7 @@ class EvalReport:
         report: the dict written as ``eval.json``.
         comparison: the R-CNN comparison text (``compare_rcnn`` > 0), else "".
         errors: the false positives by cause and the AP each costs (``errors.json``,
-            ``errors.png``, ``false_positives.png``; :mod:`detector.eval.errors`).
+            ``errors.png``, ``confusion.png``, ``false_positives.png``; :mod:`detector.eval.errors`).
     """
 
     split: str
@@ -251,7 +251,7 @@ class EvalReport:
             self.result.table(),
             f"COCO (pycocotools): AP {self.coco['AP']:.4f}  AP50 {self.coco['AP50']:.4f}  AP75 {self.coco['AP75']:.4f}",
             *([] if self.errors is None else ["", self.errors.text(),
-                                               "(errors.json, errors.png; false_positives.png: the worst ones)"]),
+                                               "(errors.json, errors.png, confusion.png; false_positives.png: the worst ones)"]),
             f"outputs: {self.out_dir}",
             f"mAP: {self.result.mAP:.6f}",
         ]

@@ -8,7 +8,7 @@ Modules:
     plots    precision-recall and proposal-recall curves to PNGs (matplotlib, object-oriented API)
     score_files      comp4 result files of a split scored: AP, COCO AP, eval.json, PR curves
     errors           false positives by cause (duplicate, localization, confusion, background) and the
-                     AP each costs, with errors.png and a gallery of the worst; error_files: the same
+                     AP each costs, with errors.png, confusion.png and a gallery of the worst; error_files: the same
                      from comp4 files (``sppnet errors``)
     proposal_report  recall of a proposal file on a split: tables, recall.json, recall.png
     jitter           synthetic comp4 files made from a split's ground truth (to exercise scoring)

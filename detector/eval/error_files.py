@@ -32,7 +32,7 @@ def error_report_from_files(
     format: Format = "voc",
     argv: Sequence[str] = (),
 ) -> str:
-    """Analyse ``<results>/comp4_det_<split>_<class>.txt`` and write ``errors.json``, ``errors.png``
+    """Analyse ``<results>/comp4_det_<split>_<class>.txt`` and write ``errors.json``, ``errors.png``, ``confusion.png``
     and (with ``gallery`` > 0 and the images present) ``false_positives.png`` into ``out`` (default
     ``results``).
 

@@ -58,7 +58,7 @@ from detector.eval.voc_ap import (
     rank_outcomes,
 )
 
-__all__ = ["CAUSES", "FalsePositive", "ClassErrors", "ErrorReport", "analyze_errors", "plot_errors",
+__all__ = ["CAUSES", "FalsePositive", "ClassErrors", "ErrorReport", "analyze_errors", "plot_errors", "plot_confusion",
            "false_positive_gallery", "write_error_report"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class ClassErrors:
             proposals were not given): misses that only better proposals can fix.
         ap_without: the AP with the false positives of each cause removed, and with ``all`` removed.
         worst: the highest-scored false positives (for :func:`false_positive_gallery`).
+        confused_with: of the ``top`` confusions, how many sit on each other class (most first).
     """
 
     name: str
@@ -106,6 +107,7 @@ class ClassErrors:
     ap_without: dict[str, float]
     worst: list[FalsePositive] = field(default_factory=list)
     missed_no_proposal: int | None = None
+    confused_with: dict[str, int] = field(default_factory=dict)
 
     def dap(self, cause: str) -> float:
         """AP gained if the false positives of ``cause`` (or ``"all"``) were not there."""
@@ -148,6 +150,11 @@ class ErrorReport:
                          f"{t['localization']:>5d}  {t['confusion']:>5d}  {t['background']:>5d}  "
                          f"{t['background_at_border']:>6d}  {c.missed:>6d}"
                          + (f"  {c.missed_no_proposal:>13d}" if props else ""))
+        confused = [c for c in self.classes if c.confused_with]
+        if confused:
+            lines += ["", "boxes on another class (conf above), by that class, most first:"]
+            lines += [f"  {c.name:<{w}}  " + ", ".join(f"{k} {v}" for k, v in list(c.confused_with.items())[:5])
+                      for c in confused]
         head = (f"{'class':<{w}}  {'AP':>7}  {'+dupl':>7}  {'+loc':>7}  {'+conf':>7}  {'+bkg':>7}  "
                 f"{'+all FP':>7}")
         lines += ["", f"AP ({self.metric}) and what it gains with each cause's false positives removed",
@@ -199,14 +206,18 @@ class _SplitGT:
         self.height = torch.tensor([float(r.height) for r in records], dtype=torch.float64)
         self.width = torch.tensor([float(r.width) for r in records], dtype=torch.float64)
 
-    def other_class_iou(self, img: np.ndarray, boxes: torch.Tensor, label: int) -> np.ndarray:
-        """ndarray[n] float64: each box's largest IoU with an object of another class in its image
-        (0 where there is none); ``torchvision.ops.box_iou``'s arithmetic, vectorised over images.
+    def other_class_iou(self, img: np.ndarray, boxes: torch.Tensor, label: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each box's largest IoU with an object of another class in its image, and that object's class.
+
+        ``torchvision.ops.box_iou``'s arithmetic, vectorised over images.
 
         Args:
             img (ndarray[n] int64): image row of each box; boxes (Tensor[n, 4] float64): xyxy.
+        Returns:
+            (iou ndarray[n] float64, 0 where there is no such object; cls ndarray[n] int64, -1 there).
         """
         out = np.zeros(len(img))
+        cls = np.full(len(img), -1, dtype=np.int64)
         step = max(1, (1 << 22) // self.boxes.shape[1])  # about 4M box pairs (~130 MB of float64) at a time
         for s in range(0, len(img), step):
             idx = torch.from_numpy(img[s:s + step])
@@ -219,8 +230,10 @@ class _SplitGT:
             area_g = (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1])  # (n, Gmax)
             iou = inter / (area_b + area_g - inter)
             iou = torch.where((lab >= 0) & (lab != label), iou, torch.zeros_like(iou)).nan_to_num(0.0)
-            out[s:s + step] = iou.amax(dim=1).numpy()
-        return out
+            best, j = iou.max(dim=1)  # (n,), (n,)
+            out[s:s + step] = best.numpy()
+            cls[s:s + step] = torch.where(best > 0, lab.gather(1, j[:, None])[:, 0], -1).numpy()
+        return out, cls
 
 
 def _missed_without_proposal(gt: Mapping[str, tuple[np.ndarray, np.ndarray]], found: np.ndarray,
@@ -243,14 +256,16 @@ def _missed_without_proposal(gt: Mapping[str, tuple[np.ndarray, np.ndarray]], fo
     return n
 
 
-def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, name: str, dets: ClassDetections,
-                  metric: str, border_px: float, keep_worst: int, proposals: Mapping[str, Any] | None
-                  ) -> ClassErrors:
+def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, class_names: tuple[str, ...], label: int,
+                  dets: ClassDetections, metric: str, border_px: float, keep_worst: int,
+                  proposals: Mapping[str, Any] | None) -> ClassErrors:
+    name = class_names[label]
     gt = class_ground_truth(records, label)
     m = rank_outcomes(gt, dets, name=name)
     nd = len(m.order)
     cause = np.full(nd, "", dtype=object)  # (N,) in rank order; "" for true positives and ignored
     at_border = np.zeros(nd, dtype=bool)
+    confused_with = np.full(nd, -1, dtype=np.int64)  # (N,) the other object's class of a confusion
     fp_ranks = np.flatnonzero(m.fp > 0)
     # duplicates and loose boxes follow from the devkit's own best-IoU; the rest need the other classes
     cause[fp_ranks[m.ovmax[fp_ranks] >= 0.5]] = "duplicate"
@@ -261,8 +276,10 @@ def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, n
     boxes = voc_to_xyxy(dets.voc_boxes[idx]).to(torch.float64).reshape(-1, 4)  # (n, 4)
     if len(idx):
         img = np.fromiter((split.index[dets.image_ids[i]] for i in idx), np.int64, len(idx))  # (n,)
-        conf = split.other_class_iou(img, boxes, label) >= BACKGROUND_IOU  # (n,)
+        iou, other = split.other_class_iou(img, boxes, label)  # (n,), (n,)
+        conf = iou >= BACKGROUND_IOU
         cause[rest] = np.where(conf, "confusion", "background")
+        confused_with[rest] = np.where(conf, other, -1)
         at_border[rest] = _at_border(boxes, split.height[img], split.width[img], border_px).numpy() & ~conf
 
     def counts(n: int) -> dict[str, int]:
@@ -272,6 +289,8 @@ def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, n
         out["ignored"] = n - out["true"] - sum(out[k] for k in CAUSES)
         return out
 
+    top_other = confused_with[:min(m.npos, nd)]
+    on_class = {class_names[j]: int((top_other == j).sum()) for j in np.unique(top_other[top_other >= 0])}
     ap = _ap(m.tp, m.fp, m.npos, metric)
     ap_without = {}
     for k in (*CAUSES, "all"):
@@ -285,6 +304,7 @@ def _class_errors(records: Sequence[ImageRecord], split: _SplitGT, label: int, n
                                    score=float(dets.scores[i]), cause=str(cause[r]), at_border=bool(at_border[r])))
     return ClassErrors(name=name, n_gt=m.npos, n_det=nd, ap=ap, top=counts(min(m.npos, nd)), all=counts(nd),
                        missed=m.npos - int(m.tp.sum()), ap_without=ap_without, worst=worst,
+                       confused_with=dict(sorted(on_class.items(), key=lambda kv: -kv[1])),
                        missed_no_proposal=None if proposals is None else
                        _missed_without_proposal(gt, m.found, proposals))
 
@@ -325,8 +345,8 @@ def analyze_errors(
     class_names = tuple(class_names)
     per_class = per_class_detections(detections, class_names, strict=True)
     split = _SplitGT(records)
-    classes = [_class_errors(records, split, k, n, per_class[k], metric, float(border_px), keep_worst, proposals)
-               for k, n in enumerate(class_names)]
+    classes = [_class_errors(records, split, class_names, k, per_class[k], metric, float(border_px), keep_worst,
+                             proposals) for k in range(len(class_names))]
     return ErrorReport(metric=metric, border_px=float(border_px), classes=classes)
 
 
@@ -383,6 +403,54 @@ def plot_errors(report: ErrorReport, path: str | Path) -> Path:
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
     ax2.grid(True, axis="x", alpha=0.3)
     fig.subplots_adjust(left=0.14, right=0.98, top=1 - 0.35 / height, bottom=1.0 / height, wspace=0.35)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_confusion(report: ErrorReport, path: str | Path) -> Path:
+    """Which objects each class's best-scored detections sit on, as a matrix PNG (written atomically).
+
+    Row: the detected class, over its ``n_gt`` best-scored detections; column: the class of the object
+    a detection is on (the diagonal: true detections; off it: ``confusion``), or background. Each row
+    is divided by its number of detections, so duplicates, loose boxes and ignored detections are what
+    a row lacks to 1. Like mmdetection's ``confusion_matrix.py``, with the devkit's matching.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [c.name for c in report.classes]
+    k = len(names)
+    counts = np.zeros((k, k + 1))
+    for i, c in enumerate(report.classes):
+        counts[i, i] = c.top["true"]
+        for other, v in c.confused_with.items():
+            counts[i, names.index(other)] = v
+        counts[i, k] = c.top["background"]
+    rows = np.array([max(1, min(c.n_gt, c.n_det)) for c in report.classes], float)
+    share = counts / rows[:, None]
+    side = 2.5 + 0.45 * k
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k + 1), [*names, "background"], rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("the object it is on")
+    ax.set_ylabel("detected as")
+    ax.set_title("the n_gt best-scored detections of each class", fontsize=10)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k + 1):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -452,9 +520,10 @@ def false_positive_gallery(records: Sequence[ImageRecord], class_names: Sequence
     return path
 
 
-def write_error_report(report: ErrorReport, out_dir: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
-    """``errors.json`` and ``errors.png`` into ``out_dir`` (atomically); returns both paths."""
+def write_error_report(report: ErrorReport, out_dir: str | Path, extra: dict | None = None
+                       ) -> tuple[Path, Path, Path]:
+    """``errors.json``, ``errors.png`` and ``confusion.png`` into ``out_dir`` (atomically); returns the paths."""
     out_dir = Path(out_dir)
     js = out_dir / "errors.json"
     write_text(js, json.dumps({**(extra or {}), **report.to_dict()}, indent=1) + "\n")
-    return js, plot_errors(report, out_dir / "errors.png")
+    return js, plot_errors(report, out_dir / "errors.png"), plot_confusion(report, out_dir / "confusion.png")
