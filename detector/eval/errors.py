@@ -11,7 +11,8 @@ which detections are false positives; each one then gets the first cause that fi
 * ``duplicate``: its best ground truth of the class (IoU >= 0.5) was taken by a higher-scored
   detection;
 * ``localization``: its best IoU with an object of the class is in [0.1, 0.5);
-* ``confusion``: IoU >= 0.1 with an object of another class;
+* ``confusion``: IoU >= 0.1 with an object of another class (``confused_with`` counts them by that
+  class; :func:`plot_confusion` draws the detected-as x object-class matrix);
 * ``background``: IoU < 0.1 with every object; ``at_border`` counts those that reach within
   ``border_px`` pixels of an image edge, where objects cut by the frame are often left unannotated.
 
