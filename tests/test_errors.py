@@ -143,6 +143,10 @@ def test_pictures_are_written(tmp_path):
     img = tmp_path / "m.png"
     Image.fromarray(np.full((100, 100, 3), 200, np.uint8)).save(img)
     records, names, detections = hand_case()
+    # images that are not there: no picture (scoring needs only the annotations), nothing written
+    assert false_positive_gallery(records, names, analyze_errors(records, names, detections),
+                                  tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
     records = [ImageRecord(**{**r.__dict__, "path": img}) for r in records]
     rep = analyze_errors(records, names, detections)
     assert plot_errors(rep, tmp_path / "errors.png").stat().st_size > 0

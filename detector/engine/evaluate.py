@@ -7,7 +7,8 @@ and per-stage seconds in shards of :data:`SHARD` images (``<out>/detect/<key>/``
 resumes from the shards already written, and a rerun with the same model, settings and images
 reuses them. ``score`` writes the devkit comp4 files, ``eval.json`` (VOC AP per class, mAP, COCO
 AP/AP50/AP75, timing, peak memory), ``pr_curves.png`` and the error analysis (``errors.json``,
-``errors.png``, ``confusion.png``, ``false_positives.png``: :mod:`detector.eval.errors`) under ``<output_dir>/test_<split>/``, and
+``errors.png``, ``confusion.png``, ``false_positives.png``: :mod:`detector.eval.errors`) under
+``<output_dir>/test_<split>/``, and
 returns an :class:`EvalReport` whose :meth:`EvalReport.text` is what ``tools/test_net.py`` prints.
 
 ``held_out=True`` scores the training images that training held out from fine-tuning
@@ -250,8 +251,9 @@ class EvalReport:
             "",
             self.result.table(),
             f"COCO (pycocotools): AP {self.coco['AP']:.4f}  AP50 {self.coco['AP50']:.4f}  AP75 {self.coco['AP75']:.4f}",
-            *([] if self.errors is None else ["", self.errors.text(),
-                                               "(errors.json, errors.png, confusion.png; false_positives.png: the worst ones)"]),
+            *([] if self.errors is None else [
+                "", self.errors.text(),
+                "(errors.json, errors.png, confusion.png; false_positives.png: the worst ones)"]),
             f"outputs: {self.out_dir}",
             f"mAP: {self.result.mAP:.6f}",
         ]
@@ -358,8 +360,7 @@ def score(det: SPPDetector, records: Sequence[ImageRecord], props: dict, detecte
     errors = analyze_errors(records, class_names, dets, metric=metric,
                             proposals={r.image_id: props[r.image_id] for r in records})
     write_error_report(errors, out, {"split": name, "checkpoint": str(checkpoint)})
-    if all(Path(r.path).is_file() for r in records):
-        false_positive_gallery(records, class_names, errors, out / "false_positives.png")
+    false_positive_gallery(records, class_names, errors, out / "false_positives.png")
     per_image: dict[str, list[float]] = {k: [] for k in (*STAGES, "total")}
     for r in records:
         for k, v in detected["times"].get(r.image_id, {}).items():

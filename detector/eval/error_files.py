@@ -5,7 +5,6 @@ writes devkit ``comp4_det_<split>_<class>.txt`` files; the analysis is :mod:`det
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -14,8 +13,6 @@ from detector.eval.comp4 import ResultsFileError, read_comp4
 from detector.eval.errors import analyze_errors, false_positive_gallery, write_error_report
 
 __all__ = ["error_report_from_files"]
-
-log = logging.getLogger(__name__)
 
 
 def error_report_from_files(
@@ -63,12 +60,7 @@ def error_report_from_files(
     written = list(write_error_report(report, out_dir, {"data_root": str(data_root), "split": split,
                                                         "results": str(results), "argv": list(argv)}))
     if gallery > 0:
-        missing = sorted({fp.image_id for c in report.classes for fp in c.worst
-                          if not Path(next(r.path for r in records if r.image_id == fp.image_id)).is_file()})
-        if missing:
-            log.warning("false_positives.png not drawn: %d image(s) not found, e.g. %s", len(missing), missing[0])
-        else:
-            pic = false_positive_gallery(records, classes, report, out_dir / "false_positives.png")
-            if pic is not None:
-                written.append(pic)
+        pic = false_positive_gallery(records, classes, report, out_dir / "false_positives.png")
+        if pic is not None:
+            written.append(pic)
     return report.text() + "\nwrote " + ", ".join(str(p) for p in written)

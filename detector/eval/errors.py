@@ -467,7 +467,8 @@ def false_positive_gallery(records: Sequence[ImageRecord], class_names: Sequence
     with the score and the cause under it.
 
     Returns:
-        ``path``, or None when no class has a false positive.
+        ``path``, or None (nothing written) when no class has a false positive or an image they are
+        on is not there (scoring needs only the annotations; a warning names one such image).
     """
     from PIL import Image
 
@@ -475,6 +476,12 @@ def false_positive_gallery(records: Sequence[ImageRecord], class_names: Sequence
     from proposals.imageio import read_image
 
     by_id = {r.image_id: r for r in records}
+    missing = sorted({fp.image_id for c in report.classes for fp in c.worst
+                      if not Path(by_id[fp.image_id].path).is_file()})
+    if missing:
+        log.warning("%s not drawn: %d image(s) not found, e.g. %s", Path(path).name, len(missing),
+                    by_id[missing[0]].path)
+        return None
     read: dict[str, np.ndarray] = {}  # each image decoded once
     cols = max([len(c.worst) for c in report.classes] + [0])
     cells: list[np.ndarray] = []
