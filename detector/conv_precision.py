@@ -7,7 +7,8 @@ With fc6/fc7 made cheap (``svd_rank`` and ``fc_precision``), the trunk is the la
 full-width ZF-5 detection on a CPU (BENCHMARKS.md, ``detect``). ``"bfloat16"`` runs the trunk under
 ``torch.autocast`` in bfloat16: convolutions take bfloat16 inputs and weights and accumulate in
 float32 (oneDNN's kernels on a CPU with AVX512-BF16 or AMX; tensor cores on a GPU); the conv5 maps
-come back as float32, so SPP pooling, fc6/fc7, the SVMs and the box regressors are unchanged. The
+come back in bfloat16 and SPP pooling writes their bins as float32 (exactly the values of a float32
+copy, at half the pooling bytes), so fc6/fc7, the SVMs and the box regressors are unchanged. The
 maps differ from float32 ones by bfloat16's 8-bit mantissa (a relative error of about 0.2-0.3% on
 random ZF-5 weights), which is why the option is a measured test-time deviation, not the default.
 

@@ -401,7 +401,9 @@ class SPPDetector(nn.Module):
             # model waits for no device-to-host copy here.
             cpu_boxes = boxes.cpu()  # (R, 4)
             first, inverse = distinct_windows(pyr, cpu_boxes, self.proj)  # (U,), (R,)
-            pooled = pool_regions(pyr, cpu_boxes[first], self.levels, self.proj)  # (U, D) on the model's device
+            # consumed before the next image is pooled, so the kernel's reused buffer can hold it
+            pooled = pool_regions(pyr, cpu_boxes[first], self.levels, self.proj,
+                                  reuse_output=True)  # (U, D) float32 on the model's device
             boxes, inverse = boxes.to(self.device), inverse.to(self.device)
         self.last_counts["windows"] = self.last_counts.get("windows", 0) + boxes.shape[0]
         self.last_counts["distinct"] = self.last_counts.get("distinct", 0) + first.shape[0]

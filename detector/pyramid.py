@@ -176,10 +176,11 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
         sizes: (h_s, w_s) per scale (:func:`pyramid_sizes`); a size equal to (H, W) is not resized.
         device: where the passes run (default: x's device).
         conv_dtype: run the trunk under ``torch.autocast`` in this dtype (``torch.bfloat16``:
-            :mod:`detector.conv_precision`) and return its maps as the backbone's dtype; None = the
-            backbone's own arithmetic.
+            :mod:`detector.conv_precision`) and return its maps as the last layer gives them (in
+            ``conv_dtype`` where autocast runs it there: pooling takes them as they are, exactly);
+            None = the backbone's own arithmetic and dtype.
     Returns:
-        list of S Tensor[N, C, Hs, Ws] (the backbone's dtype), in ``sizes`` order. Each image's maps
+        list of S Tensor[N, C, Hs, Ws], in ``sizes`` order. Each image's maps
         equal its own N = 1 pass wherever the convolution kernels PyTorch picks do not depend on N
         (``SPPDetector`` checks that before it batches).
     """
@@ -195,5 +196,5 @@ def trunk_pyramid(backbone: nn.Module, x: Tensor, sizes: Sequence[tuple[int, int
         for hs, ws in sizes:
             xs = x if (hs, ws) == (h, w) else F.interpolate(
                 x, size=(hs, ws), mode="bilinear", align_corners=False, antialias=False)  # (N, 3, hs, ws)
-            out.append(backbone(xs).to(dtype))  # (N, C, Hs, Ws)
+            out.append(backbone(xs))  # (N, C, Hs, Ws)
     return out

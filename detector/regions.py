@@ -41,7 +41,8 @@ class Conv5Pyramid:
     """conv5 maps of one image at S scales.
 
     Attributes:
-        fmaps: S tensors [C, Hs, Ws] (float32 or float16).
+        fmaps: S tensors [C, Hs, Ws]: float32, bfloat16 (the bfloat16 trunk's) or float16 (the
+            conv5 cache's).
         scaled_sizes: S pairs (h_s, w_s): the resized image size at each scale.
         image_size: (H, W) of the original image.
     """
@@ -60,6 +61,7 @@ def pool_regions(
     levels: Sequence[int],
     proj: ProjectionParams,
     scale_index: torch.Tensor | None = None,
+    reuse_output: bool = False,
 ) -> torch.Tensor:
     """SPP-pool each box on the conv5 map of its scale.
 
@@ -71,8 +73,12 @@ def pool_regions(
         scale_index (Tensor[R] int64 | None): scale per box; None = the spec §5 choice
             (``select_scales`` aiming at ``proj.target_side`` px). Fine-tuning passes random
             scales here.
+        reuse_output: the result may be a view of the pooling kernel's per-thread buffer, valid
+            until this thread's next ``reuse_output`` call (:func:`detector.spp.spp_pool`): for a
+            caller that consumes it at once (detection); no effect with gradients or on a GPU.
     Returns:
-        Tensor[R, D] float32.
+        Tensor[R, D] float32, pooled from maps of any float dtype (the bfloat16 trunk's, the
+        float16 conv5 cache's) with the values of their float32 copies.
     """
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [R, 4], got {tuple(boxes.shape)}")
@@ -94,10 +100,12 @@ def pool_regions(
             boxes if rows is None else boxes[rows], pyramid.image_size, pyramid.scaled_sizes[s],
             tuple(fmap.shape[-2:]), proj.stride, proj.offset0, proj.shrink,
         )  # (R_s, 4) int64
-        return spp_pool(fmap.float(), windows.to(device), levels)  # (R_s, D) float32
+        # the map in its own dtype: the kernel converts the bins as it writes them (exact)
+        return spp_pool(fmap, windows.to(device), levels, out_dtype=torch.float32,
+                        reuse_output=reuse_output)  # (R_s, D) float32
 
     if len(scales) == 1:
-        # every box at one scale (always so for 1-scale detection): the kernel's fresh output is the
+        # every box at one scale (always so for 1-scale detection): the kernel's output is the
         # result, with no second [R, D] buffer and no scatter copy (about 100 MB for 2000 windows)
         return pool(scales[0], None)
     out = torch.empty((R, C * B), dtype=torch.float32, device=device)  # (R, D): every row is written below

@@ -86,7 +86,8 @@ def _check_inputs(fmap: Tensor, windows: Tensor) -> None:
         )
 
 
-def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)) -> Tensor:
+def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6), *,
+             out_dtype: torch.dtype | None = None, reuse_output: bool = False) -> Tensor:
     """Spatial pyramid pooling of many windows of one conv5 map (spec §4).
 
     Args:
@@ -94,8 +95,16 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)
         windows (Tensor[R, 4] int64): inclusive 0-based conv5 cells ``(x1, y1, x2, y2)`` with
             ``0 <= x1 <= x2 < W`` and ``0 <= y1 <= y2 < H`` (from :func:`detector.projection.project_boxes`).
         levels: pyramid levels n, in fc6's concatenation order (spec: 1, 2, 3, 6).
+        out_dtype: the result's float dtype (default ``fmap``'s). The result equals
+            ``spp_pool(fmap, windows, levels).to(out_dtype)`` exactly (a maximum commutes with
+            rounding), but without the map's gradients the bins are converted only as they are
+            written, so a bfloat16 or float16 map pools at half the bytes (BENCHMARKS.md, ``detect``).
+        reuse_output: the result is a view of a buffer that this thread reuses (no fresh ~100 MB
+            output to page-fault per call), valid only until this thread's next ``reuse_output``
+            call: for a caller that consumes it at once, as detection does. CPU maps without
+            gradients only (elsewhere it is ignored: CUDA's caching allocator already reuses memory).
     Returns:
-        Tensor[R, C * sum(n*n)]: same dtype and device as ``fmap``; for each level, the [C, n, n]
+        Tensor[R, C * sum(n*n)]: ``out_dtype`` on ``fmap``'s device; for each level, the [C, n, n]
         bin maxima flattened channel-major, levels concatenated in the order given. Differentiable
         with respect to ``fmap``.
     Raises:
@@ -103,7 +112,16 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)
     """
     levels = _check_levels(levels)
     _check_inputs(fmap, windows)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"spp_pool: out_dtype must be a float dtype, got {out_dtype}")
     windows = windows.to(fmap.device)
+    out_dtype = out_dtype or fmap.dtype
+    grad = fmap.requires_grad and torch.is_grad_enabled()
+    if grad or (fmap.is_cuda and out_dtype == torch.float32):
+        # gradients flow through the conversion; on a GPU the map is converted (a few MB) so that
+        # the roi_pool path below can take it
+        fmap = fmap.to(out_dtype)
+    reuse_output = bool(reuse_output) and not grad and fmap.device.type == "cpu"
     if fmap.is_cuda and fmap.dtype == torch.float32 and _roi_pool_bins_exact(levels, max(fmap.shape[-2:])):
         # On a GPU torchvision's roi_pool kernel is faster than the sparse table (BENCHMARKS.md, "gpu"),
         # and for these levels and sides its float32 bin edges equal the spec's integer ones exactly
@@ -119,7 +137,7 @@ def spp_pool(fmap: Tensor, windows: Tensor, levels: Sequence[int] = (1, 2, 3, 6)
             # with equal values (BENCHMARKS.md, spp notes). Gradients go to one argmax cell per
             # output either way.
             return _roi_root_levels(fmap, windows, levels)
-    return SparseTableSPP.apply(fmap, windows, levels)
+    return SparseTableSPP.apply(fmap, windows, levels, out_dtype, reuse_output)
 
 
 @functools.lru_cache(maxsize=64)

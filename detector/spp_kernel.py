@@ -20,7 +20,12 @@ corners, three max pools, and one copy per level into the channel-major output. 
 chunk buffers live in a per-thread workspace reused across calls (:class:`_Workspace`), so the table
 is not page-faulted afresh on every call. (5) The output, which must be fresh since it is returned,
 and the workspace are advised to use 2 MiB huge pages (:func:`_empty_large`), because writing a fresh
-output of ~100 MB is dominated by 4 KiB page faults otherwise.
+output of ~100 MB is dominated by 4 KiB page faults otherwise. A caller that consumes the output at
+once (detection) can take it from the workspace too (``reuse_output``), which saves even the huge
+pages' faults. (6) The table is built in the map's own dtype and the bins are converted only when
+they are written to the output (``out_dtype``): the maximum commutes with any monotone rounding, so a
+bfloat16 map (the bfloat16 trunk's) pools to exactly the float32 values of its float32 copy while
+the table and the gathered corners take half the bytes.
 
 Gradients: when the map needs them, :class:`SparseTableSPP` records the argmax cell of every output
 in the forward and scatters the output gradient onto those cells in the backward. For training,
@@ -148,7 +153,8 @@ class _Workspace(threading.local):
     The sparse table is ~38 MB for the benchmark case; allocated afresh it would be page-faulted on
     every call, which costs several times as much as refilling a kept buffer. Buffers never leave
     :func:`_spp_forward` (results are copied into the fresh output), so reuse cannot alias a
-    caller's tensor; one workspace per thread makes concurrent calls safe.
+    caller's tensor, except the ``"output"`` buffer that a ``reuse_output`` call returns (its caller
+    consumes it before its next such call); one workspace per thread makes concurrent calls safe.
     Keyed by (name, dtype), CPU only (CUDA has its caching allocator). A buffer grows to the largest
     request up to ``_WORKSPACE_CAP_BYTES``; a larger request gets a fresh tensor that is not kept.
     """
@@ -252,12 +258,17 @@ def _corner_rows(windows: Tensor, m: int, h: int, w: int, ky_count: int) -> Tens
     return (row.view(r, m, 1, 2, 1) + col.view(r, 1, m, 1, 2)).view(-1)  # (R*m*m*4)
 
 
-def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_index: bool
+def _spp_forward(fmap: Tensor, windows: Tensor, levels: tuple[int, ...], with_index: bool,
+                 out_dtype: torch.dtype | None = None, reuse_output: bool = False
                  ) -> tuple[Tensor, Tensor | None]:
     c, h, w = fmap.shape
     r = windows.shape[0]
     d = c * sum(n * n for n in levels)  # D
-    out = _empty_large((r, d), fmap)  # (R, D)
+    out_dtype = out_dtype or fmap.dtype
+    if reuse_output:
+        out = _scratch("output", r * d, out_dtype, fmap.device).view(r, d)  # (R, D)
+    else:
+        out = _empty_large((r, d), fmap, out_dtype)  # (R, D)
     arg = _empty_large((r, d), fmap, torch.int64) if with_index else None
     if r == 0:
         return out, arg
@@ -358,14 +369,19 @@ class SparseTableSPP(torch.autograd.Function):
         windows (Tensor[R, 4] int64): inclusive 0-based conv5 cells on ``fmap``'s device, each
             inside the map and non-empty (not checked here: :func:`detector.spp.spp_pool` checks).
         levels (tuple[int, ...]): positive pyramid levels, in concatenation order.
+        out_dtype, reuse_output: as :func:`detector.spp.spp_pool` (only where ``fmap`` needs no
+            gradients).
     Returns:
         Tensor[R, C * sum(n*n)]: exactly :func:`detector.spp.spp_pool`'s values and layout.
     """
 
     @staticmethod
-    def forward(ctx, fmap: Tensor, windows: Tensor, levels: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, fmap: Tensor, windows: Tensor, levels: tuple[int, ...],  # type: ignore[override]
+                out_dtype: torch.dtype | None = None, reuse_output: bool = False) -> Tensor:
         with_index = ctx.needs_input_grad[0]
-        out, arg = _spp_forward(fmap, windows, levels, with_index)
+        if with_index and ((out_dtype is not None and out_dtype != fmap.dtype) or reuse_output):
+            raise ValueError("SparseTableSPP: out_dtype and reuse_output are for maps without gradients")
+        out, arg = _spp_forward(fmap, windows, levels, with_index, out_dtype, reuse_output)
         ctx.fmap_shape = fmap.shape
         if with_index:
             ctx.save_for_backward(arg)
@@ -378,4 +394,4 @@ class SparseTableSPP(torch.autograd.Function):
         c, h, w = ctx.fmap_shape
         grad = grad_out.new_zeros(c * h * w)
         grad.index_add_(0, arg.reshape(-1), grad_out.reshape(-1))
-        return grad.view(c, h, w), None, None
+        return grad.view(c, h, w), None, None, None, None

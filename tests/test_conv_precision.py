@@ -14,6 +14,7 @@ from detector.backbones import ZF5
 from detector.bench.inputs import voc_sized_photos
 from detector.bench.random_model import random_boxes, random_detector
 from detector.pyramid import trunk_pyramid
+from detector.regions import pool_regions
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def test_bfloat16_trunk_is_within_bfloat16_error_of_a_float64_reference():
     f32 = trunk_pyramid(net, x, sizes)
     b16 = trunk_pyramid(net, x, sizes, conv_dtype=torch.bfloat16)
     for r, a, b in zip(ref, f32, b16):
-        assert b.dtype == torch.float32 and b.shape == a.shape == r.shape
+        assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and b.shape == a.shape == r.shape
         rel32 = float((a.double() - r).norm() / r.norm())
         rel16 = float((b.double() - r).norm() / r.norm())
         # bfloat16 keeps 8 mantissa bits (unit roundoff 2^-9 = 0.2%): a few of those through five
@@ -72,9 +73,13 @@ def test_precision_is_a_stored_setting_applied_by_load(tmp_path, monkeypatch):
     im = voc_sized_photos(1, size=(120, 160))[0][1]
     a, b = loaded.compute_pyramid(im), ref.compute_pyramid(im)
     for fa, fb in zip(a.fmaps, b.fmaps):
-        assert fa.dtype == torch.float32
-        assert 0 < float((fa - fb).norm() / fb.norm()) < 0.03
+        assert fa.dtype == torch.bfloat16 and fb.dtype == torch.float32
+        assert 0 < float((fa.float() - fb).norm() / fb.norm()) < 0.03
     boxes = random_boxes(120, 160, 80, torch.Generator().manual_seed(0))
+    # the bfloat16 maps pool to exactly their float32 copies' vectors (the kernel converts the bins)
+    a32 = dataclasses.replace(a, fmaps=[f.float() for f in a.fmaps])
+    assert torch.equal(pool_regions(a, boxes, loaded.levels, loaded.proj),
+                       pool_regions(a32, boxes, loaded.levels, loaded.proj))
     got = loaded.detect(im, proposals=boxes)
     assert torch.equal(got["scores"], loaded.detect(im, proposals=boxes)["scores"])
     # a batch of equal-size images gives each image's own detections

@@ -113,6 +113,43 @@ def test_spp_pool_dtypes_and_empty():
     assert empty.shape == (0, 4 * 50)
 
 
+@pytest.mark.parametrize("map_dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                (torch.float32, torch.bfloat16)])
+def test_spp_pool_out_dtype_equals_converting_the_result(map_dtype, out_dtype):
+    g = torch.Generator().manual_seed(5)
+    fmap = torch.randn(8, 13, 17, generator=g).to(map_dtype)  # negative values too: a true max
+    windows = random_windows(13, 17, 40, g)
+    want = reference_spp(fmap.double(), windows, (1, 2, 3, 6)).to(out_dtype)
+    got = spp_pool(fmap, windows, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, want)
+    # with gradients the map is converted first and the gradient comes back in the map's dtype
+    leaf = fmap.clone().requires_grad_()
+    spp_pool(leaf, windows, out_dtype=out_dtype).sum().backward()
+    ref = fmap.to(out_dtype).requires_grad_()
+    spp_pool(ref, windows).sum().backward()
+    assert leaf.grad.dtype == map_dtype and torch.equal(leaf.grad, ref.grad.to(map_dtype))
+    with pytest.raises(ValueError, match="out_dtype"):
+        spp_pool(fmap, windows, out_dtype=torch.int64)
+
+
+def test_spp_pool_reuse_output_returns_the_threads_buffer():
+    g = torch.Generator().manual_seed(6)
+    fmap = torch.randn(8, 13, 17, generator=g)
+    a_win, b_win = random_windows(13, 17, 30, g), random_windows(13, 17, 20, g)
+    a = spp_pool(fmap, a_win, reuse_output=True)
+    a_copy = a.clone()
+    assert torch.equal(a_copy, reference_spp(fmap, a_win, (1, 2, 3, 6)))
+    b = spp_pool(fmap, b_win, reuse_output=True)
+    assert torch.equal(b, reference_spp(fmap, b_win, (1, 2, 3, 6)))
+    # the second call wrote into the first call's memory: that is the documented contract
+    assert b.data_ptr() == a.data_ptr() and not torch.equal(a, a_copy)
+    # fresh outputs are not the buffer, and with gradients the flag is ignored
+    assert spp_pool(fmap, b_win).data_ptr() != b.data_ptr()
+    leaf = fmap.clone().requires_grad_()
+    c = spp_pool(leaf, b_win, reuse_output=True)
+    assert c.requires_grad and c.data_ptr() != b.data_ptr() and torch.equal(c.detach(), b)
+
+
 def test_spp_pool_rejects_bad_windows():
     fmap = torch.zeros(2, 4, 5)
     with pytest.raises(ValueError, match="outside the 4x5 map"):
