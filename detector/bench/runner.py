@@ -130,10 +130,11 @@ def run_benchmarks(
 ) -> Iterator[str]:
     """Run sections in order; yield each one's ``name: value`` lines as it finishes.
 
-    With ``write``, each section then rewrites its block of ``out`` (:func:`update_section`). With
-    ``THP_MEM_ALLOC_ENABLE=1`` in the environment (PyTorch's CPU allocator backs large tensors with
-    transparent huge pages, which removes most page-fault time of fresh outputs) a section writes
-    its own block ``<name>_thp``.
+    With ``write``, each section then rewrites its block of ``out`` (:func:`update_section`).
+    Importing :mod:`detector` turns on PyTorch's huge-page allocation of large CPU tensors
+    (``THP_MEM_ALLOC_ENABLE=1``, see ``detector/__init__.py``), so the blocks time what users run;
+    a run with ``THP_MEM_ALLOC_ENABLE=0`` in the environment writes its own block
+    ``<name>_no_thp``.
 
     Args:
         names: sections to run (:data:`SECTIONS`, :data:`GPU_SECTIONS`, :data:`RUN_SECTIONS`).
@@ -147,7 +148,7 @@ def run_benchmarks(
     torch.manual_seed(0)
     info = machine_info()
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
-    command = ("THP_MEM_ALLOC_ENABLE=1 " if thp else "") + " ".join(argv)
+    command = ("" if thp else f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')} ") + " ".join(argv)
     for name in names:
         log.info("section %s ...", name)
         md, ratios = run_section(name, runs=runs, voc_root=voc_root, inputs=inputs, device=device,
@@ -157,7 +158,7 @@ def run_benchmarks(
             yield f"{k}: {v:.6g}"
         if write:
             stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            block = f"{name}_thp" if thp else name  # a huge-page run keeps its own block
+            block = name if thp else f"{name}_no_thp"  # a run without huge pages keeps its own block
             head = (f"## {block}\n\nMachine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu']}; "
                     f"torch {info['torch']}, {info['threads']} threads; {stamp}.\n"
                     f"Command: `{command}`\n\n")

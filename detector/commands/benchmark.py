@@ -19,7 +19,7 @@ Sections (``detector.bench.runner`` runs them and rewrites the blocks):
 Usage (in a checkout, ``python tools/benchmark.py`` is the same command):
     sppnet benchmark --only spp
     sppnet benchmark --only spp --runs 9 --threads 1 --no-write
-    THP_MEM_ALLOC_ENABLE=1 sppnet benchmark --only spp   # huge pages: own block "spp_thp"
+    THP_MEM_ALLOC_ENABLE=0 sppnet benchmark --only spp   # without huge pages: own block "spp_no_thp"
     sppnet benchmark --save-inputs gpu_inputs/inputs.pt  # here (needs OpenCV contrib), then
     sppnet benchmark --only gpu --inputs gpu_inputs/inputs.pt [--device cuda:1]   # on the GPU machine
     sppnet benchmark --only scale --scale-runs runs/bccd_1p runs/bccd_2p
