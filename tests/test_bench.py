@@ -241,3 +241,17 @@ def test_peers_images_of_a_voc_split(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--only", "peers", "--peers-voc", str(tmp_path / "JPEGImages"), "--no-write"])
     assert e.value.code == 2 and "no ImageSets/Main/test.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,block,prefix", [("1", "detect", ""), ("0", "detect_no_thp", "THP_MEM_ALLOC_ENABLE=0 ")])
+def test_run_benchmarks_names_the_block_by_huge_pages(tmp_path, monkeypatch, env, block, prefix):
+    from detector.bench import runner
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", env)
+    monkeypatch.setattr(runner, "run_section", lambda name, **kw: ("| a | b |", {"x_s": 0.5}))
+    out = tmp_path / "B.md"
+    lines = list(runner.run_benchmarks(["detect"], out=out, write=True, argv=("python", "tools/benchmark.py")))
+    assert lines == ["x_s: 0.5"]
+    text = out.read_text()
+    assert f"<!-- benchmark:{block} -->" in text and f"## {block}\n" in text
+    assert f"Command: `{prefix}python tools/benchmark.py`" in text
