@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detector.workspace import scratch
+
 __all__ = [
     "Layer",
     "ZF5",
@@ -138,6 +140,13 @@ def _geometry_size(layers: Sequence[Layer], side: int) -> int:
 # ZF-5
 
 
+def _tracing() -> bool:
+    """Whether a tracer (torch.jit.trace, torch.export, torch.compile) records this call: a traced
+    program must not capture this thread's scratch buffers as constants."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
 class WithinChannelLRN(nn.Module):
     """Caffe ``WITHIN_CHANNEL`` LRN (spec §1): ``y = x * (1 + alpha/9 * sum_{3x3} x^2) ** -beta``.
 
@@ -155,12 +164,34 @@ class WithinChannelLRN(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta = size, alpha, beta
 
-    def forward(self, x: Tensor) -> Tensor:
-        mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
+    # largest map (bytes) whose squares and means the inference path keeps in this thread's reused
+    # buffers: conv1 of full-width ZF-5 at 688 px is 96 x 344 x 459 float32 = 60.6 MB
+    SCRATCH_CAP_BYTES = 64 << 20
+
+    def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
+        """Tensor[N, C, H, W] -> the normalised map, same shape and dtype.
+
+        ``overwrite_input``: at inference (no gradients) on a channels-last CPU map, the result is
+        written into ``x`` itself and the squared map and its mean go to this thread's reused
+        buffers (:mod:`detector.workspace`) instead of two fresh map-sized tensors, with the same
+        values; for a caller that owns ``x``, as ZF-5's prefix owns its fresh ReLU output.
+        """
         if torch.is_grad_enabled() and x.requires_grad:
+            mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
             return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
+        if (overwrite_input and x.device.type == "cpu" and x.ndim == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not _tracing()):
+            n, c, h, w = x.shape
+            sq, mean = (scratch(f"lrn_{k}", x.numel(), x.dtype, x.device, self.SCRATCH_CAP_BYTES)
+                        .view(n, h, w, c).permute(0, 3, 1, 2) for k in ("sq", "mean"))  # (N, C, H, W) channels-last
+            torch.mul(x, x, out=sq)
+            p = self.size // 2
+            torch.ops.aten.avg_pool2d.out(sq, [self.size, self.size], [1, 1], [p, p], False, True, None, out=mean)
+            # x * g equals g * x (IEEE products commute): the values of the path below
+            return x.mul_(mean.mul_(self.alpha).add_(1.0).pow_(-self.beta))
         # inference: the same arithmetic in place on mean_sq: no three fresh map-sized temporaries
         # (conv1's LRN is a large share of ZF-5's time on a CPU; BENCHMARKS.md "detect")
+        mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
         return mean_sq.mul_(self.alpha).add_(1.0).pow_(-self.beta).mul_(x)
 
     def extra_repr(self) -> str:
@@ -242,8 +273,9 @@ class ZF5(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         # ReLU in place on the fresh conv outputs (a conv's backward needs its input, not its
         # output, so autograd allows it; torchvision's VGG does the same): no map-sized allocation
-        x = F.max_pool2d(self.lrn(F.relu_(self.conv1(x))), 3, 2, ceil_mode=True)
-        x = F.max_pool2d(self.lrn(F.relu_(self.conv2(x))), 3, 2, ceil_mode=True)
+        # the LRNs may overwrite the fresh ReLU outputs they are given (inference only)
+        x = F.max_pool2d(self.lrn(F.relu_(self.conv1(x)), overwrite_input=True), 3, 2, ceil_mode=True)
+        x = F.max_pool2d(self.lrn(F.relu_(self.conv2(x)), overwrite_input=True), 3, 2, ceil_mode=True)
         for conv in [self.conv3, self.conv4, self.conv5][: 3 - n]:
             x = F.relu_(conv(x))
         return x

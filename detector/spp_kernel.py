@@ -17,10 +17,10 @@ any bin is the max of four (overlapping) blocks. (2) A coarse level whose ``n`` 
 6x6 level touches the table; the others are k/k max pools of it (:func:`level_plan`). (3) Per chunk
 of windows: one ``index_select`` of all four corner rows of every 6x6 bin, one ``amax`` over the
 corners, three max pools, and one copy per level into the channel-major output. (4) The table and the
-chunk buffers live in a per-thread workspace reused across calls (:class:`_Workspace`), so the table
-is not page-faulted afresh on every call. (5) The output, which must be fresh since it is returned,
-and the workspace are advised to use 2 MiB huge pages (:func:`_empty_large`), because writing a fresh
-output of ~100 MB is dominated by 4 KiB page faults otherwise. A caller that consumes the output at
+chunk buffers live in a per-thread workspace reused across calls (:mod:`detector.workspace`), so the
+table is not page-faulted afresh on every call. (5) The output, which must be fresh since it is
+returned, and the workspace are advised to use 2 MiB huge pages (:func:`detector.workspace.empty_large`),
+because writing a fresh output of ~100 MB is dominated by 4 KiB page faults otherwise. A caller that consumes the output at
 once (detection) can take it from the workspace too (``reuse_output``), which saves even the huge
 pages' faults. (6) The table is built in the map's own dtype and the bins are converted only when
 they are written to the output (``out_dtype``): the maximum commutes with any monotone rounding, so a
@@ -38,17 +38,23 @@ section ``spp`` and the notes after it.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
-import sys
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detector.workspace import empty_large as _empty_large
+from detector.workspace import free_workspace
+from detector.workspace import scratch as _scratch
+
 __all__ = ["SparseTableSPP", "spp_bins", "level_plan", "free_spp_workspace"]
+
+
+def free_spp_workspace() -> None:
+    """Release the scratch buffers that :func:`detector.spp.spp_pool` (and the trunk's inference LRN)
+    keep between calls on this thread (:func:`detector.workspace.free_workspace`)."""
+    free_workspace()
 
 # Gathered corner bytes per chunk of windows (4 rows of C values per bin of the finest level; the
 # chunk's 6x6 result is a quarter of it). At one thread a small chunk keeps the gathered rows in
@@ -66,52 +72,6 @@ def _chunk_bytes(t: Tensor) -> int:
     if t.is_cuda:
         return _CHUNK_BYTES_CUDA
     return _CHUNK_BYTES_ONE_THREAD if torch.get_num_threads() == 1 else _CHUNK_BYTES
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    """libc ``madvise`` on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _empty_large(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty`` whose pages the kernel backs with 2 MiB huge pages where it can.
-
-    A large CPU tensor is a fresh ``mmap`` on every call, and its first write takes one page fault per
-    4 KiB page, which dominates writing a fresh output of ~100 MB (BENCHMARKS.md, spp notes). So, on
-    Linux CPU tensors of 4 MiB and more, the 2 MiB-aligned interior of the buffer is advised
-    MADV_HUGEPAGE before anything is written (what PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` does for every
-    allocation, here only for the kernel's own buffers). Where THP is off or madvise fails, nothing changes.
-    """
-    t = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    n = t.numel() * t.element_size()
-    if t.is_cuda or n < 2 * _HUGE_PAGE:
-        return t
-    fn = _madvise()
-    if fn is not None:
-        a = t.data_ptr()
-        lo = -(-a // _HUGE_PAGE) * _HUGE_PAGE
-        hi = (a + n) // _HUGE_PAGE * _HUGE_PAGE
-        if hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) == 0:  # advice only: a failure leaves 4 KiB pages
-            # fault the huge pages in from this thread, one element each (the kernel zeroes each
-            # 2 MiB page once): left to a multi-threaded first write, threads faulting the same huge
-            # page wait on each other and the write takes about twice as long
-            step = _HUGE_PAGE // t.element_size()
-            t.view(-1)[(lo - a) // t.element_size()::step].zero_()
-    return t
 
 
 def spp_bins(starts: Tensor, ends: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -145,46 +105,6 @@ def level_plan(levels: tuple[int, ...]) -> tuple[list[int], dict[int, int]]:
             parent[n] = min(multiples)
     roots = [n for n in distinct if n not in parent]
     return roots, parent
-
-
-class _Workspace(threading.local):
-    """Per-thread scratch buffers of the CPU forward, reused across calls (like a cuDNN workspace).
-
-    The sparse table is ~38 MB for the benchmark case; allocated afresh it would be page-faulted on
-    every call, which costs several times as much as refilling a kept buffer. Buffers never leave
-    :func:`_spp_forward` (results are copied into the fresh output), so reuse cannot alias a
-    caller's tensor, except the ``"output"`` buffer that a ``reuse_output`` call returns (its caller
-    consumes it before its next such call); one workspace per thread makes concurrent calls safe.
-    Keyed by (name, dtype), CPU only (CUDA has its caching allocator). A buffer grows to the largest
-    request up to ``_WORKSPACE_CAP_BYTES``; a larger request gets a fresh tensor that is not kept.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-
-_WORKSPACE_CAP_BYTES = 256 << 20
-_workspace = _Workspace()
-
-
-def free_spp_workspace() -> None:
-    """Release the scratch buffers that :func:`detector.spp.spp_pool` keeps between calls on this thread."""
-    _workspace.buffers.clear()
-
-
-def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A 1-D uninitialised tensor of ``numel`` elements; on CPU a slice of a reused buffer."""
-    nbytes = numel * dtype.itemsize
-    if device.type != "cpu" or nbytes > _WORKSPACE_CAP_BYTES:
-        return torch.empty(numel, dtype=dtype, device=device)  # CUDA: its caching allocator reuses
-    key = (name, dtype)
-    buf = _workspace.buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        _workspace.buffers.pop(key, None)  # drop the old one before allocating the larger one
-        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
-            buf = _empty_large((numel,), torch.empty(0, device=device), dtype)
-        _workspace.buffers[key] = buf
-    return buf[:numel]
 
 
 def _sparse_table(fmap: Tensor, kx_max: int, ky_max: int, with_index: bool

@@ -378,3 +378,28 @@ def test_cpu_width_resnet18_is_torchvisions_network_narrowed():
         build_backbone("mobilenet_v3", width_mult=0.5)
     with pytest.raises(ValueError, match="ImageNet weights are for width_mult 1.0"):
         build_backbone("resnet18", width_mult=0.25, weights="imagenet")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lrn_overwrite_input_gives_the_fresh_paths_values(dtype):
+    from detector.backbones import WithinChannelLRN
+
+    lrn = WithinChannelLRN(3, 5e-5, 0.75)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape in ((2, 8, 37, 41), (1, 8, 20, 25)):  # the second reuses the first's larger buffers
+            x = (torch.relu(torch.randn(shape, generator=g)) * 60).to(dtype).contiguous(memory_format=torch.channels_last)
+            want = lrn(x.clone())
+            inp = x.clone()
+            got = lrn(inp, overwrite_input=True)
+            assert got.data_ptr() == inp.data_ptr() and got.dtype == dtype and torch.equal(got, want)
+            # and the values are the spec's formula (float64 reference)
+            ref = x.double() * (1 + 5e-5 * torch.nn.functional.avg_pool2d(x.double() ** 2, 3, 1, 1)) ** -0.75
+            assert torch.allclose(got.double(), ref, rtol=1e-5 if dtype == torch.float32 else 2e-2)
+        # a map in the default layout, or one that needs gradients, is left alone
+        y = x.float().contiguous()
+        out = lrn(y, overwrite_input=True)
+        assert out.data_ptr() != y.data_ptr() and torch.equal(y, x.float())
+    leaf = x.float().clone().requires_grad_()
+    out = lrn(leaf, overwrite_input=True)
+    assert out.requires_grad and torch.equal(leaf.detach(), x.float())

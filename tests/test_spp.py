@@ -222,7 +222,7 @@ def test_roi_pool_bins_exact_check_matches_brute_force():
 def test_large_buffers_are_plain_writable_tensors():
     """_empty_large (huge-page advice for spp_pool's big CPU buffers) gives ordinary tensors of the asked
     shape and dtype, small and large, and spp_pool's large output is exact and not shared between calls."""
-    from detector.spp_kernel import _empty_large
+    from detector.workspace import empty_large as _empty_large
 
     like = torch.zeros(1)
     for shape, dtype in (((3, 5), torch.float32), ((1100, 1000), torch.float32), ((600, 1000), torch.int64)):
