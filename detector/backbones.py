@@ -164,9 +164,12 @@ class WithinChannelLRN(nn.Module):
         super().__init__()
         self.size, self.alpha, self.beta = size, alpha, beta
 
-    # largest map (bytes) whose squares and means the inference path keeps in this thread's reused
-    # buffers: conv1 of full-width ZF-5 at 688 px is 96 x 344 x 459 float32 = 60.6 MB
-    SCRATCH_CAP_BYTES = 64 << 20
+    # Largest map (bytes) whose square and mean the inference path keeps in this thread's reused
+    # buffers, so at most 64 MB stay allocated between images: conv1 of full-width ZF-5 at 688 px
+    # is 30.3 MB in bfloat16 (kept) and 60.6 MB in float32 (fresh temporaries, as before). Keeping
+    # the float32 ones saved as much time but raised a detection's peak memory by 114 MB (8.5%;
+    # BENCHMARKS.md "huge pages").
+    SCRATCH_CAP_BYTES = 32 << 20
 
     def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
         """Tensor[N, C, H, W] -> the normalised map, same shape and dtype.
