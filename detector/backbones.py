@@ -182,20 +182,22 @@ class WithinChannelLRN(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
             return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
-        if (overwrite_input and x.device.type == "cpu" and x.ndim == 4
-                and x.is_contiguous(memory_format=torch.channels_last) and not _tracing()):
-            n, c, h, w = x.shape
-            sq, mean = (scratch(f"lrn_{k}", x.numel(), x.dtype, x.device, self.SCRATCH_CAP_BYTES)
-                        .view(n, h, w, c).permute(0, 3, 1, 2) for k in ("sq", "mean"))  # (N, C, H, W) channels-last
-            torch.mul(x, x, out=sq)
-            p = self.size // 2
-            torch.ops.aten.avg_pool2d.out(sq, [self.size, self.size], [1, 1], [p, p], False, True, None, out=mean)
-            # x * g equals g * x (IEEE products commute): the values of the path below
-            return x.mul_(mean.mul_(self.alpha).add_(1.0).pow_(-self.beta))
         # inference: the same arithmetic in place on mean_sq: no three fresh map-sized temporaries
         # (conv1's LRN is a large share of ZF-5's time on a CPU; BENCHMARKS.md "detect")
-        mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
-        return mean_sq.mul_(self.alpha).add_(1.0).pow_(-self.beta).mul_(x)
+        overwrite = (overwrite_input and x.device.type == "cpu" and x.ndim == 4
+                     and x.is_contiguous(memory_format=torch.channels_last) and not _tracing())
+        if overwrite:
+            n, c, h, w = x.shape
+            sq, mean_sq = (scratch(f"lrn_{k}", x.numel(), x.dtype, x.device, self.SCRATCH_CAP_BYTES)
+                           .view(n, h, w, c).permute(0, 3, 1, 2) for k in ("sq", "mean"))  # (N, C, H, W) channels-last
+            torch.mul(x, x, out=sq)
+            p = self.size // 2
+            torch.ops.aten.avg_pool2d.out(sq, [self.size, self.size], [1, 1], [p, p], False, True, None, out=mean_sq)
+        else:
+            mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
+        g = mean_sq.mul_(self.alpha).add_(1.0).pow_(-self.beta)
+        # x * g equals g * x (IEEE products commute): both ways give the same values
+        return x.mul_(g) if overwrite else g.mul_(x)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, within_channel"
