@@ -720,7 +720,9 @@ class _Item:
         """Tensor[R, 4] on the CPU: the given boxes, the pool's result, or selective search here."""
         if self.boxes is None:
             if self.future is None:
-                arr = propose(self.rgb_uint8(), **options)
+                # here, selective search is split over the process's torch threads: the detection
+                # that follows uses them too, and the boxes do not depend on the split
+                arr = propose(self.rgb_uint8(), threads=torch.get_num_threads(), **options)
             else:
                 from concurrent.futures.process import BrokenProcessPool
 

@@ -30,6 +30,11 @@ keeps a fair sample. In "fast+" the selective-search boxes come first, then the 
 scales hash-shuffled together, so a cap thins every scale alike (a coarse-to-fine order lost the
 smallest windows first and measured worse on small digits: recall@0.5 0.652 vs 0.667).
 
+Threads: OpenCV's search is one thread; its parts (one per colour image and graph segmentation)
+are independent, so ``threads=n`` runs them on n threads and unions their rectangles, which are
+exactly the rectangles of the single call (:func:`_ss_tasks`). The detector passes its torch
+thread count; the proposal worker processes of training run one thread each.
+
 Failure cases handled
 ---------------------
 * grayscale, RGBA, 16-bit and float input: normalised by :func:`proposals.imageio.to_rgb_uint8`;
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,26 +119,77 @@ def _finish(boxes: np.ndarray, min_size: float, max_boxes: int | None) -> np.nda
     return np.ascontiguousarray(boxes)
 
 
-def _opencv_ss(rgb: np.ndarray, strategy: str) -> np.ndarray:
-    """OpenCV selective search on an RGB uint8 image that is known to be safe; xyxy float32 [R, 4]."""
+# OpenCV's switchToSelectiveSearchFast / Quality defaults: graph segmentations with k = base_k,
+# base_k + inc_k, ... (3 of them for "fast", 5 for "quality") and sigma 0.8.
+_SS_BASE_K, _SS_INC_K, _SS_SIGMA = 150, 150, 0.8
+_SS_N_K = {"fast": 3, "quality": 5}
+
+
+def _ss_tasks(strategy: str) -> list[tuple[int | None, float]]:
+    """The independent parts of one OpenCV selective search, as ``(colour conversion, k)`` pairs.
+
+    ``process()`` runs the hierarchical grouping for every (colour image, graph segmentation) pair
+    in turn, pools the regions of all pairs and removes duplicate rectangles; no pair depends on
+    another, so the union of the pairs' rectangles is the set the whole call returns (its order,
+    ranked with ``std::rand``, is discarded by :func:`_hash_order`). "fast" has 2 colour images (HSV,
+    Lab) x 3 k: 6 parts. "quality" has 5 colour images x 5 k; it is split by k only (5 parts), its
+    colour images being the ones OpenCV's switch builds (None: keep them).
+    """
+    import cv2
+
+    ks = [float(_SS_BASE_K + i * _SS_INC_K) for i in range(_SS_N_K[strategy])]
+    if strategy == "fast":
+        return [(code, k) for code in (cv2.COLOR_BGR2HSV, cv2.COLOR_BGR2Lab) for k in ks]
+    return [(None, k) for k in ks]
+
+
+def _ss_part(bgr: np.ndarray, strategy: str, code: int | None, k: float) -> np.ndarray:
+    """The rectangles of one part of :func:`_ss_tasks`: int32 [r, 4] x, y, w, h (OpenCV releases the
+    GIL in ``process()``, so parts run side by side in threads)."""
+    import cv2
+
+    seg = cv2.ximgproc.segmentation
+    ss = seg.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    if strategy == "quality":
+        ss.switchToSelectiveSearchQuality(_SS_BASE_K, _SS_INC_K, _SS_SIGMA)
+    else:
+        ss.switchToSelectiveSearchFast(_SS_BASE_K, _SS_INC_K, _SS_SIGMA)
+    if code is not None:  # this part's colour image only, converted as the switch converts it
+        ss.clearImages()
+        ss.addImage(cv2.cvtColor(bgr, code))
+    ss.clearGraphSegmentations()  # this part's k only (the switch's segmentation: min_size 100)
+    ss.addGraphSegmentation(seg.createGraphSegmentation(sigma=_SS_SIGMA, k=k))
+    rects = ss.process()
+    return np.zeros((0, 4), np.int32) if rects is None or len(rects) == 0 else np.asarray(rects).reshape(-1, 4)
+
+
+def _opencv_ss(rgb: np.ndarray, strategy: str, threads: int = 1) -> np.ndarray:
+    """OpenCV selective search on an RGB uint8 image that is known to be safe; xyxy float32 [R, 4].
+
+    The search runs as the independent parts of :func:`_ss_tasks` on ``threads`` threads; the
+    rectangles are those of one ``process()`` call for any ``threads`` (``tests/test_proposals.py``
+    compares them), deduplicated, in lexicographic order.
+    """
     import cv2
 
     if not hasattr(cv2, "ximgproc"):
         raise ImportError("cv2.ximgproc is missing: install opencv-contrib-python-headless and "
                           "uninstall opencv-python, which shadows it (opencv_contrib#3147)")
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV wants BGR
-    if strategy == "quality":
-        ss.switchToSelectiveSearchQuality()
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # OpenCV wants BGR
+    tasks = _ss_tasks(strategy)
+    if threads <= 1:
+        parts = [_ss_part(bgr, strategy, code, k) for code, k in tasks]
     else:
-        ss.switchToSelectiveSearchFast()
-    rects = ss.process()  # (R, 4) int32 x, y, w, h
-    if rects is None or len(rects) == 0:
+        with ThreadPoolExecutor(max_workers=min(threads, len(tasks))) as pool:
+            parts = list(pool.map(lambda t: _ss_part(bgr, strategy, *t), tasks))
+    rects = np.unique(np.concatenate(parts), axis=0)  # (R, 4) int32 x, y, w, h: each rectangle once
+    if len(rects) == 0:
         return np.zeros((0, 4), np.float32)
     return _xywh_to_xyxy(rects)  # (R, 4)
 
 
-def _safe_ss(rgb: np.ndarray, strategy: str, max_side: int) -> np.ndarray:
+def _safe_ss(rgb: np.ndarray, strategy: str, max_side: int, threads: int = 1) -> np.ndarray:
     """Selective search with downscaling and padding around OpenCV's limits; boxes of ``rgb``.
 
     Returns:
@@ -154,7 +211,7 @@ def _safe_ss(rgb: np.ndarray, strategy: str, max_side: int) -> np.ndarray:
         log.warning("selective search: image %dx%d padded to %dx%d (tiny image or aspect ratio "
                     "over %.1f); boxes are clipped back to the image", w, h, pw, ph, MAX_SS_ASPECT)
         img = cv2.copyMakeBorder(img, 0, ph - h, 0, pw - w, cv2.BORDER_REPLICATE)
-    boxes = _opencv_ss(img, strategy)
+    boxes = _opencv_ss(img, strategy, threads)
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
     if scale < 1.0:
@@ -215,7 +272,7 @@ def selective_search(image: np.ndarray, mode: str = "fast+", min_size: float = 2
                      max_boxes: int | None = None, *, max_side: int = MAX_SIDE,
                      ss_side: int = SS_SIDE, grid_min: float = GRID_MIN,
                      grid_stride: float = 0.5,
-                     grid_aspect_ratios: tuple[float, ...] = (1.0,)) -> np.ndarray:
+                     grid_aspect_ratios: tuple[float, ...] = (1.0,), threads: int = 1) -> np.ndarray:
     """Object proposals for one image (see the module docstring for modes and order).
 
     Args:
@@ -227,6 +284,8 @@ def selective_search(image: np.ndarray, mode: str = "fast+", min_size: float = 2
             when the image is larger (boxes mapped back).
         ss_side: "fast+": longer side of the selective-search copy (never upscaled).
         grid_min, grid_stride, grid_aspect_ratios: "fast+" grid (:func:`grid_boxes`).
+        threads: threads that OpenCV's search is split over (its independent colour-image and
+            segmentation parts, :func:`_ss_tasks`); the boxes are the same for any value.
     Returns:
         ndarray float32 [R, 4]: xyxy, 0-based continuous pixels of ``image``; deterministic.
     Raises:
@@ -234,17 +293,19 @@ def selective_search(image: np.ndarray, mode: str = "fast+", min_size: float = 2
     """
     if mode not in MODES:
         raise ValueError(f"selective_search: unknown mode {mode!r} (choose from {MODES})")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"selective_search: threads must be a positive int, got {threads!r}")
     rgb = to_rgb_uint8(image)
     H, W = rgb.shape[:2]
     if min(H, W) < 2:
         raise ImageError(f"selective_search: image of {W}x{H} px is too small")
     if mode == "fast+":
-        ss = _safe_ss(rgb, "fast", max_side=ss_side)
+        ss = _safe_ss(rgb, "fast", max_side=ss_side, threads=threads)
         grid = grid_boxes(H, W, min_side=max(grid_min, min_size), stride=grid_stride,
                           aspect_ratios=tuple(grid_aspect_ratios))
         boxes = np.concatenate([ss, grid])  # (R, 4)
     else:
-        boxes = _safe_ss(rgb, mode, max_side=max_side)
+        boxes = _safe_ss(rgb, mode, max_side=max_side, threads=threads)
     return _finish(boxes, min_size, max_boxes)
 
 
@@ -291,7 +352,7 @@ def edge_boxes(image: np.ndarray, model_path: str | Path, max_boxes: int = 2000,
     return _finish(boxes, min_size, None)
 
 
-def propose(image: np.ndarray, method: str = "selective_search", **options) -> np.ndarray:
+def propose(image: np.ndarray, method: str = "selective_search", *, threads: int = 1, **options) -> np.ndarray:
     """Proposals of one image by ``method``: the one entry point of training, testing and the
     library call, so each uses the method a model was trained with.
 
@@ -299,11 +360,13 @@ def propose(image: np.ndarray, method: str = "selective_search", **options) -> n
         image: as for :func:`selective_search`.
         method: "selective_search" (``options``: its keyword arguments) or "edge_boxes"
             (``options``: ``model_path``, ``max_boxes``, ``min_size``).
+        threads: selective search's threads (:func:`selective_search`; the boxes do not depend on
+            it); EdgeBoxes ignores it.
     Returns:
         ndarray float32 [R, 4] xyxy.
     """
     if method == "selective_search":
-        return selective_search(image, **options)
+        return selective_search(image, threads=threads, **options)
     if method == "edge_boxes":
         return edge_boxes(image, **options)
     raise ValueError(f"unknown proposal method {method!r}; expected one of {', '.join(METHODS)}")

@@ -12,7 +12,7 @@ import proposals.compute as compute_mod
 from proposals import (ImageError, compute_proposals_for_images, edge_boxes, grid_boxes,
                        load_proposals, proposal_recall, read_image, save_proposals,
                        selective_search, to_rgb_uint8)
-from proposals.selective_search import _finish, _hash_order, _xywh_to_xyxy
+from proposals.selective_search import _finish, _hash_order, _opencv_ss, _xywh_to_xyxy
 
 
 def _scene(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
@@ -136,6 +136,38 @@ def test_selective_search_fast_plus_has_the_fast_boxes_and_the_grid():
     as_set = {tuple(b) for b in plus}
     assert {tuple(b) for b in fast} <= as_set and {tuple(b) for b in grid} <= as_set
     assert len(plus) == len(as_set)
+
+
+def _one_opencv_call(rgb: np.ndarray, mode: str) -> set[tuple[int, ...]]:
+    """Reference: the rectangles of one whole OpenCV selective search, as the library made them
+    before its search was split into parts."""
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(rgb[:, :, ::-1]))
+    ss.switchToSelectiveSearchQuality() if mode == "quality" else ss.switchToSelectiveSearchFast()
+    return {tuple(r) for r in ss.process().tolist()}
+
+
+@pytest.mark.parametrize("mode", ["fast", "quality"])
+def test_parts_of_the_search_are_the_whole_call(mode):
+    """The union of the (colour image, k) parts is exactly one process() call's set, on 1 or 3 threads."""
+    img = _scene(seed=3)
+    ref = _one_opencv_call(img, mode)
+    for threads in (1, 3):
+        boxes = _opencv_ss(img, mode, threads)  # xyxy float32
+        got = {(int(x0), int(y0), int(x1 - x0), int(y1 - y0)) for x0, y0, x1, y1 in boxes.tolist()}
+        assert len(got) == len(boxes) and got == ref
+
+
+def test_selective_search_threads_give_the_same_boxes():
+    img = cv2.resize(_scene(seed=5), (200, 150), interpolation=cv2.INTER_NEAREST)
+    one = selective_search(img, mode="fast+", min_size=10)
+    assert np.array_equal(selective_search(img, mode="fast+", min_size=10, threads=2), one)
+    from proposals import propose
+
+    assert np.array_equal(propose(img, mode="fast+", min_size=10, threads=4), one)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            selective_search(img, threads=bad)
 
 
 def test_selective_search_gray_rgba_uint16():

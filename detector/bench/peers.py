@@ -90,14 +90,20 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     fastest.head = fast.head
     fastest.lower_conv("bfloat16")  # float32 with a warning where bfloat16 is not native
     opts = dense.params.proposal_options
+    threads = torch.get_num_threads()  # what detect(im) splits selective search over
     t0 = time.perf_counter()
-    boxes = [torch.from_numpy(np.asarray(propose(im, **opts), dtype=np.float32)).reshape(-1, 4) for im in images]
+    boxes = [torch.from_numpy(np.asarray(propose(im, threads=threads, **opts), dtype=np.float32)).reshape(-1, 4)
+             for im in images]
     ss_ips = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for im in images:
+        propose(im, **opts)  # one thread, as a proposal worker process runs it
+    ss_one_ips = n / (time.perf_counter() - t0)
     # the cheaper proposal setting (BENCHMARKS.md, proposal variants): selective search on a smaller copy
     small_opts = {**opts, "ss_side": small_ss_side}
     t0 = time.perf_counter()
     for im in images:
-        propose(im, **small_opts)
+        propose(im, threads=threads, **small_opts)
     ss_small_ips = n / (time.perf_counter() - t0)
     peer = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
     tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]  # (3, H, W) each
@@ -143,6 +149,7 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
             "peers_spp_fastbf16_batch_end_to_end_images_per_s", "peers_spp_fastbf16_small_ss_loop_end_to_end_images_per_s"]
     ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
     ratios["peers_selective_search_images_per_s"] = ss_ips
+    ratios["peers_selective_search_one_thread_images_per_s"] = ss_one_ips
     ratios["peers_selective_search_small_images_per_s"] = ss_small_ips
     for k in keys[:2] + keys[3:]:
         ratios[k.replace("_images_per_s", "_over_peer")] = ratios[k] / peer_ips
@@ -152,8 +159,9 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
         lines.append(f"| {name} | {props} | {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}] | "
                      f"{1 / s['median']:.3f} | {s['median'] / peer_ips:.2f}x |")
     md = (f"{what}; random weights everywhere, {torch.get_num_threads()} torch threads, {runs} run(s) over the "
-          f"list. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone: "
-          f"{ss_ips:.2f} images per second ({statistics.mean(len(b) for b in boxes):.0f} boxes per image); on a "
+          f"list. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone, split "
+          f"over {threads} threads as `detect(im)` runs it: {ss_ips:.2f} images per second "
+          f"({statistics.mean(len(b) for b in boxes):.0f} boxes per image; one thread: {ss_one_ips:.2f}); on a "
           f"{small_ss_side} px copy (`proposals.ss_side`, default {opts.get('ss_side', '?')}): {ss_small_ips:.2f}. "
           f"Throughput over the whole list (`n / seconds`), so an overlapped pipeline counts at its real rate.\n\n"
           + "\n".join(lines))
