@@ -48,7 +48,7 @@ from proposals.imageio import (
 )
 from proposals.store import ProposalFileError
 
-__all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES", "CHANNEL_ORDERS"]
+__all__ = ["SPPDetector", "DetectParams", "STAGES", "SCORES", "CHANNEL_ORDERS", "spare_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -415,15 +415,19 @@ class SPPDetector(nn.Module):
                                 pooled_index=inverse)
 
     def _run(self, items: Iterable[_Item], score_threshold: float | None, batch_size: int,
-             workers: int) -> Iterator[dict[str, torch.Tensor]]:
+             workers: int | None) -> Iterator[dict[str, torch.Tensor]]:
         """The pipeline behind detect, detect_batch, iter_detect and forward: chunks of up to
         ``batch_size`` images; the next chunk's proposals are computed in ``workers`` processes while
         this chunk's conv5 pyramids (same-size images together) and windows are scored. Yields the
         detections (on the model's device) in input order."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = proposals in this process), got {workers}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"workers must be None or an int >= 0 (0 = proposals in this process), got {workers!r}")
+        spare = spare_cores()
+        if workers is None:
+            workers = 1 if spare else 0
+        worker_threads = max(1, spare // workers) if workers else 1  # each worker's selective-search threads
         from collections import deque
         from itertools import islice
 
@@ -442,7 +446,8 @@ class SPPDetector(nn.Module):
                         from proposals import start_proposal_pool
 
                         pool = start_proposal_pool(workers)
-                    item.future = pool.submit(propose, item.rgb_uint8(), **self.params.proposal_options)
+                    item.future = pool.submit(propose, item.rgb_uint8(), threads=worker_threads,
+                                              **self.params.proposal_options)
             return chunk
 
         try:
@@ -508,20 +513,25 @@ class SPPDetector(nn.Module):
         *,
         channel_order: str = "rgb",
         batch_size: int = 4,
-        workers: int = 1,
+        workers: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """:meth:`detect` for many images, with the same detections as calling it on each.
 
         Images of one size go through the trunk together (up to ``batch_size`` at a time, at each
-        scale), and the proposals of the next ``batch_size`` images are computed in ``workers``
-        processes while the current ones are scored, so the throughput is bounded by the slower of
-        the two rather than their sum (tools/benchmark.py --only batch measures it).
+        scale). Selective search runs either here, before each image is scored, split over the
+        torch threads, or in ``workers`` processes that compute the next ``batch_size`` images'
+        proposals while the current ones are scored, on the cores that torch's threads leave free
+        (:func:`spare_cores`). Overlapping pays only where such cores exist: on 2 cores running
+        2 torch threads, the worker and the network compete and the throughput fell to half of the
+        in-process loop's (tools/benchmark.py, section ``peers``), so the default chooses by the
+        machine.
 
         Args:
             images, score_threshold, channel_order: as :meth:`detect`, for each image.
             proposals: None, or one entry per image (an entry None = selective search).
             batch_size: images per chunk (memory grows with it: one conv1 map per image and scale).
-            workers: proposal processes; 0 = compute proposals here, one image at a time.
+            workers: proposal processes; 0 = compute proposals here, one image at a time, on the
+                torch threads; None (default) = 1 when :func:`spare_cores` is at least 1, else 0.
         Returns:
             one dict per image, as :meth:`detect`, on the CPU. ``last_timings`` holds each stage's
             seconds summed over the images; ``proposals`` is the time spent waiting for them.
@@ -541,7 +551,7 @@ class SPPDetector(nn.Module):
         *,
         channel_order: str = "rgb",
         batch_size: int = 4,
-        workers: int = 1,
+        workers: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """:meth:`detect_batch` as a generator over any iterable (a folder of any length): reads
         ``batch_size`` images ahead and yields each image's detections (on the model's device) in
@@ -736,6 +746,19 @@ class _Item:
                         "(or pass workers=0)") from e
             self.boxes = torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, 4)  # (R, 4)
         return self.boxes
+
+
+def spare_cores() -> int:
+    """CPU cores this process may run on beyond torch's intra-op threads (the CPU affinity where the
+    OS reports it): the cores that proposal worker processes of :meth:`SPPDetector.detect_batch` can
+    use without slowing the network down."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this OS
+        cores = os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
 
 
 def _check_side(h: int, w: int, name: str) -> None:

@@ -107,7 +107,7 @@ def predict(
     fmt: str = "json",
     *,
     batch_size: int = 4,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
 ) -> PredictResult:
     """Detect objects in every image of ``sources``; write annotated PNGs and one table.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import detector.detector as D
 from detector.bench.inputs import voc_sized_photos
 from detector.bench.random_model import random_boxes, random_detector
 from proposals.imageio import ImageError
@@ -157,13 +158,57 @@ def test_detect_batch_selective_search_in_a_worker_pool(det, photos):
     assert all(_same(s, r) for s, r in zip(streamed, loop))
 
 
+def test_default_workers_follow_the_spare_cores(det, photos, monkeypatch):
+    """workers=None: a proposal worker (with the spare cores as its selective-search threads) only
+    when cores beyond torch's threads exist; otherwise selective search runs here on the torch
+    threads. Detections are those of the loop either way."""
+    import concurrent.futures
+
+    import proposals
+
+    submitted = []
+
+    class InlinePool:  # runs each job at once, records how it was asked for
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(kwargs.get("threads"))
+            fut = concurrent.futures.Future()
+            fut.set_result(fn(*args, **kwargs))
+            return fut
+
+        def shutdown(self, **kwargs):
+            pass
+
+    started = []
+    monkeypatch.setattr(proposals, "start_proposal_pool", lambda n: started.append(n) or InlinePool())
+    loop = [det.detect(im) for im in photos[:2]]
+    monkeypatch.setattr(D, "spare_cores", lambda: 0)
+    assert all(_same(g, r) for g, r in zip(det.detect_batch(photos[:2]), loop))
+    assert started == [] and submitted == []
+    monkeypatch.setattr(D, "spare_cores", lambda: 3)
+    assert all(_same(g, r) for g, r in zip(det.detect_batch(photos[:2]), loop))
+    assert started == [1] and submitted == [3, 3]
+    det.detect_batch(photos[:2], workers=2)
+    assert started == [1, 2] and submitted == [3, 3, 1, 1]  # 3 spare cores // 2 workers
+
+
+def test_spare_cores_counts_the_affinity_beyond_torch_threads(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert D.spare_cores() == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert D.spare_cores() == 0
+
+
 def test_detect_batch_argument_checks(det, photos):
     with pytest.raises(ValueError, match="1 entries for 2 images"):
         det.detect_batch(photos[:2], [None])
     with pytest.raises(ValueError, match="batch_size"):
         det.detect_batch(photos[:2], batch_size=0)
-    with pytest.raises(ValueError, match="workers"):
-        det.detect_batch(photos[:2], workers=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            det.detect_batch(photos[:2], workers=bad)
 
 
 def test_a_script_without_main_guard_gets_a_clear_error(tmp_path):

@@ -7,10 +7,11 @@ float32, the fast fc option (SVD rank + int8, :mod:`detector.fc_precision`) and 
 trunk in bfloat16 (:mod:`detector.conv_precision`, where the CPU has it natively), against
 ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn`` (random weights, its default
 transform, min_size 800), whose own RPN is inside its time. End to end, SPP-net runs as the per-image
-loop (``detect(im)``: proposals, then the network) and as ``detect_batch(images, workers=1)``, which
-computes the next images' proposals in a worker process while the network runs; and the loop with the
-bfloat16 trunk and selective search on a smaller copy of the image (``proposals.ss_side`` 240 instead
-of 320), the cheaper proposal setting.
+loop (``detect(im)``: selective search split over the torch threads, then the network), as
+``detect_batch(images, workers=1)``, which computes the next images' proposals in a worker process
+while the network runs, and as ``detect_batch(images)`` with its machine-dependent default; and the
+loop with the bfloat16 trunk and selective search on a smaller copy of the image
+(``proposals.ss_side`` 240 instead of 320), the cheaper proposal setting.
 
 Shape shorthand: R proposals in one image.
 """
@@ -73,6 +74,7 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     copy) and the torchvision peer, with given proposals and end to end (module docstring)."""
     import torchvision
 
+    from detector.detector import spare_cores
     from detector.fc_precision import lower_fc_precision
     from detector.head import LowRankLinear
     from proposals import propose
@@ -141,12 +143,16 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
          _throughput(lambda: fastest.detect_batch(images, workers=1), n, runs)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, loop `detect(im)`",
          f"selective search on a {small_ss_side} px copy, in turn", _throughput(fastest_small_proposals, n, runs)),
+        (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, `detect_batch(images)` "
+         f"(default workers: {1 if spare_cores() else 0} here)", "selective search, the default",
+         _throughput(lambda: fastest.detect_batch(images), n, runs)),
     ]
     peer_ips = rows[2][2]["median"]
     keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
             "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s",
             "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_loop_end_to_end_images_per_s",
-            "peers_spp_fastbf16_batch_end_to_end_images_per_s", "peers_spp_fastbf16_small_ss_loop_end_to_end_images_per_s"]
+            "peers_spp_fastbf16_batch_end_to_end_images_per_s", "peers_spp_fastbf16_small_ss_loop_end_to_end_images_per_s",
+            "peers_spp_fastbf16_batch_default_end_to_end_images_per_s"]
     ratios = {k: r[2]["median"] for k, r in zip(keys, rows)}
     ratios["peers_selective_search_images_per_s"] = ss_ips
     ratios["peers_selective_search_one_thread_images_per_s"] = ss_one_ips
