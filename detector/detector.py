@@ -414,14 +414,17 @@ class SPPDetector(nn.Module):
         return self.postprocess(boxes, pooled, scores, pyr.image_size, score_threshold, timed=self._timed,
                                 pooled_index=inverse)
 
-    def _run(self, items: Iterable[_Item], score_threshold: float | None, batch_size: int,
+    def _run(self, items: Iterable[_Item], score_threshold: float | None, batch_size: int | None,
              workers: int | None) -> Iterator[dict[str, torch.Tensor]]:
         """The pipeline behind detect, detect_batch, iter_detect and forward: chunks of up to
         ``batch_size`` images; the next chunk's proposals are computed in ``workers`` processes while
         this chunk's conv5 pyramids (same-size images together) and windows are scored. Yields the
         detections (on the model's device) in input order."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is None:
+            # a CPU runs the trunk faster one image at a time (BENCHMARKS.md, section batch)
+            batch_size = 1 if self.device.type == "cpu" else 4
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
             raise ValueError(f"workers must be None or an int >= 0 (0 = proposals in this process), got {workers!r}")
         spare = spare_cores()
@@ -512,13 +515,13 @@ class SPPDetector(nn.Module):
         score_threshold: float | None = None,
         *,
         channel_order: str = "rgb",
-        batch_size: int = 4,
+        batch_size: int | None = None,
         workers: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """:meth:`detect` for many images, with the same detections as calling it on each.
 
         Images of one size go through the trunk together (up to ``batch_size`` at a time, at each
-        scale). Selective search runs either here, before each image is scored, split over the
+        scale; on a GPU by default). Selective search runs either here, before each image is scored, split over the
         torch threads, or in ``workers`` processes that compute the next ``batch_size`` images'
         proposals while the current ones are scored, on the cores that torch's threads leave free
         (:func:`spare_cores`). Overlapping pays only where such cores exist: on 2 cores running
@@ -529,7 +532,9 @@ class SPPDetector(nn.Module):
         Args:
             images, score_threshold, channel_order: as :meth:`detect`, for each image.
             proposals: None, or one entry per image (an entry None = selective search).
-            batch_size: images per chunk (memory grows with it: one conv1 map per image and scale).
+            batch_size: images per chunk (memory grows with it: one conv1 map per image and scale);
+                None (default) = 1 on a CPU, where a batch of 4 ran the trunk 1.45x slower than single
+                images (BENCHMARKS.md, section batch), and 4 on a GPU.
             workers: proposal processes; 0 = compute proposals here, one image at a time, on the
                 torch threads; None (default) = 1 when :func:`spare_cores` is at least 1, else 0.
         Returns:
@@ -550,7 +555,7 @@ class SPPDetector(nn.Module):
         score_threshold: float | None = None,
         *,
         channel_order: str = "rgb",
-        batch_size: int = 4,
+        batch_size: int | None = None,
         workers: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """:meth:`detect_batch` as a generator over any iterable (a folder of any length): reads
@@ -615,7 +620,7 @@ class SPPDetector(nn.Module):
             # selective search here, one image at a time: a worker pool would need the caller's script to
             # have a __main__ guard, which a torchvision-style call must not ask for (detect_batch has one)
             return [{k: v.to(t.device) for k, v in d.items()}
-                    for t, d in zip(images, self._run(items, None, batch_size=4, workers=0))]
+                    for t, d in zip(images, self._run(items, None, batch_size=None, workers=0))]
 
     def compress_fc(self, rank: int) -> "SPPDetector":
         """Replace fc6/fc7 by truncated-SVD factors of the given rank (in place; 0 = keep); returns self."""

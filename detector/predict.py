@@ -106,7 +106,7 @@ def predict(
     device: str = "cpu",
     fmt: str = "json",
     *,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> PredictResult:

@@ -137,12 +137,15 @@ def test_trunk_batch_check(det, photos, monkeypatch, off):
     loop = [det.detect(im, proposals=b) for im, b in zip(images, props)]
     monkeypatch.setattr(D, "trunk_pyramid", trunk)
     det._batch_exact.clear()
-    got = det.detect_batch(images, props)
+    got = det.detect_batch(images, props, batch_size=4)
     assert list(det._batch_exact.values()) == [off == 0.0]
     assert calls == ([2, 1] if off == 0.0 else [2, 1, 1, 1])
     calls.clear()
-    det.detect_batch(images, props)
+    det.detect_batch(images, props, batch_size=4)
     assert calls == ([2] if off == 0.0 else [2, 1, 1])
+    calls.clear()
+    det.detect_batch(images, props)  # the CPU default: one image at a time, no batch to check
+    assert calls == [1, 1]
     det._batch_exact.clear()
     assert all(_same(g, r) for g, r in zip(got, loop))
 
@@ -204,8 +207,9 @@ def test_spare_cores_counts_the_affinity_beyond_torch_threads(monkeypatch):
 def test_detect_batch_argument_checks(det, photos):
     with pytest.raises(ValueError, match="1 entries for 2 images"):
         det.detect_batch(photos[:2], [None])
-    with pytest.raises(ValueError, match="batch_size"):
-        det.detect_batch(photos[:2], batch_size=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            det.detect_batch(photos[:2], batch_size=bad)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="workers"):
             det.detect_batch(photos[:2], workers=bad)
