@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -423,13 +424,13 @@ class SPPDetector(nn.Module):
         if batch_size is None:
             # a CPU runs the trunk faster one image at a time (BENCHMARKS.md, section batch)
             batch_size = 1 if self.device.type == "cpu" else 4
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0):
             raise ValueError(f"workers must be None or an int >= 0 (0 = proposals in this process), got {workers!r}")
+        batch_size = int(batch_size)
         spare = spare_cores()
-        if workers is None:
-            workers = 1 if spare else 0
+        workers = (1 if spare else 0) if workers is None else int(workers)
         worker_threads = max(1, spare // workers) if workers else 1  # each worker's selective-search threads
         from collections import deque
         from itertools import islice

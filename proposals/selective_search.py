@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -293,8 +294,9 @@ def selective_search(image: np.ndarray, mode: str = "fast+", min_size: float = 2
     """
     if mode not in MODES:
         raise ValueError(f"selective_search: unknown mode {mode!r} (choose from {MODES})")
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+    if not isinstance(threads, numbers.Integral) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"selective_search: threads must be a positive int, got {threads!r}")
+    threads = int(threads)
     rgb = to_rgb_uint8(image)
     H, W = rgb.shape[:2]
     if min(H, W) < 2:

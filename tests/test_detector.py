@@ -190,7 +190,7 @@ def test_default_workers_follow_the_spare_cores(det, photos, monkeypatch):
     monkeypatch.setattr(D, "spare_cores", lambda: 3)
     assert all(_same(g, r) for g, r in zip(det.detect_batch(photos[:2]), loop))
     assert started == [1] and submitted == [3, 3]
-    det.detect_batch(photos[:2], workers=2)
+    det.detect_batch(photos[:2], workers=np.int64(2), batch_size=np.int64(2))  # numpy integers are integers
     assert started == [1, 2] and submitted == [3, 3, 1, 1]  # 3 spare cores // 2 workers
 
 

@@ -165,6 +165,7 @@ def test_selective_search_threads_give_the_same_boxes():
     from proposals import propose
 
     assert np.array_equal(propose(img, mode="fast+", min_size=10, threads=4), one)
+    assert np.array_equal(selective_search(img, mode="fast+", min_size=10, threads=np.int64(2)), one)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a positive int"):
             selective_search(img, threads=bad)
