@@ -187,7 +187,8 @@ class ProposalConfig:
     train_file: str = ""
     test_file: str = ""
     edge_model: str = ""  # model.yml.gz for EdgeBoxes (required when method == "edge_boxes")
-    workers: PosInt = 2  # parallel processes for computing proposals (1 = in the calling process)
+    # parallel processes for computing proposals (1 = in the calling process, its selective search split over the cores)
+    workers: PosInt = 2
     # "fast+" only (proposals.selective_search keyword arguments of the same names):
     # ss_side 240 halves selective search's time at equal BCCD trainval recall@0.5 (0.976) but loses
     # 2.5 points of recall@0.7, and swapped in at test time 4.8 points of held-out AP75 (BENCHMARKS.md,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -56,8 +57,9 @@ def start_proposal_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
 
 
-def _run_chunk(task: tuple) -> tuple[int, dict[str, np.ndarray], list[str]]:
-    """Worker: proposals for one shard, written to its file. Returns (shard, boxes, problems)."""
+def _run_chunk(task: tuple, threads: int = 1) -> tuple[int, dict[str, np.ndarray], list[str]]:
+    """Worker: proposals for one shard, written to its file, selective search on ``threads``
+    threads (the boxes do not depend on it). Returns (shard, boxes, problems)."""
     index, items, shard, options, skip_bad = task
     result: dict[str, np.ndarray] = {}
     problems: list[str] = []
@@ -72,7 +74,7 @@ def _run_chunk(task: tuple) -> tuple[int, dict[str, np.ndarray], list[str]]:
             problems.append(f"image {image_id!r}: {e}; skipped with 0 proposals")
             result[image_id] = np.zeros((0, 4), np.float32)
             continue
-        result[image_id] = propose(img, **options)
+        result[image_id] = propose(img, threads=threads, **options)
     save_proposals(shard, result)
     return index, result, problems
 
@@ -95,13 +97,22 @@ def _read_checked(path: Path, ids: list[str], what: str) -> NpzProposals | None:
     return data
 
 
-def _run_shards(todo: list[tuple], workers: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Compute the shards of ``todo`` (in ``workers`` spawned processes, or here when <= 1) and yield
-    ``(shard index, proposals)`` as each finishes; problems of skipped images are logged."""
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _run_shards(todo: list[tuple], workers: int, threads_here: int = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Compute the shards of ``todo`` (in ``workers`` spawned processes with one thread each, or
+    here on ``threads_here`` threads when <= 1) and yield ``(shard index, proposals)`` as each
+    finishes; problems of skipped images are logged."""
     if workers <= 1 or len(todo) <= 1:
         _init_worker()
         for task in todo:
-            n, data, problems = _run_chunk(task)
+            n, data, problems = _run_chunk(task, threads_here)
             for msg in problems:
                 log.warning(msg)
             yield n, data
@@ -176,7 +187,8 @@ def compute_proposals_for_images(
         out: final ``.npz`` file (read back with :func:`proposals.load_proposals`).
         options: keyword arguments of :func:`proposals.propose` (``method`` and its options, e.g.
             ``{"method": "selective_search", "mode": "fast+", "min_size": 20, "max_boxes": 2000}``).
-        workers: processes (spawned, each limited to one OpenCV thread); <= 1 runs in this process.
+        workers: processes (spawned, each limited to one OpenCV thread); <= 1 runs in this process,
+            with selective search split over the process's cores (one thread with ``shard``).
         progress: show a tqdm bar (images).
         skip_bad_images: False: a bad image raises ImageError naming it; True: warn, zero boxes.
         chunk_size: images per shard (the unit of resumption).
@@ -235,7 +247,9 @@ def compute_proposals_for_images(
     bar = tqdm(total=len(items), initial=sum(results.values()), unit="img", desc="proposals",
                disable=not progress)
     try:
-        for n, data in _run_shards(todo, workers):
+        # here (workers <= 1) selective search takes the process's cores, unless this is one rank of
+        # several (shard), whose ranks compute side by side
+        for n, data in _run_shards(todo, workers, _cores() if shard is None else 1):
             results[n] = len(data)
             bar.update(len(data))
     finally:

@@ -290,6 +290,30 @@ def test_compute_resumes_after_interruption(tmp_path, monkeypatch):
     np.testing.assert_array_equal(plus["id0"], direct)
 
 
+def test_compute_here_splits_selective_search_over_the_cores(tmp_path, monkeypatch):
+    """workers <= 1: selective search runs here on the process's cores (one thread per rank with
+    ``shard``), with the boxes of one thread."""
+    import os
+
+    items = _write_images(tmp_path, n=2)
+    opts = {"method": "selective_search", "mode": "fast", "min_size": 10}
+    ref = compute_proposals_for_images(items, tmp_path / "ref.npz", opts, workers=1, progress=False)
+    real, seen = compute_mod.propose, []
+
+    def recording(img, threads=1, **k):
+        seen.append(threads)
+        return real(img, threads=threads, **k)
+
+    monkeypatch.setattr(compute_mod, "propose", recording)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    got = compute_proposals_for_images(items, tmp_path / "a.npz", opts, workers=1, progress=False)
+    assert seen == [3, 3] and all(np.array_equal(got[i], ref[i]) for i in ("id0", "id1"))
+    seen.clear()
+    compute_mod.prepare_parts(items, tmp_path / "b.npz", opts)
+    compute_proposals_for_images(items, tmp_path / "b.npz", opts, workers=1, progress=False, shard=(0, 2))
+    assert seen == [1, 1]  # rank 0 of 2 holds the one shard of 8 images: both of them, one thread each
+
+
 def test_compute_bad_image_and_two_workers(tmp_path, caplog):
     items = _write_images(tmp_path, n=2)
     bad = tmp_path / "bad.jpg"
