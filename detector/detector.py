@@ -429,7 +429,7 @@ class SPPDetector(nn.Module):
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0):
             raise ValueError(f"workers must be None or an int >= 0 (0 = proposals in this process), got {workers!r}")
         batch_size = int(batch_size)
-        spare = spare_cores()
+        spare = spare_cores() if workers != 0 else 0  # detect() passes 0: no pool to size
         workers = (1 if spare else 0) if workers is None else int(workers)
         worker_threads = max(1, spare // workers) if workers else 1  # each worker's selective-search threads
         from collections import deque
@@ -522,13 +522,13 @@ class SPPDetector(nn.Module):
         """:meth:`detect` for many images, with the same detections as calling it on each.
 
         Images of one size go through the trunk together (up to ``batch_size`` at a time, at each
-        scale; on a GPU by default). Selective search runs either here, before each image is scored, split over the
-        torch threads, or in ``workers`` processes that compute the next ``batch_size`` images'
-        proposals while the current ones are scored, on the cores that torch's threads leave free
-        (:func:`spare_cores`). Overlapping pays only where such cores exist: on 2 cores running
-        2 torch threads, the worker and the network compete and the throughput fell to half of the
-        in-process loop's (tools/benchmark.py, section ``peers``), so the default chooses by the
-        machine.
+        scale; on a GPU by default). Selective search runs either here, before each image is
+        scored, split over the torch threads, or in ``workers`` processes that compute the next
+        ``batch_size`` images' proposals while the current ones are scored, on the cores that
+        torch's threads leave free (:func:`spare_cores`). Overlapping pays only where such cores
+        exist: on 2 cores running 2 torch threads, the worker and the network compete and the
+        throughput fell to half of the in-process loop's (tools/benchmark.py, section ``peers``),
+        so the default chooses by the machine.
 
         Args:
             images, score_threshold, channel_order: as :meth:`detect`, for each image.
@@ -755,16 +755,12 @@ class _Item:
 
 
 def spare_cores() -> int:
-    """CPU cores this process may run on beyond torch's intra-op threads (the CPU affinity where the
-    OS reports it): the cores that proposal worker processes of :meth:`SPPDetector.detect_batch` can
-    use without slowing the network down."""
-    import os
+    """CPU cores this process may run on (:func:`proposals.compute.usable_cores`) beyond torch's
+    intra-op threads: the cores that proposal worker processes of :meth:`SPPDetector.detect_batch`
+    can use without slowing the network down."""
+    from proposals.compute import usable_cores
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this OS
-        cores = os.cpu_count() or 1
-    return max(0, cores - torch.get_num_threads())
+    return max(0, usable_cores() - torch.get_num_threads())
 
 
 def _check_side(h: int, w: int, name: str) -> None:

@@ -10,6 +10,7 @@ torch):
     load_proposals(path, image_ids) / read_proposal_file(path) / save_proposals(path, dict)
     compute_proposals_for_images(items, out, options, workers=2) -> dict id -> boxes
     start_proposal_pool(workers) -> a process pool for propose() calls
+    usable_cores() -> CPU cores this process may run on (its affinity)
     proposal_recall(proposals, gt_boxes, ...) -> recall table
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from proposals.selective_search import METHODS, MODES, edge_boxes, grid_boxes, p
 _WHERE = {
     "ProposalFileError": "store", "load_proposals": "store", "read_proposal_file": "store",
     "save_proposals": "store",
-    "compute_proposals_for_images": "compute", "start_proposal_pool": "compute",
+    "compute_proposals_for_images": "compute", "start_proposal_pool": "compute", "usable_cores": "compute",
     "proposal_recall": "recall",
 }
 

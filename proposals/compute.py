@@ -38,7 +38,7 @@ from proposals.imageio import ImageError, decode_image
 from proposals.selective_search import propose
 from proposals.store import NpzProposals, ProposalFileError, merge_proposal_files, read_npz_meta, save_proposals
 
-__all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key", "start_proposal_pool"]
+__all__ = ["compute_proposals_for_images", "prepare_parts", "proposals_key", "start_proposal_pool", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def _read_checked(path: Path, ids: list[str], what: str) -> NpzProposals | None:
     return data
 
 
-def _cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS reports it)."""
+def usable_cores() -> int:
+    """CPU cores this process may run on: its CPU affinity where the OS reports it, else all."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -249,7 +249,7 @@ def compute_proposals_for_images(
     try:
         # here (workers <= 1) selective search takes the process's cores, unless this is one rank of
         # several (shard), whose ranks compute side by side
-        for n, data in _run_shards(todo, workers, _cores() if shard is None else 1):
+        for n, data in _run_shards(todo, workers, usable_cores() if shard is None else 1):
             results[n] = len(data)
             bar.update(len(data))
     finally:
