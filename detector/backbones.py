@@ -147,6 +147,40 @@ def _tracing() -> bool:
                 or getattr(torch.compiler, "is_exporting", lambda: False)())
 
 
+# elements per float32 chunk of _pow_neg_three_quarters_bf16_ (4 MB: the chunk's passes stay in cache)
+_POW_CHUNK = 1 << 20
+
+
+def _pow_neg_three_quarters_bf16_(y: Tensor) -> Tensor:
+    """``y.pow_(-0.75)`` for a bfloat16 ``y``, in place, with the same bits, about twice as fast on a CPU.
+
+    ``pow`` with a non-integer exponent goes through exp and log per element; here each chunk is
+    widened to float32 and ``y ** -0.75 = rsqrt(y) * sqrt(rsqrt(y))`` is rounded back. The float32
+    chain is within a few float32 ulps of the true value, far inside one bfloat16 ulp, and rounds to
+    ``pow``'s bfloat16 result for every bfloat16 value but -0.0 and -inf (all 65536 bit patterns
+    compared in tests/test_backbones.py; the LRN's ``1 + alpha * mean`` with ``alpha >= 0`` is at
+    least 1 or NaN). On conv1's 1 x 96 x 342 x 457 map at 2 threads: 22 ms -> 9 ms. A ``y`` that is
+    not dense in some memory format falls back to ``pow_``.
+    """
+    if y.is_contiguous():
+        flat = y.view(-1)
+    elif y.ndim == 4 and y.is_contiguous(memory_format=torch.channels_last):
+        flat = y.permute(0, 2, 3, 1).reshape(-1)  # a view: the channels-last storage in order
+    else:
+        return y.pow_(-0.75)
+    n = flat.numel()
+    chunk = min(n, _POW_CHUNK)
+    a = scratch("pow_a", chunk, torch.float32, y.device)
+    b = scratch("pow_b", chunk, torch.float32, y.device)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        part, fa, fb = flat[start:start + m], a[:m], b[:m]
+        fa.copy_(part).rsqrt_()  # y^-1/2
+        torch.sqrt(fa, out=fb)  # y^-1/4
+        part.copy_(fa.mul_(fb))  # y^-3/4, rounded to bfloat16
+    return y
+
+
 class WithinChannelLRN(nn.Module):
     """Caffe ``WITHIN_CHANNEL`` LRN (spec §1): ``y = x * (1 + alpha/9 * sum_{3x3} x^2) ** -beta``.
 
@@ -195,7 +229,10 @@ class WithinChannelLRN(nn.Module):
             torch.ops.aten.avg_pool2d.out(sq, [self.size, self.size], [1, 1], [p, p], False, True, None, out=mean_sq)
         else:
             mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
-        g = mean_sq.mul_(self.alpha).add_(1.0).pow_(-self.beta)
+        y = mean_sq.mul_(self.alpha).add_(1.0)
+        fast_pow = (self.beta == 0.75 and self.alpha >= 0 and y.dtype == torch.bfloat16 and y.device.type == "cpu"
+                    and not _tracing())
+        g = _pow_neg_three_quarters_bf16_(y) if fast_pow else y.pow_(-self.beta)
         # x * g equals g * x (IEEE products commute): both ways give the same values
         return x.mul_(g) if overwrite else g.mul_(x)
 

@@ -3,6 +3,7 @@ field of every trunk, weight loading errors."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import pytest
@@ -403,3 +404,25 @@ def test_lrn_overwrite_input_gives_the_fresh_paths_values(dtype):
     leaf = x.float().clone().requires_grad_()
     out = lrn(leaf, overwrite_input=True)
     assert out.requires_grad and torch.equal(leaf.detach(), x.float())
+
+
+def test_bfloat16_pow_chain_has_pows_bits_for_every_bfloat16_value(monkeypatch):
+    import detector.backbones as B
+
+    # every bit pattern: the chain rsqrt(y) * sqrt(rsqrt(y)) in float32, rounded, against pow_(-0.75)
+    y = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # (65536,)
+    want = y.clone().pow_(-0.75)
+    monkeypatch.setattr(B, "_POW_CHUNK", 1000)  # several chunks and a short last one
+    got = B._pow_neg_three_quarters_bf16_(y.clone())
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(got) & torch.isnan(want))
+    # all but -0.0 and -inf (NaN from the chain, +inf and 0 from pow), which 1 + alpha * mean (alpha >= 0) never is
+    assert sorted(y[~same].tolist()) == [-math.inf, -0.0]
+    # in a channels-last map (a strided view of the storage), and in the LRN's inference path
+    x = (torch.relu(torch.randn(2, 5, 9, 11, generator=torch.Generator().manual_seed(0))) * 300).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(B._pow_neg_three_quarters_bf16_(x.clone()), x.clone().pow_(-0.75))
+    lrn = B.WithinChannelLRN(3, 5e-5, 0.75)
+    with torch.no_grad():
+        fast = lrn(x.clone(), overwrite_input=True)
+        monkeypatch.setattr(B, "_pow_neg_three_quarters_bf16_", lambda t: t.pow_(-0.75))
+        assert torch.equal(fast, lrn(x.clone(), overwrite_input=True))
