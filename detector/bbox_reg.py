@@ -36,6 +36,8 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
+from detector.workspace import scratch
+
 
 __all__ = [
     "encode",
@@ -237,7 +239,8 @@ def predict_one_class(features: Tensor, beta: Tensor, mu: Tensor, T_inv: Tensor)
 
 
 def refine_boxes(weight: Tensor, feature_scale: float, boxes: Tensor, pooled: Tensor, rows: Tensor,
-                 labels: Tensor, pooled_rows: Optional[Tensor] = None) -> Tensor:
+                 labels: Tensor, pooled_rows: Optional[Tensor] = None,
+                 gather_buffer: Optional[Tensor] = None) -> Tensor:
     """:meth:`BoxRegressor.refine` as a free function of the packed weights (TorchScript compiles it:
     the exported program of ``detector.export`` calls it).
 
@@ -245,6 +248,8 @@ def refine_boxes(weight: Tensor, feature_scale: float, boxes: Tensor, pooled: Te
         weight (Tensor[D+1, 4K]): packed regressors, last row = bias; feature_scale: their pool5 scale.
         boxes (Tensor[R, 4]), pooled (Tensor[R, D] or [U, D]), rows (Tensor[N] int64), labels
             (Tensor[N] int64), pooled_rows (Tensor[N] int64 or None): as :meth:`BoxRegressor.refine`.
+        gather_buffer (Tensor[>= U * D], optional): 1-D, ``pooled``'s dtype and device: where the
+            detections' pooled rows are gathered (a reused buffer instead of a fresh [U, D] matrix).
     Returns:
         Tensor[N, 4]: refined xyxy boxes (not clipped).
     """
@@ -252,7 +257,14 @@ def refine_boxes(weight: Tensor, feature_scale: float, boxes: Tensor, pooled: Te
         return boxes[rows]
     prow = rows if pooled_rows is None else pooled_rows  # (N,) each detection's row of pooled
     uwin, inv = torch.unique(prow, return_inverse=True)  # (U,), (N,)
-    deltas = torch.addmm(weight[-1], pooled[uwin], weight[:-1], alpha=feature_scale)  # (U, 4K)
+    # index_select, not pooled[uwin]: advanced indexing gathers element by element and took 14-76 ms
+    # for 1146 x 12800 rows on 2 threads against index_select's 8 ms (BENCHMARKS.md, detect notes)
+    n_el = uwin.shape[0] * pooled.shape[1]
+    if gather_buffer is not None and gather_buffer.numel() >= n_el:
+        feats = torch.index_select(pooled, 0, uwin, out=gather_buffer[:n_el].view(uwin.shape[0], pooled.shape[1]))
+    else:
+        feats = torch.index_select(pooled, 0, uwin)  # (U, D)
+    deltas = torch.addmm(weight[-1], feats, weight[:-1], alpha=feature_scale)  # (U, 4K)
     cols = (labels * 4)[:, None] + torch.arange(4, device=labels.device)  # (N, 4)
     return decode(boxes[rows], deltas[inv].gather(1, cols))  # (N, 4)
 
@@ -299,7 +311,13 @@ class BoxRegressor(nn.Module):
         Returns:
             Tensor[N, 4]: refined xyxy boxes (not clipped).
         """
-        return refine_boxes(self.weight, self.feature_scale, boxes, pooled, rows, labels, pooled_rows)
+        buf = None
+        if pooled.device.type == "cpu" and not (torch.is_grad_enabled() and pooled.requires_grad):
+            # this thread's reused buffer: no fresh ~50 MB matrix to page-fault per image
+            # (at most min(N, rows of pooled) distinct rows are gathered)
+            buf = scratch("bbox_gather", min(rows.shape[0], pooled.shape[0]) * pooled.shape[1], pooled.dtype,
+                          pooled.device)
+        return refine_boxes(self.weight, self.feature_scale, boxes, pooled, rows, labels, pooled_rows, buf)
 
     @property
     def num_classes(self) -> int:

@@ -159,3 +159,27 @@ def test_shape_errors():
         encode(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"\[D\+1, 4K\]"):
         BoxRegressor(torch.zeros(17, 6))
+
+
+def test_refine_gathers_into_the_reused_buffer_with_the_same_boxes():
+    """BoxRegressor.refine (its rows gathered into this thread's buffer) equals the free function
+    without a buffer and a per-detection reference, for rows given per window and per distinct row."""
+    from detector.bbox_reg import refine_boxes
+
+    g = torch.Generator().manual_seed(0)
+    reg = BoxRegressor(torch.randn(33, 12, generator=g) * 0.01, feature_scale=0.5)
+    pooled = torch.rand(40, 32, generator=g)
+    xy = torch.rand(60, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 10 + torch.rand(60, 2, generator=g) * 50], 1)  # (60, 4)
+    pooled_rows = torch.randint(0, 40, (60,), generator=g)  # window -> distinct row
+    rows = torch.randint(0, 60, (90,), generator=g)
+    labels = torch.randint(0, 3, (90,), generator=g)
+    deltas = (pooled[pooled_rows[rows]] * 0.5) @ reg.weight[:-1] + reg.weight[-1]  # (90, 12)
+    ref = decode(boxes[rows], deltas.view(90, 3, 4)[torch.arange(90), labels])
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the first one's buffer
+            got = reg.refine(boxes, pooled, rows, labels, pooled_rows[rows])
+            assert torch.equal(got, refine_boxes(reg.weight, 0.5, boxes, pooled, rows, labels, pooled_rows[rows]))
+            torch.testing.assert_close(got, ref)
+        small = torch.zeros(10)  # too small: a fresh matrix instead
+        assert torch.equal(refine_boxes(reg.weight, 0.5, boxes, pooled, rows, labels, pooled_rows[rows], small), got)
