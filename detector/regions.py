@@ -10,7 +10,7 @@ This is the only place that chains scale choice (spec §5), projection (spec §3
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -156,7 +156,7 @@ def first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     R = keys.shape[0]
     if R == 0:
         return torch.zeros(0, dtype=torch.int64, device=keys.device), torch.zeros(0, dtype=torch.int64, device=keys.device)
-    _, inv = torch.unique(keys, dim=0, return_inverse=True)  # (R,) sorted-row ids
+    inv = _row_ids(keys)  # (R,) sorted-row ids
     U = int(inv.max()) + 1
     arange = torch.arange(R, dtype=torch.int64, device=keys.device)  # (R,)
     first = torch.full((U,), R, dtype=torch.int64, device=keys.device).scatter_reduce(0, inv, arange, "amin")  # (U,)
@@ -164,3 +164,34 @@ def first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(U, dtype=torch.int64, device=keys.device)
     return first[order], rank[inv]
+
+
+def _row_ids(keys: torch.Tensor) -> torch.Tensor:
+    """Each row's index among the distinct rows of ``keys`` in lexicographic order: the inverse of
+    ``torch.unique(keys, dim=0, return_inverse=True)``.
+
+    Where the rows, offset by the column minima, fit one 62-bit mixed-radix number (always for conv5
+    windows), they are packed into one int64 each and deduplicated by a 1-D sort; the packing keeps
+    the lexicographic order, so the ids are the same. ``unique(dim=0)`` compares rows one by one
+    (1.2 ms for 2000 windows x 5 columns on 2 threads, 0.09 ms packed); it stays the fallback for
+    keys too wide to pack.
+
+    Args:
+        keys (Tensor[R, k] int64), R > 0.
+    Returns:
+        Tensor[R] int64.
+    """
+    lo = keys.min(dim=0).values  # (k,)
+    spans: List[int] = (keys.max(dim=0).values - lo + 1).tolist()
+    radix: List[int] = [1] * len(spans)  # radix[j] = product of spans[j+1:]
+    total = 1
+    for j in range(len(spans) - 1, -1, -1):
+        if total > (1 << 62) // spans[j]:
+            _, inv = torch.unique(keys, dim=0, return_inverse=True)
+            return inv
+        radix[j] = total
+        total *= spans[j]
+    weights = torch.tensor(radix, dtype=torch.int64, device=keys.device)  # (k,) first column most significant
+    packed = ((keys - lo) * weights).sum(dim=1)  # (R,)
+    _, inv = torch.unique(packed, return_inverse=True)
+    return inv

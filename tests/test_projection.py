@@ -183,3 +183,18 @@ def test_pool_regions_equals_per_box_reference():
     one_leaf = maps[0].clone().requires_grad_(True)
     pool_regions(Conv5Pyramid([one_leaf], one.scaled_sizes, one.image_size), boxes, levels, proj).sum().backward()
     assert float(one_leaf.grad.sum()) == float(reference(one).numel())  # one argmax cell per output
+
+
+def test_row_ids_packed_equal_unique_rows():
+    """first_occurrence's packed 1-D dedup gives torch.unique(dim=0)'s inverse, also with negative
+    keys, one column, and keys too wide to pack (the unique(dim=0) fallback)."""
+    from detector.regions import _row_ids, first_occurrence
+
+    g = torch.Generator().manual_seed(0)
+    for r, k, hi in ((1, 5, 3), (50, 1, 4), (700, 5, 60), (2000, 5, 200), (300, 3, 2)):
+        keys = torch.randint(-7, hi, (r, k), generator=g)
+        assert torch.equal(_row_ids(keys), torch.unique(keys, dim=0, return_inverse=True)[1])
+    wide = torch.tensor([[0, 2 ** 40, 5], [2 ** 40, 0, 1], [0, 2 ** 40, 5], [3, -2 ** 40, 5]])
+    assert torch.equal(_row_ids(wide), torch.unique(wide, dim=0, return_inverse=True)[1])
+    first, inverse = first_occurrence(wide)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2]
