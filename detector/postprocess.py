@@ -26,6 +26,8 @@ Ties: with exactly equal scores torchvision's CPU and CUDA kernels may keep diff
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import torch
@@ -80,15 +82,51 @@ def nms_per_label(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: 
         return batched_nms(boxes, scores, labels, iou_threshold)
     order = torch.argsort(labels, stable=True)  # (M,) labels grouped
     b, s = boxes[order], scores[order]
-    keeps: List[Tensor] = []
-    start = 0
     counts: List[int] = torch.bincount(labels).tolist()  # one entry per label value
+    slices: List[List[int]] = []  # [start, count] of each label that has candidates
+    start = 0
     for n in counts:
         if n:
-            keeps.append(_tv_nms(b[start:start + n], s[start:start + n], iou_threshold) + start)
+            slices.append([start, n])
             start += n
+    if torch.jit.is_scripting():
+        keeps = [_tv_nms(b[a:a + n], s[a:a + n], iou_threshold) + a for a, n in slices]
+    else:
+        keeps = _nms_slices_threaded(b, s, slices, iou_threshold)
     keep = order[torch.cat(keeps)]  # (M',)
     return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+
+
+# torchvision's CPU NMS kernel releases the GIL, so labels' slices run side by side on threads;
+# worth it only with several sizeable slices (a thread hand-off costs ~50 us)
+_THREADED_NMS_MIN_BOXES = 2000
+_nms_pool: Optional[ThreadPoolExecutor] = None
+_nms_pool_lock = threading.Lock()
+_nms_pool_size = 0
+
+
+@torch.jit.unused
+def _nms_slices_threaded(b: Tensor, s: Tensor, slices: List[List[int]], iou_threshold: float) -> List[Tensor]:
+    """``torchvision.ops.nms`` of each ``[start, count]`` slice of (b, s), offset back to ``b``'s rows,
+    in slice order: on up to ``torch.get_num_threads()`` threads when the slices hold at least
+    ``_THREADED_NMS_MIN_BOXES`` boxes in all (each slice's result is the same either way; on 2000
+    windows x 20 classes, 20 slices of 800 boxes: 11.8 ms in turn, 5.9 ms on 2 threads)."""
+    global _nms_pool, _nms_pool_size
+
+    def one(sl: List[int]) -> Tensor:
+        a, n = sl
+        return _tv_nms(b[a:a + n], s[a:a + n], iou_threshold) + a
+
+    threads = min(torch.get_num_threads(), len(slices))
+    if threads < 2 or b.shape[0] < _THREADED_NMS_MIN_BOXES:
+        return [one(sl) for sl in slices]
+    with _nms_pool_lock:
+        if _nms_pool is None or _nms_pool_size < threads:
+            if _nms_pool is not None:
+                _nms_pool.shutdown(wait=False)
+            _nms_pool, _nms_pool_size = ThreadPoolExecutor(threads, thread_name_prefix="sppnet-nms"), threads
+        pool = _nms_pool
+    return list(pool.map(one, slices))
 
 
 def _rank_in_order(labels: Tensor) -> Tensor:

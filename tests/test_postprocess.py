@@ -237,3 +237,25 @@ def test_detector_postprocess_regresses_only_kept_boxes_in_spec_order():
     assert torch.equal(got["labels"], torch.cat(want_labels)[order])
     # the refinement did move boxes: a box equal to its proposal everywhere would not test anything
     assert not any(torch.isclose(got["boxes"], clip_boxes(b[None], h, w)).all(1).any() for b in boxes)
+
+
+def test_nms_slices_on_threads_equal_one_thread(monkeypatch):
+    """The per-label NMS calls spread over threads keep the same boxes in the same order."""
+    import detector.postprocess as PP
+
+    g = torch.Generator().manual_seed(5)
+    n = 3000
+    boxes = _random_boxes(g, n, size=300)
+    scores = torch.randperm(n, generator=g).float() / n
+    labels = torch.randint(0, 20, (n,), generator=g)
+    want = batched_nms(boxes, scores, labels, 0.3).tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        monkeypatch.setattr(PP, "_THREADED_NMS_MIN_BOXES", 0)
+        assert nms_per_label(boxes, scores, labels, 0.3).tolist() == want
+        assert PP._nms_pool is not None and PP._nms_pool_size >= 3  # the threaded path ran
+        monkeypatch.setattr(PP, "_THREADED_NMS_MIN_BOXES", 10 ** 9)
+        assert nms_per_label(boxes, scores, labels, 0.3).tolist() == want
+    finally:
+        torch.set_num_threads(threads)
