@@ -255,3 +255,23 @@ def test_run_benchmarks_names_the_block_by_huge_pages(tmp_path, monkeypatch, env
     text = out.read_text()
     assert f"<!-- benchmark:{block} -->" in text and f"## {block}\n" in text
     assert f"Command: `{prefix}python tools/benchmark.py`" in text
+
+
+def test_calibrated_svms_pass_the_asked_share_and_leave_the_model_alone():
+    """The detect section's trained-like scoring: the SVM copy's biases are shifted so that the
+    asked share of each class's windows scores above the threshold; the model's own SVMs are unchanged."""
+    import torch
+
+    from detector.bench.random_model import random_detector
+    from detector.bench.sections import _calibrated_svms
+
+    det = random_detector(width_mult=0.25, fc_dim=32, num_classes=4, seed=0)
+    pooled = torch.rand(500, det.head.in_dim, generator=torch.Generator().manual_seed(0))
+    before = det.svms.bias.clone()
+    with torch.no_grad():
+        svms = _calibrated_svms(det, pooled, 0.10)
+        assert torch.equal(det.svms.bias, before)
+        passed = (svms(det.fc_features(pooled)) > det.params.score_thresh).float().mean(dim=0)  # (K,)
+        assert passed.tolist() == pytest.approx([0.10] * 4, abs=0.004)
+        # the random model's own scores all pass: the worst case the section also times
+        assert bool((det.svm_scores(det.fc_features(pooled)) > det.params.score_thresh).all())
