@@ -26,6 +26,7 @@ Ties: with exactly equal scores torchvision's CPU and CUDA kernels may keep diff
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
@@ -105,6 +106,16 @@ _THREADED_NMS_MIN_BOXES = 4000
 _nms_pool: Optional[ThreadPoolExecutor] = None
 _nms_pool_lock = threading.Lock()
 _nms_pool_size = 0
+
+
+def _forget_nms_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start a new pool there if needed."""
+    global _nms_pool, _nms_pool_size
+    _nms_pool, _nms_pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_nms_pool)
 
 
 @torch.jit.unused

@@ -259,3 +259,35 @@ def test_nms_slices_on_threads_equal_one_thread(monkeypatch):
         assert nms_per_label(boxes, scores, labels, 0.3).tolist() == want
     finally:
         torch.set_num_threads(threads)
+
+
+def test_threaded_nms_works_in_a_forked_child(monkeypatch):
+    """A child forked after the pool started gets its own pool (the parent's threads are not there)."""
+    import multiprocessing as mp
+
+    import detector.postprocess as PP
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method here")
+    g = torch.Generator().manual_seed(6)
+    boxes = _random_boxes(g, 500, size=200)
+    scores = torch.rand(500, generator=g)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    monkeypatch.setattr(PP, "_THREADED_NMS_MIN_BOXES", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = nms_per_label(boxes, scores, labels, 0.3)  # starts the parent's pool
+        with mp.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_nms_in_child, (boxes, scores, labels)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want.tolist()
+
+
+def _nms_in_child(boxes, scores, labels):
+    import detector.postprocess as PP
+
+    PP._THREADED_NMS_MIN_BOXES = 0
+    torch.set_num_threads(2)
+    return nms_per_label(boxes, scores, labels, 0.3).tolist()
