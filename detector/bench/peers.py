@@ -1,6 +1,7 @@
 """Benchmark section ``peers``: SPP-net against torchvision's fastest detector over a list of images,
 with proposals given (detection alone) and end to end (selective search included), as throughput
-over the whole list.
+over the whole list; each run times every row once, in a rotating order, and each row's ratio to the
+peer is the median of its runs' ratios (the machine's drift hits the rows of a run alike).
 
 Models: random-weight full-width ZF-5 with fc6/fc7 4096 (timing does not depend on weights), dense
 float32, the fast fc option (SVD rank + int8, :mod:`detector.fc_precision`) and that option with the
@@ -54,16 +55,6 @@ def peer_images(voc_root: str | None, split: str = "test", n_images: int = 24) -
         images.append(read_image(path))
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images})
     return images, f"The first {len(images)} images of {root.name}'s '{split}' split ({', '.join(sizes[:3])})"
-
-
-def _throughput(fn, n: int, runs: int) -> dict[str, float]:
-    """Images per second of ``fn()`` (which processes ``n`` images), median/min/max of ``runs``."""
-    v = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        v.append(n / (time.perf_counter() - t0))
-    return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
 
 @torch.inference_mode()
@@ -125,29 +116,38 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
         finally:
             fastest.params = saved
 
-    rows = [
-        ("SPP-net ZF-5 1 scale, fc 4096 dense float32", "given", _throughput(spp_given(dense), n, runs)),
-        (f"SPP-net ZF-5 1 scale, fc 4096 SVD {svd_rank} + int8", "given", _throughput(spp_given(fast), n, runs)),
+    arms = [
+        ("SPP-net ZF-5 1 scale, fc 4096 dense float32", "given", spp_given(dense)),
+        (f"SPP-net ZF-5 1 scale, fc 4096 SVD {svd_rank} + int8", "given", spp_given(fast)),
         ("torchvision fasterrcnn_mobilenet_v3_large_fpn (its RPN inside)", "own RPN",
-         _throughput(lambda: [peer([t]) for t in tensors], n, runs)),
+         lambda: [peer([t]) for t in tensors]),
         (f"SPP-net ZF-5 1 scale, SVD {svd_rank} + int8, loop `detect(im)`", "selective search, in turn",
-         _throughput(lambda: [fast.detect(im) for im in images], n, runs)),
+         lambda: [fast.detect(im) for im in images]),
         (f"SPP-net ZF-5 1 scale, SVD {svd_rank} + int8, `detect_batch(images, workers=1)`",
-         "selective search, overlapped", _throughput(lambda: fast.detect_batch(images, workers=1), n, runs)),
+         "selective search, overlapped", lambda: fast.detect_batch(images, workers=1)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, fc 4096 SVD {svd_rank} + int8", "given",
-         _throughput(spp_given(fastest), n, runs)),
+         spp_given(fastest)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, loop `detect(im)`",
-         "selective search, in turn", _throughput(lambda: [fastest.detect(im) for im in images], n, runs)),
+         "selective search, in turn", lambda: [fastest.detect(im) for im in images]),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, "
          "`detect_batch(images, workers=1)`", "selective search, overlapped",
-         _throughput(lambda: fastest.detect_batch(images, workers=1), n, runs)),
+         lambda: fastest.detect_batch(images, workers=1)),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, loop `detect(im)`",
-         f"selective search on a {small_ss_side} px copy, in turn", _throughput(fastest_small_proposals, n, runs)),
+         f"selective search on a {small_ss_side} px copy, in turn", fastest_small_proposals),
         (f"SPP-net ZF-5 1 scale, trunk {fastest.conv_precision}, SVD {svd_rank} + int8, `detect_batch(images)` "
          f"(default workers: {1 if spare_cores() else 0} here)", "selective search, the default",
-         _throughput(lambda: fastest.detect_batch(images), n, runs)),
+         lambda: fastest.detect_batch(images)),
     ]
-    peer_ips = rows[2][2]["median"]
+    # round robin: every run times each arm once, the order rotating, so the machine's drift over the
+    # minutes of a run hits all rows alike (the ratios to the peer are taken within the same runs)
+    ips: list[list[float]] = [[] for _ in arms]
+    for r in range(runs):
+        for i in [(r + j) % len(arms) for j in range(len(arms))]:
+            t0 = time.perf_counter()
+            arms[i][2]()
+            ips[i].append(n / (time.perf_counter() - t0))
+    rows = [(name, props, {"median": statistics.median(v), "min": min(v), "max": max(v)})
+            for (name, props, _), v in zip(arms, ips)]
     keys = ["peers_spp_dense_given_images_per_s", "peers_spp_fast_given_images_per_s", "peers_tv_mobilenet_images_per_s",
             "peers_spp_fast_loop_end_to_end_images_per_s", "peers_spp_fast_batch_end_to_end_images_per_s",
             "peers_spp_fastbf16_given_images_per_s", "peers_spp_fastbf16_loop_end_to_end_images_per_s",
@@ -157,15 +157,18 @@ def section_peers(voc_root: str | None = None, split: str = "test", n_images: in
     ratios["peers_selective_search_images_per_s"] = ss_ips
     ratios["peers_selective_search_one_thread_images_per_s"] = ss_one_ips
     ratios["peers_selective_search_small_images_per_s"] = ss_small_ips
-    for k in keys[:2] + keys[3:]:
-        ratios[k.replace("_images_per_s", "_over_peer")] = ratios[k] / peer_ips
-    lines = ["| detector | proposals | images per second, median [min-max] | s per image | vs the peer |",
+    # each row against the peer within the same run, then the median over runs
+    vs_peer = [statistics.median(a / p for a, p in zip(v, ips[2])) for v in ips]
+    for i, k in enumerate(keys):
+        if i != 2:
+            ratios[k.replace("_images_per_s", "_over_peer")] = vs_peer[i]
+    lines = ["| detector | proposals | images per second, median [min-max] | s per image | vs the peer (median of the runs' ratios) |",
              "|---|---|---|---|---|"]
-    for name, props, s in rows:
+    for (name, props, s), r in zip(rows, vs_peer):
         lines.append(f"| {name} | {props} | {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}] | "
-                     f"{1 / s['median']:.3f} | {s['median'] / peer_ips:.2f}x |")
+                     f"{1 / s['median']:.3f} | {r:.2f}x |")
     md = (f"{what}; random weights everywhere, {torch.get_num_threads()} torch threads, {runs} run(s) over the "
-          f"list. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone, split "
+          f"list, each run timing every row once in a rotating order. Selective search ({opts.get('mode', '?')}, at most {opts.get('max_boxes', '?')} boxes) alone, split "
           f"over {threads} threads as `detect(im)` runs it: {ss_ips:.2f} images per second "
           f"({statistics.mean(len(b) for b in boxes):.0f} boxes per image; one thread: {ss_one_ips:.2f}); on a "
           f"{small_ss_side} px copy (`proposals.ss_side`, default {opts.get('ss_side', '?')}): {ss_small_ips:.2f}. "
