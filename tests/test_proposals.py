@@ -359,3 +359,20 @@ def test_parts_of_the_search_are_the_whole_call_on_real_photos(bccd_root):
         for threads in (1, 2):
             boxes = _opencv_ss(img, "fast", threads)
             assert {(int(x0), int(y0), int(x1 - x0), int(y1 - y0)) for x0, y0, x1, y1 in boxes.tolist()} == ref
+
+
+def test_proposal_keys_carry_the_revision(monkeypatch, tmp_path):
+    """Files computed by code that gave other boxes (an older PROPOSALS_REVISION) have another key,
+    so a run recomputes them, and the training run's proposals stage gets another key too."""
+    from detector.config import Config
+    from detector.engine import proposals as stage_mod
+
+    items = [("a", str(tmp_path / "a.jpg"))]
+    opts = {"method": "selective_search", "mode": "fast+"}
+    now = compute_mod.proposals_key(items, opts)
+    stage = stage_mod.ProposalsStage(Config(), "trainval", [], tmp_path)
+    settings_now = stage.settings()
+    monkeypatch.setattr(compute_mod, "PROPOSALS_REVISION", compute_mod.PROPOSALS_REVISION - 1)
+    monkeypatch.setattr(stage_mod, "PROPOSALS_REVISION", compute_mod.PROPOSALS_REVISION)
+    assert compute_mod.proposals_key(items, opts) != now
+    assert stage.settings() != settings_now
