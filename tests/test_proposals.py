@@ -373,6 +373,5 @@ def test_proposal_keys_carry_the_revision(monkeypatch, tmp_path):
     stage = stage_mod.ProposalsStage(Config(), "trainval", [], tmp_path)
     settings_now = stage.settings()
     monkeypatch.setattr(compute_mod, "PROPOSALS_REVISION", compute_mod.PROPOSALS_REVISION - 1)
-    monkeypatch.setattr(stage_mod, "PROPOSALS_REVISION", compute_mod.PROPOSALS_REVISION)
     assert compute_mod.proposals_key(items, opts) != now
     assert stage.settings() != settings_now

@@ -18,7 +18,7 @@ from detector.artifacts import content_id, digest, verify
 from detector.config import Config, ProposalConfig
 from detector.data.voc import ImageRecord
 from detector.engine.run import Stage
-from proposals.compute import PROPOSALS_REVISION, compute_proposals_for_images, prepare_parts, proposals_key
+from proposals.compute import compute_proposals_for_images, prepare_parts, proposals_key
 from proposals.store import NpzProposals, ProposalFileError, load_proposals, read_npz_meta
 
 __all__ = ["ProposalsStage", "proposal_options"]
@@ -67,9 +67,8 @@ class ProposalsStage(Stage[Mapping[str, np.ndarray]]):
             p = Path(self.file)
             st = p.stat() if p.is_file() else None
             return ["file", str(p), None if st is None else [st.st_size, st.st_mtime_ns], [i for i, _ in self.items]]
-        # the revision: boxes of code that computed other ones are not reused (proposals.compute)
-        return [proposal_options(self.pc), [i for i, _ in self.items], [str(p) for _, p in self.items],
-                PROPOSALS_REVISION]
+        # the file's own key: the options, the images and proposals.compute's PROPOSALS_REVISION
+        return proposals_key(self.items, proposal_options(self.pc))
 
     @property
     def path(self) -> Path:
